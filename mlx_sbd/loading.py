@@ -1,0 +1,146 @@
+"""load(): a model reference (HF folder, MLX-quantized folder, Hugging Face repo id, .gguf file, or nothing for
+the built-in default) -> (SBDModel, tokenizer).
+
+mlx_lm builds the model and tokenizer; this module only resolves the reference, checks what mlx-sbd supports,
+normalises the config (transformers 5 nests RoPE settings under `rope_parameters`, which mlx_lm 0.32 ignores
+for llama and qwen2), casts to the compute dtype, and attaches the SBD mask embedding and adapter.
+Only safetensors are read: no pickle, no code from the model folder.
+"""
+
+import json
+import struct
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+from mlx_lm.utils import load_model as mlx_lm_load_model
+from mlx_lm.utils import load_tokenizer
+
+from .backend import compute_dtype, warn_if_slow_blas
+from .errors import SBDError
+from .model import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, SBDModel
+
+SBD_WEIGHTS = "sbd.safetensors"  # mask embedding of a fused SBD model, beside the normal weights
+HF_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+
+
+def load(
+    ref: Optional[Union[str, Path]] = None,
+    adapter_path: Optional[Union[str, Path]] = None,
+    dtype: Optional[str] = None,
+):
+    """Load a Llama/Qwen model for SBD. `ref=None` is the built-in SmolLM2-135M-Instruct."""
+    path = resolve(ref)
+    model = load_model(path, dtype=dtype)
+    tokenizer = load_tokenizer(path, eos_token_ids=_read_config(path).get("eos_token_id"))
+    if adapter_path is None and ref is None:
+        from .default_adapter import default_adapter_path
+
+        adapter_path = default_adapter_path()
+    if adapter_path is not None:
+        from .adapter import load_adapter
+
+        load_adapter(model, adapter_path)
+    return model, tokenizer
+
+
+def resolve(ref: Optional[Union[str, Path]]) -> Path:
+    """A local folder holding config.json + safetensors for any kind of reference."""
+    from . import gguf
+
+    if ref is None:
+        return gguf.default_model_path()
+    p = Path(ref).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise SBDError(f"GGUF file not found: {p}")
+        return gguf.cached_folder(p)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise SBDError(f"{p} has no config.json: not a Hugging Face / MLX model folder")
+        return p
+    if p.exists() or str(ref).startswith((".", "/", "~")) or str(ref).count("/") != 1:
+        raise SBDError(f"model not found: {ref} (expected a model folder, a .gguf file or a Hugging Face repo id)")
+    return _download(str(ref))
+
+
+def _download(repo: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=HF_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SBDError(
+            f"could not get '{repo}' from the Hugging Face Hub ({type(e).__name__}: {reason}). "
+            "Check the repo id and your network, or pass a local folder or .gguf file."
+        ) from None
+
+
+def load_model(path: Union[str, Path], dtype: Optional[str] = None) -> SBDModel:
+    """Model only, from a local folder (see resolve)."""
+    path = Path(path)
+    config = _read_config(path)
+    overrides = check_config(config, path)
+    for f in sorted(path.glob("model*.safetensors")):
+        check_safetensors(f)
+    try:
+        lm, _ = mlx_lm_load_model(path, model_config=overrides)
+    except FileNotFoundError:
+        raise SBDError(f"no model*.safetensors weights in {path}") from None
+    except (ValueError, RuntimeError) as e:
+        raise SBDError(f"could not load the weights in {path}: {e}") from None
+    target = compute_dtype(dtype)
+    if target is not None:
+        lm.set_dtype(target)
+    mask_embedding = None
+    if (path / SBD_WEIGHTS).is_file():
+        mask_embedding = mx.load(str(path / SBD_WEIGHTS))["mask_embedding"]
+    warn_if_slow_blas()
+    return SBDModel(lm, mask_embedding)
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise SBDError(f"{path} has no config.json: not a Hugging Face / MLX model folder") from None
+    except json.JSONDecodeError as e:
+        raise SBDError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+
+
+def check_config(config: dict, path: Path) -> dict:
+    """Reject what mlx-sbd cannot run; return config overrides that make mlx_lm build the right model."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise SBDError(
+            f"unsupported model_type '{model_type}' in {path / 'config.json'}; "
+            f"mlx-sbd supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    overrides = {}
+    params = config.get("rope_parameters")
+    if params:  # transformers >= 5: {"rope_theta": ..., "rope_type": ..., <scaling keys>}
+        overrides["rope_theta"] = params.get("rope_theta", config.get("rope_theta"))
+        is_default = params.get("rope_type", params.get("type", "default")) == "default"
+        overrides["rope_scaling"] = None if is_default else dict(params)
+    scaling = overrides.get("rope_scaling", config.get("rope_scaling"))
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise SBDError(f"unsupported RoPE type '{rope_type}'; mlx-sbd supports {', '.join(SUPPORTED_ROPE_TYPES)}")
+    return {k: v for k, v in overrides.items() if v is not None or k == "rope_scaling"}
+
+
+def check_safetensors(path: Path) -> None:
+    """Cheap integrity check (header parses, file as long as the header says) that names the bad file."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size:
+                raise ValueError("header larger than file")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError):
+        raise SBDError(f"{path} is not a valid safetensors file (corrupt header); re-download or re-convert it") from None
+    if 8 + n + end > size:
+        raise SBDError(f"{path} is truncated ({size} bytes, header needs {8 + n + end}); re-download or re-convert it")

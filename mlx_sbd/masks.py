@@ -1,0 +1,42 @@
+"""Every attention mask SBD needs, built in one place (True = may attend).
+
+Training (SBD_METHOD.md §2): the model input is `concat(clean_L, noised_L)`; clean queries are causal over
+the clean half; a noised query in block b sees the clean tokens strictly before its block and its own noised
+block (bidirectionally). Inference (§3): new query i (absolute position offset + i) sees key j iff
+`j <= offset + i` or `i >= causal_point` (the block being decoded sees everything, including itself).
+"""
+
+from typing import Optional
+
+import mlx.core as mx
+
+
+def training_mask(L: int, k: int, lengths: Optional[mx.array] = None) -> mx.array:
+    """Mask for the doubled sequence: [2L, 2L], or [B, 1, 2L, 2L] when `lengths` ([B]) marks padding.
+
+    Padding (position >= length) is never attended to. A padding query attends only to itself, so no row
+    is all-False (such rows are undefined in MLX, SBD_METHOD.md trap 9); its outputs are dropped by the loss.
+    """
+    idx = mx.arange(2 * L)
+    q, kv = idx[:, None], idx[None, :]
+    q_clean, kv_clean = q < L, kv < L
+    q_pos, kv_pos = q % L, kv % L  # both halves share positions 0..L-1
+    q_block_start = (q_pos // k) * k
+    clean_rows = q_clean & kv_clean & (kv_pos <= q_pos)
+    noised_rows = ~q_clean & (
+        (kv_clean & (kv_pos < q_block_start)) | (~kv_clean & (kv_pos // k == q_pos // k))
+    )
+    mask = clean_rows | noised_rows
+    if lengths is None:
+        return mask
+    n = lengths.reshape(-1, 1, 1)
+    q_valid, kv_valid = q_pos[None] < n, kv_pos[None] < n  # [B, 2L, 1], [B, 1, 2L]
+    mask = (mask[None] & q_valid & kv_valid) | ((q == kv)[None] & ~q_valid)
+    return mask[:, None]
+
+
+def inference_mask(q_len: int, offset: int, causal_point: int) -> mx.array:
+    """Mask [q_len, offset + q_len] for a decode step: queries `i >= causal_point` see everything."""
+    i = mx.arange(q_len)[:, None]
+    j = mx.arange(offset + q_len)[None, :]
+    return (j <= offset + i) | (i >= causal_point)

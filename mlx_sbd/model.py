@@ -1,0 +1,125 @@
+"""SBDModel: an mlx_lm Llama/Qwen model plus the one forward SBD needs.
+
+`model(tokens)` is the untouched mlx_lm causal forward. `model.forward(tokens, positions, mask, cache)` runs the
+same modules (mlx_lm's projections, norms, RoPE and MLP, so LoRA and quantized layers work unchanged) with
+explicit per-token positions, an arbitrary boolean mask or a decode-step BlockMask, and a learned mask
+embedding substituted wherever a token id is MASK_ID. The mask token is not in the vocabulary, so the
+sampler can never emit it.
+"""
+
+from typing import Any, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .attention import Mask, attention
+
+MASK_ID = -1  # token id meaning "masked position"; never a vocabulary row
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class SBDModel(nn.Module):
+    def __init__(self, lm: nn.Module, mask_embedding: Optional[mx.array] = None):
+        super().__init__()
+        self.lm = lm
+        args = lm.args
+        if getattr(args, "sliding_window", None) and "sliding_attention" in (args.layer_types or []):
+            raise ValueError("Sliding-window attention layers are not supported by mlx-sbd.")
+        # Start the mask embedding at the mean token embedding: a neutral input the model has seen the like of.
+        if mask_embedding is None:
+            mask_embedding = _mean_embedding(lm.model.embed_tokens)
+        self.mask_embedding = mask_embedding
+
+    # --- what mlx_lm's generate/tuner expect of a model ---------------------------------------------------
+    def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None, **kwargs) -> mx.array:
+        return self.lm(inputs, cache=cache, **kwargs)
+
+    @property
+    def layers(self):
+        return self.lm.layers
+
+    @property
+    def args(self):
+        return self.lm.args
+
+    @property
+    def model_type(self) -> str:
+        return self.lm.args.model_type
+
+    def make_cache(self):
+        return self.lm.make_cache()
+
+    # --- the SBD forward ----------------------------------------------------------------------------------
+    def embed(self, tokens: mx.array) -> mx.array:
+        """[B, T] ids (MASK_ID allowed) -> [B, T, hidden]."""
+        is_mask = tokens == MASK_ID
+        h = self.lm.model.embed_tokens(mx.where(is_mask, 0, tokens))
+        return mx.where(is_mask[..., None], self.mask_embedding.astype(h.dtype), h)
+
+    def forward(
+        self,
+        tokens: mx.array,
+        positions: Optional[mx.array] = None,
+        mask: Mask = "causal",
+        cache: Optional[List[Any]] = None,
+        return_hidden: bool = False,
+    ) -> mx.array:
+        """tokens [B, T]; absolute positions [B, T] or [T] (None: cache offset + 0..T-1); mask over (cache + new) keys:
+        None, "causal", a boolean array broadcastable to [B, H, T, S], or a BlockMask. Returns logits
+        [B, T, vocab] (or the final hidden states [B, T, hidden] with return_hidden)."""
+        h = self.embed(tokens)
+        if positions is not None and positions.ndim == 1:
+            positions = mx.broadcast_to(positions, tokens.shape)
+        for i, layer in enumerate(self.lm.layers):
+            c = cache[i] if cache is not None else None
+            h = h + self_attention(layer.self_attn, layer.input_layernorm(h), positions, mask, c)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = self.lm.model.norm(h)
+        return h if return_hidden else self.logits(h)
+
+    def logits(self, h: mx.array) -> mx.array:
+        if self.lm.args.tie_word_embeddings:
+            return self.lm.model.embed_tokens.as_linear(h)
+        return self.lm.lm_head(h)
+
+
+def self_attention(attn: nn.Module, x: mx.array, positions, mask: Mask, cache) -> mx.array:
+    """One mlx_lm attention module run with explicit positions and mask. x: [B, T, dim]."""
+    B, T, _ = x.shape
+    q = attn.q_proj(x).reshape(B, T, attn.n_heads, -1)
+    k = attn.k_proj(x).reshape(B, T, attn.n_kv_heads, -1)
+    v = attn.v_proj(x).reshape(B, T, attn.n_kv_heads, -1)
+    if hasattr(attn, "q_norm"):  # qwen3
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, D]
+    offset = cache.offset if cache is not None else 0
+    q, k = apply_rope(attn.rope, q, positions, offset), apply_rope(attn.rope, k, positions, offset)
+    if cache is not None:
+        k, v = cache.update_and_fetch(k, v)
+    out = attention(q, k, v, attn.scale, mask)
+    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+def apply_rope(rope: nn.Module, x: mx.array, positions: Optional[mx.array], offset: int) -> mx.array:
+    """The module's own RoPE (default, linear, llama3 frequencies) at contiguous or arbitrary positions.
+
+    x: [B, H, T, D]. positions (absolute) None means offset + 0..T-1. mx.fast.rope takes one offset per
+    leading index, so for per-token positions every token becomes its own leading index:
+    [B, H, T, D] -> [B*T, H, 1, D] with offsets positions.flatten().
+    """
+    if positions is None:
+        return rope(x, offset=offset)
+    B, H, T, D = x.shape
+    flat = x.transpose(0, 2, 1, 3).reshape(B * T, H, 1, D)
+    out = rope(flat, offset=positions.reshape(-1).astype(mx.int32))
+    return out.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+
+
+def _mean_embedding(embed: nn.Module) -> mx.array:
+    if isinstance(embed, nn.QuantizedEmbedding):
+        w = mx.dequantize(embed.weight, embed.scales, embed.biases, embed.group_size, embed.bits)
+    else:
+        w = embed.weight
+    return w.astype(mx.float32).mean(axis=0)
