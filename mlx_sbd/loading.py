@@ -18,7 +18,7 @@ from mlx_lm.utils import load_tokenizer
 
 from .backend import compute_dtype, warn_if_slow_blas
 from .errors import SBDError
-from .model import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, SBDModel
+from .model import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, SBDModel, SBDSettings
 
 SBD_WEIGHTS = "sbd.safetensors"  # mask embedding of a fused SBD model, beside the normal weights
 HF_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -33,10 +33,6 @@ def load(
     path = resolve(ref)
     model = load_model(path, dtype=dtype)
     tokenizer = load_tokenizer(path, eos_token_ids=_read_config(path).get("eos_token_id"))
-    if adapter_path is None and ref is None:
-        from .default_adapter import default_adapter_path
-
-        adapter_path = default_adapter_path()
     if adapter_path is not None:
         from .adapter import load_adapter
 
@@ -46,15 +42,17 @@ def load(
 
 def resolve(ref: Optional[Union[str, Path]]) -> Path:
     """A local folder holding config.json + safetensors for any kind of reference."""
-    from . import gguf
-
     if ref is None:
-        return gguf.default_model_path()
+        from .gguf import default_model_path
+
+        return default_model_path()
     p = Path(ref).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
             raise SBDError(f"GGUF file not found: {p}")
-        return gguf.cached_folder(p)
+        from .gguf import cached_folder
+
+        return cached_folder(p)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise SBDError(f"{p} has no config.json: not a Hugging Face / MLX model folder")
@@ -93,11 +91,12 @@ def load_model(path: Union[str, Path], dtype: Optional[str] = None) -> SBDModel:
     target = compute_dtype(dtype)
     if target is not None:
         lm.set_dtype(target)
-    mask_embedding = None
-    if (path / SBD_WEIGHTS).is_file():
+    mask_embedding, sbd = None, None
+    if (path / SBD_WEIGHTS).is_file():  # a fused SBD model
         mask_embedding = mx.load(str(path / SBD_WEIGHTS))["mask_embedding"]
+        sbd = SBDSettings.from_dict(config.get("sbd", {}))
     warn_if_slow_blas()
-    return SBDModel(lm, mask_embedding)
+    return SBDModel(lm, mask_embedding, sbd)
 
 
 def _read_config(path: Path) -> dict:

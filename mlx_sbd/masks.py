@@ -6,6 +6,7 @@ block (bidirectionally). Inference (§3): new query i (absolute position offset 
 `j <= offset + i` or `i >= causal_point` (the block being decoded sees everything, including itself).
 """
 
+from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
@@ -35,6 +36,7 @@ def training_mask(L: int, k: int, lengths: Optional[mx.array] = None) -> mx.arra
     return mask[:, None]
 
 
+@lru_cache(maxsize=8)  # every layer of a decode step asks for the same mask: build it once
 def inference_mask(q_len: int, offset: int, causal_point: int) -> mx.array:
     """Mask [q_len, offset + q_len] for a decode step: queries `i >= causal_point` see everything."""
     i = mx.arange(q_len)[:, None]

@@ -7,6 +7,7 @@ embedding substituted wherever a token id is MASK_ID. The mask token is not in t
 sampler can never emit it.
 """
 
+from dataclasses import asdict, dataclass, fields
 from typing import Any, List, Optional
 
 import mlx.core as mx
@@ -20,10 +21,32 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+@dataclass(frozen=True)
+class SBDSettings:
+    """What an SBD adapter or fused model was trained with, and the decode settings it recommends.
+
+    Stored as the "sbd" section of adapter_config.json / config.json. A model without it was never trained
+    for SBD, so the CLI decodes it one token per forward unless asked otherwise.
+    """
+
+    block_size_max: int = 16
+    block_size: int = 16  # recommended decode block size
+    gamma: float = 0.1  # recommended EB-Sampler budget
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SBDSettings":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 class SBDModel(nn.Module):
-    def __init__(self, lm: nn.Module, mask_embedding: Optional[mx.array] = None):
+    def __init__(self, lm: nn.Module, mask_embedding: Optional[mx.array] = None, sbd: Optional[SBDSettings] = None):
         super().__init__()
         self.lm = lm
+        self.sbd = sbd  # None: not trained for SBD
         args = lm.args
         if getattr(args, "sliding_window", None) and "sliding_attention" in (args.layer_types or []):
             raise ValueError("Sliding-window attention layers are not supported by mlx-sbd.")

@@ -1,0 +1,87 @@
+"""Doubled SBD training batches (SBD_METHOD.md §2) and the length-sorted batch order.
+
+A batch of sequences becomes one model input [B, 2L] = concat(clean, noised) with repeated positions
+[0..L-1, 0..L-1] and the training mask of masks.training_mask. The noised copy replaces each eligible token
+by MASK_ID independently with probability η ~ U(0, 1) drawn once per sequence.
+
+Labels:
+- NTP on the clean half: position j predicts token j+1 (shifted), where token j+1 exists and is not a prompt
+  token. Exactly mlx_lm's default_loss mask.
+- MATP on the noised half: same-position labels (the clean token at j), at masked positions only.
+Choices the paper leaves open (documented here, tested in tests/test_batches.py):
+- The clean half is the whole sequence including its final EOS (which has no NTP label), so the noised half
+  covers the EOS too: block decoding must learn to reveal EOS inside a block, and with the paper's
+  `inputs = seq[:-1]` it would never be a MATP target.
+- Prompt tokens (offset > 0 with --mask-prompt) are never masked: at inference the prompt is always clean.
+- A partial trailing block (sequence end inside a block) keeps its MATP loss: at inference a block may also
+  run past the end of the answer, and its masked positions are ordinary predictions.
+- Padding (position >= length) is never attended to (training_mask) and carries no loss.
+"""
+
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import SBDError
+from .masks import training_mask
+from .model import MASK_ID
+
+PAD_TO = 32  # pad L to a multiple of this: few distinct shapes, so the compiled step rarely retraces
+
+Batch = Dict[str, mx.array]
+
+
+def make_batch(seqs: Sequence[Tuple[List[int], int]], k: int, rng: np.random.Generator, eta=None) -> Batch:
+    """seqs: [(tokens, prompt offset)]. `eta` ([B]) overrides η ~ U(0,1) (tests use 0 and 1).
+
+    Returns tokens/positions [B, 2L] int32, mask [B, 1, 2L, 2L] bool, and [B, L] float32 targets/weights
+    for NTP (clean half) and MATP (noised half).
+    """
+    B = len(seqs)
+    lengths = np.array([len(s) for s, _ in seqs])
+    offsets = np.array([o for _, o in seqs])
+    L = int(PAD_TO * -(-lengths.max() // PAD_TO))
+    clean = np.zeros((B, L), np.int32)  # padding id 0: never attended, never in the loss
+    for i, (s, _) in enumerate(seqs):
+        clean[i, : len(s)] = s
+    pos = np.arange(L)[None]  # [1, L]
+    eta = rng.uniform(0.0, 1.0, size=B) if eta is None else np.asarray(eta, np.float64)
+    eligible = (pos >= offsets[:, None]) & (pos < lengths[:, None])  # [B, L]
+    masked = eligible & (rng.uniform(0.0, 1.0, size=(B, L)) < eta[:, None])
+    noised = np.where(masked, MASK_ID, clean).astype(np.int32)
+
+    ntp_targets = np.zeros((B, L), np.int32)
+    ntp_targets[:, :-1] = clean[:, 1:]
+    ntp_weights = (pos + 1 < lengths[:, None]) & (pos + 1 >= offsets[:, None])
+
+    return {
+        "tokens": mx.array(np.concatenate([clean, noised], axis=1)),  # [B, 2L]
+        "positions": mx.array(np.broadcast_to(np.tile(np.arange(L), 2), (B, 2 * L)).astype(np.int32)),
+        "mask": training_mask(L, k, mx.array(lengths.astype(np.int32))),  # [B, 1, 2L, 2L]
+        "ntp_targets": mx.array(ntp_targets),
+        "ntp_weights": mx.array(ntp_weights.astype(np.float32)),
+        "matp_targets": mx.array(clean),
+        "matp_weights": mx.array(masked.astype(np.float32)),
+    }
+
+
+def batch_order(dataset: Sequence, batch_size: int) -> List[List[int]]:
+    """Length-sorted batches of indices (similar lengths together waste less padding); remainder dropped."""
+    if len(dataset) < batch_size:
+        raise SBDError(f"the dataset has {len(dataset)} examples, fewer than --batch-size {batch_size}")
+    idx = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
+    return [idx[i : i + batch_size] for i in range(0, len(idx) - batch_size + 1, batch_size)]
+
+
+def iterate_batches(dataset: Sequence, batch_size: int, seed: int, start: int = 0) -> Iterator[List]:
+    """Endless stream of batches (lists of sequences). Epoch e visits the batches in the permutation drawn
+    from seed (seed, e), so batch number n is a pure function of (seed, n): a resumed run passes `start` = the
+    number of batches already consumed and sees the same data order as an uninterrupted one."""
+    batches = batch_order(dataset, batch_size)
+    n = start
+    while True:
+        epoch, i = divmod(n, len(batches))
+        order = np.random.default_rng([seed, epoch]).permutation(len(batches))
+        yield [dataset[j] for j in batches[order[i]]]
+        n += 1

@@ -1,0 +1,78 @@
+"""`mlx-sbd train`: SBD fine-tuning (LoRA / DoRA / QLoRA on a quantized base / full) from a jsonl folder.
+
+Settings come from TrainConfig's defaults, then the YAML file given with -c (keys = TrainConfig field names,
+as in mlx_lm's config files), then the flags actually given on the command line.
+"""
+
+import dataclasses
+
+import click
+
+from ..errors import SBDError
+
+LORA_FLAGS = {"lora_rank": "rank", "lora_scale": "scale", "lora_dropout": "dropout"}
+
+
+@click.command("train")
+@click.option("--model", default=None, help="Base model (HF repo, folder or .gguf). Default: built-in SmolLM2-135M-Instruct.")
+@click.option("--data", default=None, help="Folder with train.jsonl (and valid.jsonl, test.jsonl). Default: data")
+@click.option("--adapter-path", default=None, help="Where the adapter and its checkpoints go. Default: adapters")
+@click.option("--fine-tune-type", default=None, type=click.Choice(["lora", "dora", "full"]), help="Default: lora")
+@click.option("--num-layers", default=None, type=int, help="Blocks (from the top) that get LoRA layers; -1 = all. Default: 16")
+@click.option("--lora-rank", default=None, type=int, help="LoRA rank. Default: 8")
+@click.option("--lora-scale", default=None, type=float, help="LoRA scale. Default: 20.0")
+@click.option("--lora-dropout", default=None, type=float, help="LoRA dropout. Default: 0.0")
+@click.option("--batch-size", default=None, type=int, help="Sequences per micro-batch. Default: 4")
+@click.option("--iters", default=None, type=int, help="Optimizer steps. Default: 1000")
+@click.option("--learning-rate", default=None, type=float, help="Peak AdamW learning rate (warmup, then cosine). Default: 1e-4")
+@click.option("--warmup", default=None, type=int, help="Warmup steps. Default: 100")
+@click.option("--block-size-max", default=None, type=int, help="Training block size k ~ U{2..this} per step. Default: 16")
+@click.option("--max-seq-length", default=None, type=int, help="Longer sequences are truncated. Default: 2048")
+@click.option("--mask-prompt", is_flag=True, default=None, help="No loss on prompt tokens.")
+@click.option("--grad-accumulation-steps", default=None, type=int, help="Micro-batches per optimizer step. Default: 1")
+@click.option("--grad-checkpoint", is_flag=True, default=None, help="Recompute MLP activations in the backward pass.")
+@click.option("--steps-per-report", default=None, type=int, help="Default: 10")
+@click.option("--steps-per-eval", default=None, type=int, help="Default: 200")
+@click.option("--val-batches", default=None, type=int, help="Validation batches (-1 = all). Default: 25")
+@click.option("--save-every", "steps_per_save", default=None, type=int, help="Checkpoint every N steps. Default: 100")
+@click.option("--seed", default=None, type=int, help="Seed for data order, noise and LoRA init. Default: 0")
+@click.option("--resume", is_flag=True, default=None, help="Continue from the latest checkpoint in --adapter-path.")
+@click.option("--no-compile", "no_compile", is_flag=True, default=None, help="Run the step eagerly (skips mx.compile).")
+@click.option("-c", "--config", "config_file", default=None, type=click.Path(), help="YAML file of TrainConfig settings.")
+def command(config_file, no_compile, **flags):
+    """Fine-tune a Llama/Qwen model with the SBD objective (NTP + masked-block prediction)."""
+    from ..train import TrainConfig, train
+
+    settings = read_yaml(config_file) if config_file else {}
+    lora = dict(settings.pop("lora_parameters", None) or {})
+    for flag, key in LORA_FLAGS.items():
+        if flags.get(flag) is not None:
+            lora[key] = flags[flag]
+        flags.pop(flag)
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    if no_compile:
+        settings["compile"] = False
+    if lora:
+        settings["lora_parameters"] = lora
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise SBDError(f"unknown training setting(s) {unknown} in {config_file}; valid keys: {sorted(known)}")
+    cfg = TrainConfig(**settings)
+    train(cfg)
+    click.echo(f"Adapter written to {cfg.adapter_path}")
+
+
+def read_yaml(path) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise SBDError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise SBDError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SBDError(f"{path} must be a mapping of setting: value")
+    return data

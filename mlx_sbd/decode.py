@@ -1,0 +1,130 @@
+"""The SBD decode loop over an exact KV cache (SBD_METHOD.md §3), and the plain next-token path.
+
+The cache only ever holds causal K/V of finalised tokens. A block starts as k masks. Its first forward
+carries the previous block's k tokens (causal: their K/V are committed to the cache by this very forward)
+plus the k masks; later forwards carry the block only. After every forward the block's own K/V are trimmed
+off again (mlx_lm's KVCache.trim is O(1)), so nothing of a mask or a partly revealed block stays.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+
+from .attention import BlockMask
+from .model import MASK_ID, SBDModel
+
+
+@dataclass
+class SBDCache:
+    """Per-layer mlx_lm KV caches plus the finalised tokens whose K/V are not in them yet.
+
+    A finished block's K/V ride along in the next block's first forward, so at the end of a generation the
+    last tokens are `pending`; the next call that reuses this cache (multi-turn chat) prefills them first.
+    """
+
+    layers: list
+    pending: List[int] = field(default_factory=list)
+
+    @property
+    def offset(self) -> int:
+        return self.layers[0].offset
+
+
+def make_prompt_cache(model: SBDModel) -> SBDCache:
+    return SBDCache(model.make_cache())
+
+
+def prefill(model: SBDModel, cache: SBDCache, tokens: Sequence[int], step: int = 512) -> None:
+    """Run the cache's pending tokens, then `tokens`, causally into the cache, `step` tokens per forward."""
+    tokens, cache.pending = list(cache.pending) + list(tokens), []
+    for i in range(0, len(tokens), step):
+        model(mx.array(tokens[i : i + step])[None], cache=cache.layers)
+        mx.eval([c.state for c in cache.layers])
+
+
+def block_forward(model: SBDModel, tokens: List[int], k: int, cache: SBDCache) -> mx.array:
+    """One SBD forward over `tokens` = [committed-to-be prefix (causal)] + [block of k (sees everything)].
+
+    Returns the block's log-probabilities [k, vocab]; leaves only the prefix's K/V in the cache.
+    """
+    x = mx.array(tokens)[None]
+    h = model.forward(x, mask=BlockMask(causal_point=len(tokens) - k), cache=cache.layers, return_hidden=True)
+    for c in cache.layers:
+        c.trim(k)
+    logits = model.logits(h[0, -k:]).astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+Step = Tuple[List[int], int, Optional[str]]  # (newly finalised tokens, forwards so far, finish reason or None)
+
+
+def sbd_steps(
+    model: SBDModel,
+    cache: SBDCache,
+    *,
+    block_size: int,
+    select: Callable[[mx.array, mx.array], mx.array],
+    sample: Callable[[mx.array], mx.array],
+    max_tokens: int,
+    max_length: int,
+    eos_ids: Sequence[int],
+) -> Iterator[Step]:
+    """SBD generation after the whole prompt is prefilled: yields each run of newly finalised tokens (the
+    block's revealed prefix) as it grows."""
+    eos = set(eos_ids)
+    prev: List[int] = []  # the last finished block: finalised, K/V not yet in the cache
+    produced = nfe = 0
+    while True:
+        k = min(block_size, max_tokens - produced, max_length - cache.offset - len(prev))
+        if k <= 0:
+            cache.pending = prev
+            yield [], nfe, "length"
+            return
+        blk, done = [MASK_ID] * k, 0  # done: length of the block's finalised prefix
+        while done < k:
+            logprobs = block_forward(model, prev + blk, k, cache)
+            prev = []  # committed by that forward
+            masked = mx.array([t == MASK_ID for t in blk])
+            reveal, values = select(logprobs, masked), sample(logprobs)
+            reveal, values = reveal.tolist(), values.tolist()  # the one host sync per forward
+            nfe += 1
+            for i in range(k):
+                if reveal[i] and blk[i] == MASK_ID:
+                    blk[i] = values[i]
+            start = done
+            while done < k and blk[done] != MASK_ID:
+                done += 1
+                if blk[done - 1] in eos:
+                    cache.pending = blk[:done]
+                    yield blk[start : done - 1], nfe, "stop"
+                    return
+            if done > start:
+                yield blk[start:done], nfe, None
+        prev, produced = blk, produced + k
+
+
+def ntp_steps(
+    model: SBDModel,
+    last_token: int,
+    cache: SBDCache,
+    *,
+    sampler: Callable[[mx.array], mx.array],
+    max_tokens: int,
+    max_length: int,
+    eos_ids: Sequence[int],
+) -> Iterator[Step]:
+    """block_size=1: plain next-token decoding with mlx_lm's own generate_step, after the prompt but its last
+    token is prefilled."""
+    budget = min(max_tokens, max_length - cache.offset - 1)
+    nfe = 0
+    for token, _ in generate_step(
+        mx.array([last_token]), model, max_tokens=budget, sampler=sampler, prompt_cache=cache.layers
+    ):
+        nfe += 1  # generate_step has already fed `token` into the cache (it pipelines one step ahead)
+        if token in eos_ids:
+            yield [], nfe, "stop"
+            return
+        yield [token], nfe, None
+    yield [], nfe, "length"

@@ -1,0 +1,177 @@
+"""generate / stream_generate: the public decoding API (same shape as mlx_lm's, plus NFE).
+
+`block_size=1` is plain next-token decoding (mlx_lm's own generate_step); `block_size>1` is SBD with the
+selection rule `sampler` ("entropy" = the paper's EB-Sampler) and budget `gamma`.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from .decode import SBDCache, make_prompt_cache, ntp_steps, prefill, sbd_steps
+from .errors import SBDError
+from .model import SBDModel
+from .samplers import make_selector, make_token_sampler
+
+Prompt = Union[str, Sequence[int], List[dict]]
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # newly finalised text in this chunk
+    tokens: List[int]  # newly finalised token ids in this chunk
+    nfe: int  # forward passes so far in decoding (prefill not counted)
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: Optional[str] = None  # "stop", "length" or None
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.generation_tokens / max(self.nfe, 1)
+
+
+def encode_prompt(tokenizer, prompt: Prompt, chat_template: Optional[bool] = None, system_prompt=None) -> List[int]:
+    """str / chat messages / token ids -> ids. Chat models get their template (as mlx_lm's CLI does) unless
+    chat_template=False; messages always do."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], dict)):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        use_template = tokenizer.has_chat_template if chat_template is None else chat_template
+        if isinstance(prompt, list) and not tokenizer.has_chat_template:
+            raise SBDError("chat messages need a tokenizer with a chat template; pass a string prompt instead")
+        if use_template:
+            if system_prompt:
+                messages = [{"role": "system", "content": system_prompt}] + messages
+            return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+        return list(tokenizer.encode(prompt, add_special_tokens=add_special))
+    return [int(t) for t in prompt]
+
+
+def stream_generate(
+    model: SBDModel,
+    tokenizer,
+    prompt: Prompt,
+    max_tokens: int = 256,
+    block_size: int = 16,
+    gamma: float = 0.1,
+    sampler: str = "entropy",
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop: Sequence[str] = (),
+    chat_template: Optional[bool] = None,
+    system_prompt: Optional[str] = None,
+    prompt_cache: Optional[SBDCache] = None,
+    prefill_step_size: int = 512,
+) -> Iterator[GenerationResponse]:
+    """Yield GenerationResponse chunks as tokens are finalised (several per forward with SBD)."""
+    check_settings(max_tokens, block_size, gamma)
+    ids = encode_prompt(tokenizer, prompt, chat_template, system_prompt)
+    if not ids:
+        raise SBDError("the prompt is empty")
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    max_length = getattr(model.args, "max_position_embeddings", None) or 1 << 30
+    if cache.offset + len(cache.pending) + len(ids) >= max_length:
+        raise SBDError(
+            f"the prompt has {len(ids)} tokens (+{cache.offset + len(cache.pending)} cached) but the model's context "
+            f"is {max_length}; shorten the prompt"
+        )
+    token_sampler = make_token_sampler(temp, top_p, top_k)
+    select = make_selector(sampler, gamma)
+    common = dict(max_tokens=max_tokens, max_length=max_length, eos_ids=list(tokenizer.eos_token_ids))
+
+    # Prefill is timed on its own: SBD prefills the whole prompt, NTP all but the last token (which its
+    # first forward takes), so generation time counts exactly the forwards that produce tokens.
+    tic = time.perf_counter()
+    prefill(model, cache, ids if block_size > 1 else ids[:-1], prefill_step_size)
+    prompt_tps = len(ids) / max(time.perf_counter() - tic, 1e-9)
+    if block_size == 1:
+        steps = ntp_steps(model, ids[-1], cache, sampler=token_sampler, **common)
+    else:
+        steps = sbd_steps(model, cache, block_size=block_size, select=select, sample=token_sampler, **common)
+
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    stops = StopStrings(stop)
+    tic, n = time.perf_counter(), 0
+    for tokens, nfe, reason in steps:
+        for t in tokens:
+            detokenizer.add_token(t)
+        if reason is not None:
+            detokenizer.finalize()
+        n += len(tokens)
+        text, hit = stops.feed(detokenizer.last_segment, final=reason is not None)
+        if hit:
+            reason = "stop"
+        elapsed = max(time.perf_counter() - tic, 1e-9)
+        yield GenerationResponse(
+            text=text,
+            tokens=tokens,
+            nfe=nfe,
+            prompt_tokens=len(ids),
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=n / elapsed,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=reason,
+        )
+        if reason is not None:
+            return
+
+
+def generate(model: SBDModel, tokenizer, prompt: Prompt, verbose: bool = False, **kwargs) -> str:
+    """The whole completion as a string (kwargs as stream_generate). verbose prints text and stats."""
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(last.text, end="", flush=True)
+        text += last.text
+    if verbose:
+        print()
+        print(format_stats(last))
+    return text
+
+
+def format_stats(r: GenerationResponse) -> str:
+    return (
+        "==========\n"
+        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec\n"
+        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec\n"
+        f"Forward passes: {r.nfe}, {r.tokens_per_forward:.2f} tokens per forward\n"
+        f"Peak memory: {r.peak_memory:.3f} GB"
+    )
+
+
+def check_settings(max_tokens: int, block_size: int, gamma: float) -> None:
+    if not isinstance(block_size, int) or block_size < 1:
+        raise SBDError(f"block_size must be an integer >= 1 (got {block_size}); 1 means plain next-token decoding")
+    if gamma < 0:
+        raise SBDError(f"gamma must be >= 0 (got {gamma}); 0 reveals one token per forward")
+    if max_tokens < 1:
+        raise SBDError(f"max_tokens must be >= 1 (got {max_tokens})")
+
+
+class StopStrings:
+    """Cuts the text at the first stop string; holds back a tail that could still become one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, segment: str, final: bool):
+        text = self.held + segment
+        if not self.stops:
+            self.held = ""
+            return text, False
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.held = ""
+            return text[:cut], True
+        split = len(text) if final else max(len(text) - max(len(s) for s in self.stops) + 1, 0)
+        self.held = text[split:]
+        return text[:split], False

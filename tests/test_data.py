@@ -1,0 +1,86 @@
+"""Training data: mlx_lm's three formats, prompt offsets, truncation warning, and file:line errors."""
+
+import json
+
+import pytest
+
+from mlx_sbd import load
+from mlx_sbd.data import load_dataset
+from mlx_sbd.errors import SBDError
+from mlx_sbd.tiny import encode, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny"), hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
+    return load(folder)[1]
+
+
+def write(folder, name, lines):
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.jsonl").write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    return folder
+
+
+def test_prompt_completion_and_text(tmp_path, tokenizer):
+    eos = tokenizer.eos_token_id
+    data = write(tmp_path / "d", "train", [{"prompt": "ab=", "completion": "ba"}, {"prompt": "x=", "completion": "yz"}])
+    write(data, "valid", [{"text": "hello"}])
+    train, valid, test = load_dataset(data, tokenizer, max_seq_length=100, mask_prompt=True)
+    assert train == [(list(encode(tokenizer, "ab=ba")) + [eos], 3), (list(encode(tokenizer, "x=yz")) + [eos], 2)]
+    assert valid == [(list(encode(tokenizer, "hello")) + [eos], 0)] and test == []
+    train, _, _ = load_dataset(data, tokenizer, max_seq_length=100, mask_prompt=False)
+    assert [o for _, o in train] == [0, 0]
+
+
+def test_truncation_warns(tmp_path, tokenizer):
+    data = write(tmp_path / "d", "train", [{"text": "abcdefghij"}, {"text": "ab"}])
+    with pytest.warns(UserWarning, match="1 of 2 sequences .* truncated"):
+        train, _, _ = load_dataset(data, tokenizer, max_seq_length=4)
+    assert [len(s) for s, _ in train] == [4, 3]
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"text": "ok"}', '{"text": "bad"'], r"train.jsonl:2: invalid JSON"),
+        (['{"prompt": "a", "completion": "b"}', "", '{"prompt": "a"}'], r"train.jsonl:3: missing key"),
+        (['{"foo": 1}'], r"train.jsonl:1: no 'text'"),
+        (['[1, 2]'], r"train.jsonl:1: expected a JSON object"),
+        (['{"text": 5}'], r"train.jsonl:1: text must be strings"),
+        ([""], r"train.jsonl is empty"),
+        (['{"messages": [{"role": "user", "content": "hi"}]}'], r"train.jsonl:1: 'messages' data needs a tokenizer"),
+    ],
+)
+def test_malformed_input_names_file_and_line(tmp_path, tokenizer, lines, message):
+    data = write(tmp_path / "d", "train", lines)
+    with pytest.raises(SBDError, match=message):
+        load_dataset(data, tokenizer, max_seq_length=100)
+
+
+def test_missing_folder_or_train_file(tmp_path, tokenizer):
+    with pytest.raises(SBDError, match="data folder not found"):
+        load_dataset(tmp_path / "nope", tokenizer, 100)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SBDError, match="has no train.jsonl"):
+        load_dataset(tmp_path / "empty", tokenizer, 100)
+
+
+def test_chat_template_as_mlx_lm(tmp_path, tokenizer):
+    """With a chat template, sequences and prompt offsets are mlx_lm's own (CompletionsDataset/ChatDataset)."""
+    from mlx_lm.tuner.datasets import ChatDataset
+
+    template = "{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    tokenizer._tokenizer.chat_template = template
+    tokenizer.has_chat_template = True
+    try:
+        msgs = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "ba"}]
+        data = write(tmp_path / "d", "train", [{"messages": msgs}])
+        train, _, _ = load_dataset(data, tokenizer, max_seq_length=100, mask_prompt=True)
+        ref_tokens, ref_offset = ChatDataset([{"messages": msgs}], tokenizer, mask_prompt=True).process({"messages": msgs})
+        assert train[0][1] == ref_offset
+        assert train[0][0][: len(ref_tokens)] == list(ref_tokens)
+    finally:
+        tokenizer._tokenizer.chat_template = None
+        tokenizer.has_chat_template = False

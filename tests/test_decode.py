@@ -1,0 +1,172 @@
+"""Decode loop: exact KV cache, per-step logits, NTP path == mlx_lm, stopping, NFE, bad input.
+
+References: a fresh causal forward (cache exactness), a from-scratch forward with a mask built here from the
+rule in SBD_METHOD.md §3 (per-step logits), mlx_lm's generate_step (NTP path).
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+
+import mlx_sbd
+from mlx_sbd import decode
+from mlx_sbd.decode import make_prompt_cache, prefill, sbd_steps
+from mlx_sbd.errors import SBDError
+from mlx_sbd.loading import load_model
+from mlx_sbd.model import MASK_ID
+from mlx_sbd.samplers import make_selector, make_token_sampler
+from mlx_sbd.tiny import make_tiny_model
+
+PROMPT = [10, 20, 30, 11, 21, 31, 12, 22, 32, 13, 23]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def tiny(request, tmp_path_factory):
+    folder = make_tiny_model(tmp_path_factory.mktemp(request.param), model_type=request.param, hidden_size=64,
+                             num_hidden_layers=2, intermediate_size=128, seed=1)
+    model = load_model(folder)
+    # Random weights are near-uniform; sharpen them so the EB-Sampler reveals several tokens per forward.
+    model.lm.model.norm.weight = model.lm.model.norm.weight * 30
+    return folder, model
+
+
+def run_sbd(model, k, gamma, max_tokens=40, eos=()):
+    cache = make_prompt_cache(model)
+    prefill(model, cache, PROMPT)
+    out, nfe = [], 0
+    for tokens, nfe, _ in sbd_steps(model, cache, block_size=k, select=make_selector("entropy", gamma),
+                                     sample=make_token_sampler(0.0), max_tokens=max_tokens, max_length=4096,
+                                     eos_ids=eos):
+        out += tokens
+    return out, nfe, cache
+
+
+@pytest.mark.parametrize("k,gamma", [(4, 0.5), (8, 2.0), (16, 5.0)])
+def test_cache_equals_fresh_causal_forward(tiny, k, gamma):
+    _, model = tiny
+    out, nfe, cache = run_sbd(model, k, gamma)
+    assert nfe < len(out), "test needs several tokens per forward to be meaningful"
+    prefill(model, cache, [])  # commit the last block, as the next turn would
+    fresh = model.make_cache()
+    model(mx.array(PROMPT + out)[None], cache=fresh)
+    n = len(PROMPT) + len(out)
+    assert cache.offset == n
+    for got, ref in zip(cache.layers, fresh):
+        for a, b in ((got.keys, ref.keys), (got.values, ref.values)):
+            assert np.abs(np.array(a[..., :n, :]) - np.array(b[..., :n, :])).max() <= 1e-5
+
+
+def test_each_step_equals_from_scratch_forward(tiny, monkeypatch):
+    _, model = tiny
+    k, records = 4, []
+    real = decode.block_forward
+
+    def recording(model_, tokens, k_, cache):
+        offset = cache.offset
+        logprobs = real(model_, tokens, k_, cache)
+        records.append((offset, list(tokens), np.array(logprobs)))
+        return logprobs
+
+    monkeypatch.setattr(decode, "block_forward", recording)
+    out, nfe, _ = run_sbd(model, k, 0.05, max_tokens=24)
+    assert 24 // k < len(records) == nfe < 24  # both block-wide and 2k-wide forwards, several tokens per forward
+    history = PROMPT + out
+    for offset, tokens, logprobs in records:
+        seq = history[:offset] + tokens  # committed tokens + this forward's input
+        n, cp = len(seq), len(seq) - k  # queries from position cp on are the block
+        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+        mask = (j <= i) | (i >= cp)
+        logits = model.forward(mx.array(seq)[None], mask=mx.array(mask))[0, -k:]
+        ref = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        assert np.abs(ref - logprobs).max() < 1e-4
+    # the block input always ends with k positions, masks included, and never a mask in the causal prefix
+    assert all(MASK_ID not in tokens[:-k] for _, tokens, _ in records)
+
+
+def test_gamma_zero_reveals_one_token_per_forward(tiny):
+    _, model = tiny
+    out, nfe, _ = run_sbd(model, 8, 0.0, max_tokens=24)
+    assert len(out) == nfe == 24
+
+
+def test_eos_stops_after_everything_before_it_is_revealed(tiny):
+    _, model = tiny
+    out, _, _ = run_sbd(model, 8, 2.0, max_tokens=40)
+    eos = out[5]
+    first = out.index(eos)
+    stopped, nfe, _ = run_sbd(model, 8, 2.0, max_tokens=40, eos=[eos])
+    assert stopped == out[:first]
+    full_nfe = run_sbd(model, 8, 2.0, max_tokens=first + 1)[1]
+    assert nfe <= full_nfe  # no forwards counted after the stop
+
+
+def test_block_size_one_equals_mlx_lm_greedy(tiny):
+    folder, model = tiny
+    _, tokenizer = mlx_sbd.load(folder)
+    ours = []
+    for r in mlx_sbd.stream_generate(model, tokenizer, PROMPT, max_tokens=30, block_size=1):
+        ours += r.tokens
+    ref = []
+    for tok, _ in generate_step(mx.array(PROMPT), model.lm, max_tokens=30):
+        if tok in tokenizer.eos_token_ids:
+            break
+        ref.append(tok)
+    assert ours == ref and len(ours) > 0
+
+
+def test_stream_generate_reports(tiny):
+    folder, model = tiny
+    _, tokenizer = mlx_sbd.load(folder)
+    chunks = list(mlx_sbd.stream_generate(model, tokenizer, PROMPT, max_tokens=20, block_size=8, gamma=2.0))
+    last = chunks[-1]
+    assert last.finish_reason in ("stop", "length")
+    assert last.generation_tokens == sum(len(c.tokens) for c in chunks)
+    assert last.nfe == max(c.nfe for c in chunks) and last.nfe >= 1
+    text = mlx_sbd.generate(model, tokenizer, PROMPT, max_tokens=20, block_size=8, gamma=2.0)
+    assert text == "".join(c.text for c in chunks)
+
+
+def test_multi_turn_cache_reuse_matches_single_call(tiny):
+    folder, model = tiny
+    _, tokenizer = mlx_sbd.load(folder)
+    cache = mlx_sbd.make_prompt_cache(model)
+    first = [t for r in mlx_sbd.stream_generate(model, tokenizer, PROMPT, max_tokens=12, block_size=4, gamma=1.0,
+                                               prompt_cache=cache) for t in r.tokens]
+    follow = [40, 41, 42]
+    second = [t for r in mlx_sbd.stream_generate(model, tokenizer, follow, max_tokens=12, block_size=4, gamma=1.0,
+                                                prompt_cache=cache) for t in r.tokens]
+    fresh = [t for r in mlx_sbd.stream_generate(model, tokenizer, PROMPT + first + follow, max_tokens=12,
+                                               block_size=4, gamma=1.0) for t in r.tokens]
+    assert second == fresh
+
+
+def test_stop_strings_cut_the_text(tiny):
+    folder, model = tiny
+    _, tokenizer = mlx_sbd.load(folder)
+    text = mlx_sbd.generate(model, tokenizer, PROMPT, max_tokens=20, block_size=4, gamma=1.0)
+    assert len(text) > 4
+    stop = text[3:5]
+    cut = mlx_sbd.generate(model, tokenizer, PROMPT, max_tokens=20, block_size=4, gamma=1.0, stop=[stop])
+    assert cut == text[: text.find(stop)]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(block_size=0), "block_size"),
+    (dict(gamma=-0.1), "gamma"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(sampler="nope"), "sampler|nope"),
+])
+def test_bad_settings(tiny, kwargs, match):
+    folder, model = tiny
+    _, tokenizer = mlx_sbd.load(folder)
+    with pytest.raises(SBDError, match=match):
+        mlx_sbd.generate(model, tokenizer, PROMPT, **kwargs)
+
+
+def test_prompt_longer_than_context(tmp_path):
+    folder = make_tiny_model(tmp_path / "m", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                             max_position_embeddings=16)
+    model, tokenizer = mlx_sbd.load(folder)
+    with pytest.raises(SBDError, match="context"):
+        mlx_sbd.generate(model, tokenizer, list(range(5, 25)))
