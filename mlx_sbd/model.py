@@ -13,6 +13,8 @@ from typing import Any, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_lm.models.cache import make_prompt_cache
+
 from .attention import Mask, attention
 
 MASK_ID = -1  # token id meaning "masked position"; never a vocabulary row
@@ -72,7 +74,7 @@ class SBDModel(nn.Module):
         return self.lm.args.model_type
 
     def make_cache(self):
-        return self.lm.make_cache()
+        return make_prompt_cache(self.lm)
 
     # --- the SBD forward ----------------------------------------------------------------------------------
     def embed(self, tokens: mx.array) -> mx.array:

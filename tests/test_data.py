@@ -26,12 +26,16 @@ def write(folder, name, lines):
 def test_prompt_completion_and_text(tmp_path, tokenizer):
     eos = tokenizer.eos_token_id
     data = write(tmp_path / "d", "train", [{"prompt": "ab=", "completion": "ba"}, {"prompt": "x=", "completion": "yz"}])
-    write(data, "valid", [{"text": "hello"}])
+    write(data, "valid", [{"prompt": "q=", "completion": "r"}])
     train, valid, test = load_dataset(data, tokenizer, max_seq_length=100, mask_prompt=True)
     assert train == [(list(encode(tokenizer, "ab=ba")) + [eos], 3), (list(encode(tokenizer, "x=yz")) + [eos], 2)]
-    assert valid == [(list(encode(tokenizer, "hello")) + [eos], 0)] and test == []
+    assert valid == [(list(encode(tokenizer, "q=r")) + [eos], 2)] and test == []
     train, _, _ = load_dataset(data, tokenizer, max_seq_length=100, mask_prompt=False)
     assert [o for _, o in train] == [0, 0]
+    text = write(tmp_path / "t", "train", [{"text": "hello"}])
+    assert load_dataset(text, tokenizer, 100)[0] == [(list(encode(tokenizer, "hello")) + [eos], 0)]
+    with pytest.raises(SBDError, match="--mask-prompt needs prompt/completion"):
+        load_dataset(text, tokenizer, 100, mask_prompt=True)
 
 
 def test_truncation_warns(tmp_path, tokenizer):

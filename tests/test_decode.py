@@ -79,7 +79,7 @@ def test_each_step_equals_from_scratch_forward(tiny, monkeypatch):
         mask = (j <= i) | (i >= cp)
         logits = model.forward(mx.array(seq)[None], mask=mx.array(mask))[0, -k:]
         ref = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        assert np.abs(ref - logprobs).max() < 1e-4
+        assert np.abs(ref - logprobs).max() <= 1e-5 * np.abs(ref).max()  # float32, logprobs up to ~200
     # the block input always ends with k positions, masks included, and never a mask in the causal prefix
     assert all(MASK_ID not in tokens[:-k] for _, tokens, _ in records)
 

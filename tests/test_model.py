@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import LLAMA3_ROPE, assert_close_to_scale, torch_logits
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache
 from safetensors.numpy import load_file
 
 from mlx_sbd.loading import load_model
@@ -161,7 +161,7 @@ def test_forward_after_prefilled_kv_cache_matches_numpy(variant):
     new_positions = P + rng.integers(0, 2 * T, T)
     new_mask = random_mask(rng, T, P + T)  # [T, P + T]
 
-    cache = make_prompt_cache(model.lm)  # one mlx_lm KVCache per layer
+    cache = model.make_cache()  # one mlx_lm KVCache per layer
     mx.eval(model(mx.array(prefix[None]), cache=cache))
     actual = sbd_logits(model, new, new_positions, new_mask, cache)
     assert cache[0].offset == P + T
@@ -188,15 +188,9 @@ def test_batched_forward_takes_per_row_positions_and_masks(variant):
         assert_close_to_scale(np.array(out[b]), np_forward(folder, tokens[b], positions[b], masks[b]))
 
 
-NO_LM_MAKE_CACHE = pytest.mark.xfail(
-    strict=True, reason="SBDModel.make_cache calls lm.make_cache, which mlx_lm's qwen2/qwen3 models lack"
-)
-
-
-@pytest.mark.parametrize(
-    "family", ["llama", "mistral", pytest.param("qwen2", marks=NO_LM_MAKE_CACHE), pytest.param("qwen3", marks=NO_LM_MAKE_CACHE)]
-)
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_make_cache_gives_one_kv_cache_per_layer(tiny_model, family):
+    # mlx_lm's qwen2/qwen3 models have no make_cache of their own.
     model = load_model(tiny_model(family)[0])
     cache = model.make_cache()
     assert len(cache) == len(model.layers) and all(isinstance(c, KVCache) for c in cache)
@@ -217,7 +211,7 @@ def test_token_order_does_not_matter_given_positions_and_mask(tiny_model, with_c
     def run(t, p, m):
         cache = None
         if with_cache:
-            cache = make_prompt_cache(model.lm)
+            cache = model.make_cache()
             mx.eval(model(mx.array(np.arange(P)[None] % 128), cache=cache))
         return sbd_logits(model, t, p, m, cache)
 

@@ -1,0 +1,88 @@
+"""SBD adapters and fusing: round trip, mlx_lm compatibility, fingerprint errors, fused folders."""
+
+import json
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx.utils import tree_map
+
+from mlx_sbd import load
+from mlx_sbd.adapter import load_adapter, make_trainable, save_adapter
+from mlx_sbd.errors import SBDError
+from mlx_sbd.fuse import fuse
+from mlx_sbd.masks import training_mask
+from mlx_sbd.model import MASK_ID
+from mlx_sbd.tiny import make_tiny_model
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+LORA = {"rank": 4, "scale": 2.0, "dropout": 0.0}
+CONFIG = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": LORA, "sbd": {"block_size_max": 8}}
+TOKENS = mx.array([[5, 9, 14, 20, 33, 7, 8, 11]])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny base and an adapter with non-zero LoRA weights and a moved mask embedding."""
+    root = tmp_path_factory.mktemp("adapter")
+    base = make_tiny_model(root / "base", **TINY)
+    model, _ = load(base)
+    make_trainable(model, "lora", 2, LORA)
+    mx.random.seed(3)
+    model.lm.update(tree_map(lambda x: 0.1 * mx.random.normal(x.shape), model.lm.trainable_parameters()))
+    model.mask_embedding = mx.random.normal(model.mask_embedding.shape)
+    save_adapter(model, root / "ad", CONFIG)
+    return base, root / "ad", model
+
+
+def sbd_logits(model):
+    tokens = mx.concatenate([TOKENS, mx.array([[5, MASK_ID, MASK_ID, 20, MASK_ID, 7, MASK_ID, MASK_ID]])], axis=1)
+    return np.array(model.forward(tokens, positions=mx.tile(mx.arange(8), 2), mask=training_mask(8, 4)))
+
+
+def test_round_trip(trained):
+    base, path, model = trained
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapters.safetensors", "sbd.safetensors"]
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["sbd"]["mask"] == "learned_embedding"
+    assert config["sbd"]["base"] == {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": model.args.vocab_size}
+    assert set(mx.load(str(path / "sbd.safetensors"))) == {"mask_embedding"}
+    loaded, _ = load(base, adapter_path=path)
+    np.testing.assert_array_equal(sbd_logits(loaded), sbd_logits(model))
+    assert loaded.sbd is not None and loaded.sbd.block_size_max == 8
+
+
+def test_mlx_lm_loads_the_adapter(trained):
+    """The adapter keys are mlx_lm's: mlx_lm.load(base, adapter_path) gives the same plain causal logits."""
+    base, path, model = trained
+    ref, _ = mlx_lm.load(str(base), adapter_path=str(path))
+    np.testing.assert_allclose(np.array(ref(TOKENS)), np.array(model(TOKENS)), rtol=1e-5, atol=1e-5)
+    base_only, _ = load(base)
+    assert not np.allclose(np.array(base_only(TOKENS)), np.array(model(TOKENS)))  # the adapter does something
+
+
+def test_errors(trained, tmp_path):
+    base, path, _ = trained
+    other = make_tiny_model(tmp_path / "other", **dict(TINY, num_hidden_layers=3))
+    with pytest.raises(SBDError, match="different base model"):
+        load(other, adapter_path=path)
+    with pytest.raises(SBDError, match="adapter folder not found"):
+        load(base, adapter_path=tmp_path / "missing")
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "adapter_config.json").write_text("{}")
+    with pytest.raises(SBDError, match="no adapters.safetensors"):
+        load(base, adapter_path=tmp_path / "partial")
+
+
+def test_fuse(trained, tmp_path):
+    base, path, model = trained
+    out = fuse(base, path, tmp_path / "fused")
+    fused, _ = load(out)  # no adapter needed
+    np.testing.assert_allclose(sbd_logits(fused), sbd_logits(model), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.array(fused.mask_embedding), np.array(model.mask_embedding))
+    assert fused.sbd is not None and fused.sbd.block_size_max == 8
+    plain, _ = mlx_lm.load(str(out))  # still a normal mlx_lm model folder
+    np.testing.assert_allclose(np.array(plain(TOKENS)), np.array(model(TOKENS)), rtol=1e-4, atol=1e-4)
+    with pytest.raises(SBDError, match="is the base model folder"):
+        fuse(base, path, base)
