@@ -63,10 +63,11 @@ def warn_if_slow_blas() -> None:
 
 
 def preload_openblas_and_reexec() -> None:
-    """CLI start-up on Linux: re-run this process with OpenBLAS preloaded when it is installed and not loaded.
+    """CLI (and test) start-up on Linux: re-run this very command with OpenBLAS preloaded when it is installed
+    and not loaded yet.
 
-    MLX resolves BLAS symbols at load time, so preloading is the only way to swap it. Set MLX_SBD_NO_PRELOAD=1
-    to opt out.
+    MLX resolves BLAS symbols when it is loaded, so preloading is the only way to swap it. Set
+    MLX_SBD_NO_PRELOAD=1 to opt out.
     """
     if (
         not sys.platform.startswith("linux")
@@ -77,4 +78,4 @@ def preload_openblas_and_reexec() -> None:
         return
     env = dict(os.environ, MLX_SBD_NO_PRELOAD="1")
     env["LD_PRELOAD"] = " ".join(p for p in (OPENBLAS, os.environ.get("LD_PRELOAD", "")) if p)
-    os.execve(sys.executable, [sys.executable, "-m", "mlx_sbd", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

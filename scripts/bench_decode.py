@@ -1,0 +1,116 @@
+"""Decoding speed: mlx_lm.generate vs mlx-sbd at several block sizes and gammas, in one run.
+
+Prints NFE, tokens per forward and tokens/s per setting, the measured forward time time(k) for
+k in {1, 2, 4, 8, 16, 32} over a 256-token cache, and the paper's Eq. 16 prediction
+speedup(l, k) = k*time(1) / (time(2k) + (l-1)*time(k)) next to the measured speedup over mlx_lm.
+Saves the raw numbers as JSON.
+
+    python scripts/bench_decode.py                        # built-in SmolLM2 (+ its adapter, if shipped)
+    python scripts/bench_decode.py --model M --adapter-path A --block-sizes 1,4,8,16 --gammas 0.1,0.35
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import click
+import mlx.core as mx
+from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, save  # noqa: E402
+
+import mlx_sbd  # noqa: E402
+from mlx_sbd.decode import block_forward, make_prompt_cache, prefill  # noqa: E402
+from mlx_sbd.generate import encode_prompt  # noqa: E402
+
+PROMPTS = [
+    "Write a short story about a robot learning to paint.",
+    "Explain how a hash table works, with an example in Python.",
+    "List ten tips for staying productive when working from home.",
+    "What is the capital of France? Answer in one sentence, then describe the city.",
+]
+
+
+def time_forward(model, n_new: int, cache_len: int = 256, reps: int = 5) -> float:
+    """Seconds for one block forward over n_new tokens with cache_len tokens in the cache."""
+    cache = make_prompt_cache(model)
+    prefill(model, cache, [(i * 7) % 1000 + 5 for i in range(cache_len)])
+    tokens = [11] * n_new
+    mx.eval(block_forward(model, tokens, n_new, cache))  # warm-up
+    tic = time.perf_counter()
+    for _ in range(reps):
+        mx.eval(block_forward(model, tokens, n_new, cache))
+    return (time.perf_counter() - tic) / reps
+
+
+def run_mlx_lm(model, tokenizer, ids, max_tokens):
+    tic, last = time.perf_counter(), None
+    for last in mlx_lm_stream_generate(model.lm, tokenizer, mx.array(ids), max_tokens=max_tokens):
+        pass
+    return {"tokens": last.generation_tokens, "tps": last.generation_tps, "wall": time.perf_counter() - tic,
+            "nfe": last.generation_tokens}
+
+
+def run_sbd(model, tokenizer, ids, max_tokens, k, gamma):
+    tic, last = time.perf_counter(), None
+    for last in mlx_sbd.stream_generate(model, tokenizer, ids, max_tokens=max_tokens, block_size=k, gamma=gamma):
+        pass
+    return {"tokens": last.generation_tokens, "tps": last.generation_tps, "wall": time.perf_counter() - tic,
+            "nfe": last.nfe}
+
+
+@click.command()
+@click.option("--model", default=None, help="Model reference (default: built-in SmolLM2-135M-Instruct).")
+@click.option("--adapter-path", default=None)
+@click.option("--block-sizes", default="1,4,8,16", show_default=True)
+@click.option("--gammas", default="0,0.1,0.35,0.6", show_default=True)
+@click.option("--max-tokens", default=128, show_default=True)
+@click.option("--prompts", "n_prompts", default=len(PROMPTS), show_default=True, help="How many of the built-in prompts.")
+@click.option("--out", default="results/bench_decode.json", show_default=True)
+def main(model, adapter_path, block_sizes, gammas, max_tokens, n_prompts, out):
+    sbd_model, tokenizer = mlx_sbd.load(model, adapter_path=adapter_path)
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS[:n_prompts]]
+    ks = [int(k) for k in block_sizes.split(",")]
+    gs = [float(g) for g in gammas.split(",")]
+    settings = [("mlx_lm", 1, None)] + [("mlx-sbd", k, g) for k in ks for g in (gs if k > 1 else [0.0])]
+
+    run_sbd(sbd_model, tokenizer, prompts[0], 8, max(ks), gs[0])  # warm-up (allocations, kernels)
+    forward_times = {n: time_forward(sbd_model, n) for n in tqdm([1, 2, 4, 8, 16, 32], desc="time(k)")}
+
+    rows = []
+    for name, k, g in tqdm(settings, desc="settings"):
+        runs = [run_mlx_lm(sbd_model, tokenizer, ids, max_tokens) if name == "mlx_lm"
+                else run_sbd(sbd_model, tokenizer, ids, max_tokens, k, g) for ids in prompts]
+        tokens, nfe, wall = (sum(r[key] for r in runs) for key in ("tokens", "nfe", "wall"))
+        rows.append({"engine": name, "block_size": k, "gamma": g, "tokens": tokens, "nfe": nfe,
+                     "tokens_per_forward": tokens / nfe, "tps": sum(r["tps"] for r in runs) / len(runs),
+                     "wall": wall, "runs": runs})
+
+    base = rows[0]
+    t1 = forward_times[1]
+    print(f"\nmachine: {machine()}\ndtype: {sbd_model.lm.model.embed_tokens.weight.dtype}")
+    print("time(k) ms: " + ", ".join(f"k={n}: {t * 1e3:.1f}" for n, t in forward_times.items()))
+    print(f"\n{'engine':8} {'k':>3} {'gamma':>5} {'tokens':>6} {'NFE':>5} {'tok/fwd':>7} {'tok/s':>7} "
+          f"{'speedup':>7} {'Eq.16':>6}")
+    for r in rows:
+        k = r["block_size"]
+        r["speedup_vs_mlx_lm"] = r["tps"] / base["tps"]
+        r["nfe_speedup"] = (r["tokens"] / r["nfe"])
+        if r["engine"] == "mlx-sbd" and k > 1 and 2 * k in forward_times and k in forward_times:
+            l = k / r["tokens_per_forward"]  # forwards per block
+            r["eq16"] = k * t1 / (forward_times[2 * k] + (l - 1) * forward_times[k])
+        eq16 = f"{r['eq16']:6.2f}" if "eq16" in r else "     -"
+        g = "-" if r["gamma"] is None else f"{r['gamma']:.2f}"
+        print(f"{r['engine']:8} {k:>3} {g:>5} {r['tokens']:>6} {r['nfe']:>5} {r['tokens_per_forward']:>7.2f} "
+              f"{r['tps']:>7.2f} {r['speedup_vs_mlx_lm']:>6.2f}x {eq16}")
+    save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
+          "max_tokens": max_tokens, "time_k": forward_times, "rows": rows}, out)
+
+
+if __name__ == "__main__":
+    from mlx_sbd.backend import preload_openblas_and_reexec
+
+    preload_openblas_and_reexec()
+    main()

@@ -1,0 +1,136 @@
+"""The SBD trainer: LR schedule, kill-and-resume equality, the CLI end to end, QLoRA, and the learning test."""
+
+import json
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import mlx_sbd.train as train_module
+from mlx_sbd import load
+from mlx_sbd.cli import cli
+from mlx_sbd.tasks import alphabet, exact_match, write_dataset
+from mlx_sbd.tiny import make_tiny_model
+from mlx_sbd.train import TrainConfig, lr_schedule, train
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    base = make_tiny_model(root / "base", alphabet=alphabet("reverse"), **TINY)
+    data = write_dataset(root / "data", "reverse", 24, 4, 4, seed=0, min_len=3, max_len=8)
+    return base, data
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(learning_rate=1e-3, min_learning_rate=1e-4, warmup=10, iters=110)
+    lr = lr_schedule(cfg)
+    for step in (0, 5, 10):
+        assert math.isclose(lr(step).item(), 1e-3 * step / 10, rel_tol=1e-5, abs_tol=1e-9)
+    for step in (10, 60, 110):  # cosine from the peak at the end of warmup to the minimum at the last step
+        t = (step - 10) / 100
+        assert math.isclose(lr(step).item(), 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * t)), rel_tol=1e-4)
+
+
+def run(base, data, adapter_path, **overrides):
+    settings = dict(model=str(base), data=str(data), adapter_path=str(adapter_path), iters=6, batch_size=4,
+                    learning_rate=1e-2, warmup=2, steps_per_save=3, steps_per_eval=4, val_batches=1,
+                    block_size_max=8, grad_accumulation_steps=2, num_layers=-1, compile=False,
+                    lora_parameters={"rank": 4, "scale": 2.0, "dropout": 0.2})
+    settings.update(overrides)
+    model, tokenizer = load(base)
+    return train(TrainConfig(**settings), model, tokenizer)
+
+
+def test_kill_and_resume_matches_uninterrupted(setup, tmp_path, monkeypatch):
+    base, data = setup
+    run(base, data, tmp_path / "straight")
+
+    calls = {"n": 0}
+    real_make_batch = train_module.make_batch
+
+    def dying_make_batch(*args, **kwargs):  # killed in the middle of step 5 (micro-batch 10), after checkpoint 3
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return real_make_batch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "make_batch", dying_make_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(base, data, tmp_path / "killed")
+    monkeypatch.setattr(train_module, "make_batch", real_make_batch)
+    checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert checkpoints == ["step_0000003"]
+    state = json.loads((tmp_path / "killed" / "checkpoints" / "step_0000003" / "state.json").read_text())
+    assert state["step"] == 3 and state["batches_consumed"] == 6
+
+    run(base, data, tmp_path / "killed", resume=True)
+    for name in ("adapters.safetensors", "sbd.safetensors"):
+        a = mx.load(str(tmp_path / "straight" / name))
+        b = mx.load(str(tmp_path / "killed" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(np.array(a[key]), np.array(b[key]), rtol=1e-5, atol=1e-6)
+    initial = load(base)[0].mask_embedding
+    assert not np.allclose(np.array(initial), np.array(b["mask_embedding"]))  # the mask embedding is trained
+
+
+@pytest.mark.slow
+def test_cli_train_generate_fuse_generate(setup, tmp_path):
+    base, data = setup
+    adapters, fused = tmp_path / "ad", tmp_path / "fused"
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"lora_parameters": {"rank": 4, "scale": 4.0, "dropout": 0.0},
+                                      "num_layers": -1, "learning_rate": 5e-3, "warmup": 1, "block_size_max": 4}))
+    runner = CliRunner()
+    result = runner.invoke(cli, ["train", "--model", str(base), "--data", str(data), "--adapter-path", str(adapters),
+                                 "--iters", "3", "--batch-size", "4", "-c", str(config), "--lora-rank", "2"])
+    assert result.exit_code == 0, result.output
+    written = json.loads((adapters / "adapter_config.json").read_text())
+    assert written["lora_parameters"]["rank"] == 2 and written["lora_parameters"]["scale"] == 4.0  # flag beats file
+    assert written["sbd"]["block_size_max"] == 4
+
+    def generate(*args):
+        r = runner.invoke(cli, ["generate", "-p", "R: abc=", "-m", "8", "--block-size", "4", "--quiet", *args])
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    with_adapter = generate("--model", str(base), "--adapter-path", str(adapters))
+    result = runner.invoke(cli, ["fuse", "--model", str(base), "--adapter-path", str(adapters), "--save-path", str(fused)])
+    assert result.exit_code == 0, result.output
+    assert generate("--model", str(fused)) == with_adapter
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("iterz: 3\n")
+    result = runner.invoke(cli, ["train", "--model", str(base), "--data", str(data), "-c", str(bad)])
+    assert result.exit_code == 1 and "unknown training setting" in result.output
+
+
+def test_qlora_on_quantized_base(setup, tmp_path):
+    from mlx_lm.tuner.lora import LoRALinear
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    import mlx.nn as nn
+    from mlx_sbd import generate
+
+    base, data = setup
+    model, tokenizer = load(base)
+    config = json.loads((base / "config.json").read_text())
+    lm, config = quantize_model(model.lm, config, group_size=64, bits=4)
+    qbase = tmp_path / "q4"
+    save_model(qbase, lm)
+    save_config(config, config_path=qbase / "config.json")
+    tokenizer.save_pretrained(str(qbase))
+
+    adapters = tmp_path / "ad"
+    trained = run(qbase, data, adapters, grad_accumulation_steps=1, iters=4, steps_per_save=4)
+    q_proj = trained.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LoRALinear) and isinstance(q_proj.linear, nn.QuantizedLinear)
+    model, tokenizer = load(qbase, adapter_path=adapters)
+    text = generate(model, tokenizer, "R: abc=", max_tokens=8, block_size=4, gamma=0.1)
+    assert isinstance(text, str)
