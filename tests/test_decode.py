@@ -170,3 +170,18 @@ def test_prompt_longer_than_context(tmp_path):
     model, tokenizer = mlx_sbd.load(folder)
     with pytest.raises(SBDError, match="context"):
         mlx_sbd.generate(model, tokenizer, list(range(5, 25)))
+
+
+@pytest.mark.slow
+def test_block_size_one_equals_mlx_lm_on_smollm2():
+    """The real built-in model: our NTP path and mlx_lm.generate give the same greedy tokens."""
+    from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+
+    from mlx_sbd.generate import encode_prompt
+
+    model, tokenizer = mlx_sbd.load()
+    ids = encode_prompt(tokenizer, "Name three uses of a paperclip.")
+    ours = [t for r in mlx_sbd.stream_generate(model, tokenizer, ids, max_tokens=48, block_size=1) for t in r.tokens]
+    ref = [r.token for r in mlx_lm_stream_generate(model.lm, tokenizer, mx.array(ids), max_tokens=48)]
+    ref = ref[:-1] if ref[-1] in tokenizer.eos_token_ids else ref  # mlx_lm's last response carries the EOS
+    assert ours == ref and len(ours) > 10

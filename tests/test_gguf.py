@@ -22,7 +22,7 @@ from mlx_sbd.errors import SBDError  # noqa: E402
 T = gguf.GGMLQuantizationType
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 64, 4, 2, 128, 2
 HEAD_DIM = HIDDEN // HEADS
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool>"]  # <tool>: special but no bos/eos/unk/pad role
 MERGES = ["h e", "l l", "he ll", "Ġ w"]
 # Per tensor: its type in the file. Every supported type appears on a Q or K projection (permuted rows).
 TYPES = {
@@ -47,7 +47,7 @@ TYPES = {
 
 def byte_alphabet():
     """GPT-2's byte -> printable character table (as in its encoder.py)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -68,8 +68,10 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def shape_of(name):
-    out_in = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN), "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN),
-              "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
+    kv = KV_HEADS * HEAD_DIM
+    out_in = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (kv, HIDDEN), "attn_v": (kv, HIDDEN),
+              "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN),
+              "ffn_down": (HIDDEN, FFN)}
     if name in ("token_embd", "output"):
         return (VOCAB, HIDDEN)
     return out_in[name.split(".")[-1]]
@@ -83,10 +85,10 @@ def encode(x: np.ndarray, qtype):
     return np_quantize(x, qtype), qtype
 
 
-def write_gguf(path: Path, arch="llama", types=TYPES, seed=0) -> dict:
+def write_gguf(path: Path, types=TYPES, add_bos=False, seed=0) -> dict:
     """A tiny llama GGUF; returns {gguf name: float32 weight in HF row order, as the file's values hold it}."""
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(LAYERS)
     w.add_context_length(256)
     w.add_embedding_length(HIDDEN)
@@ -103,6 +105,7 @@ def write_gguf(path: Path, arch="llama", types=TYPES, seed=0) -> dict:
     w.add_token_merges(MERGES)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    w.add_add_bos_token(add_bos)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
     expected = {}
     for name, qtype in types.items():
@@ -203,12 +206,24 @@ def test_tiny_config_and_tokenizer(tiny, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(str(out))
     # byte-level BPE worked by hand: "hello world" -> he+ll -> hell, o, Ġw, o, r, l, d; specials stay whole
-    ids = tok.encode("<|im_start|>hello world<|im_end|>")
-    pieces = ["<|im_start|>", "hell", "o", "Ġw", "o", "r", "l", "d", "<|im_end|>"]
+    ids = tok.encode("<|im_start|>hello world<tool><|im_end|>")
+    pieces = ["<|im_start|>", "hell", "o", "Ġw", "o", "r", "l", "d", "<tool>", "<|im_end|>"]
     assert ids == [TOKENS.index(p) for p in pieces]
     assert tok.decode(ids, skip_special_tokens=True) == "hello world"
     assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
     assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_tiny_tokenizer_matches_transformers_gguf_tokenizer(tmp_path, add_bos):
+    from transformers import AutoTokenizer
+
+    write_gguf(tmp_path / "t.gguf", types={"token_embd": T.F32}, add_bos=add_bos)
+    ours = AutoTokenizer.from_pretrained(str(sbd_gguf.convert(tmp_path / "t.gguf", tmp_path / "m")))
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    for text in ["hello world", "<|im_start|>hell<|im_end|> wow<tool>", "héllo\n\tworld 123", ""]:
+        assert ours.encode(text) == ref.encode(text), text
+    assert (ours.encode("hello")[0] == 1) == add_bos
 
 
 def test_tiny_loads_in_mlx_sbd_and_matches_transformers(tiny, tmp_path):
@@ -231,10 +246,13 @@ def test_tiny_loads_in_mlx_sbd_and_matches_transformers(tiny, tmp_path):
     assert (logits.argmax(-1) == ref_logits.argmax(-1)).all()
 
 
-def write_bad(path: Path, arch="llama", qtype=T.F32, raw=None):
+def write_bad(path: Path, arch="llama", qtype=None, raw=None):
     w = gguf.GGUFWriter(str(path), arch)
     w.add_tokenizer_model("gpt2")
-    w.add_tensor("blk.0.attn_q.weight", raw if raw is not None else np.zeros((8, 256), np.float32), raw_dtype=qtype if raw is not None else None)
+    if raw is None:
+        w.add_tensor("blk.0.attn_q.weight", np.zeros((8, 256), np.float32))
+    else:
+        w.add_tensor("blk.0.attn_q.weight", raw, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -297,7 +315,8 @@ def test_cli_convert_hf_path_quantizes_through_mlx_lm(tiny, tmp_path):
 
     path, _ = tiny
     hf = sbd_gguf.convert(path, tmp_path / "hf", dequantize=True)
-    r = CliRunner().invoke(cli, ["convert", "--hf-path", str(hf), "-q", "--q-group-size", "32", "--mlx-path", str(tmp_path / "q")])
+    args = ["convert", "--hf-path", str(hf), "-q", "--q-group-size", "32", "--mlx-path", str(tmp_path / "q")]
+    r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["bits"] == 4
 
@@ -406,5 +425,6 @@ def test_smollm2_greedy_answer_mentions_paris(smollm2):
 
     _, out = smollm2
     model, tok = mlx_lm.load(str(out))
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
     assert "Paris" in mlx_lm.generate(model, tok, prompt, max_tokens=20)

@@ -80,7 +80,6 @@ def test_kill_and_resume_matches_uninterrupted(setup, tmp_path, monkeypatch):
     assert not np.allclose(np.array(initial), np.array(b["mask_embedding"]))  # the mask embedding is trained
 
 
-@pytest.mark.slow
 def test_cli_train_generate_fuse_generate(setup, tmp_path):
     base, data = setup
     adapters, fused = tmp_path / "ad", tmp_path / "fused"

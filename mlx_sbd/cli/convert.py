@@ -30,7 +30,7 @@ def command(gguf_file, hf_path, mlx_path, dequantize, quantize, q_bits, q_group_
         raise SBDError("give exactly one of --gguf FILE or --hf-path MODEL")
     if gguf_file:
         if quantize:
-            raise SBDError("-q applies to --hf-path; GGUF weights keep the quantization they have (or use --dequantize)")
+            raise SBDError("-q applies to --hf-path; GGUF weights keep their quantization (or use --dequantize)")
         if not Path(gguf_file).is_file():
             raise SBDError(f"GGUF file not found: {gguf_file}")
         from ..gguf import convert
@@ -42,13 +42,13 @@ def command(gguf_file, hf_path, mlx_path, dequantize, quantize, q_bits, q_group_
     click.echo(f"Wrote {out} ({size / 1e6:.1f} MB)")
 
 
-def _convert_hf(hf_path: str, mlx_path: str, quantize: bool, dequantize: bool, q_bits: Optional[int], q_group_size: Optional[int]) -> Path:
+def _convert_hf(
+    hf_path: str, mlx_path: str, quantize: bool, dequantize: bool, q_bits: Optional[int], q_group_size: Optional[int]
+) -> Path:
     from mlx_lm.convert import convert
 
     try:
-        convert(
-            hf_path, mlx_path, quantize=quantize, dequantize=dequantize, q_bits=q_bits, q_group_size=q_group_size
-        )
+        convert(hf_path, mlx_path, quantize=quantize, dequantize=dequantize, q_bits=q_bits, q_group_size=q_group_size)
     except ValueError as e:  # existing --mlx-path, -q with -d, unknown model type
         raise SBDError(str(e).splitlines()[0]) from None
     return Path(mlx_path)
