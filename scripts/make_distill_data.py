@@ -1,0 +1,136 @@
+"""Self-distillation data for an SBD adapter of the built-in SmolLM2: the base model's own greedy answers.
+
+Prompts are built from real text available offline, the docstrings of the Python standard library, with a few
+instruction templates; modules are split between train/valid/test so that test prompts are about modules never
+seen in training. Some synthetic tasks (mlx_sbd.tasks) are mixed into train/valid. Answers come from the base
+model with greedy decoding (mlx_lm.batch_generate), so fine-tuning on them keeps the model's behaviour while it
+learns to predict blocks of its own future tokens.
+
+    python scripts/make_distill_data.py --out data/smollm2-distill --n-train 1200 --n-valid 60 --n-test 60
+"""
+
+import importlib
+import inspect
+import json
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import click
+from mlx_lm.generate import batch_generate
+from tqdm import tqdm
+
+import mlx_sbd
+from mlx_sbd.tasks import make_examples
+
+SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip", "venv",
+        "pydoc_data", "__main__", "xxsubtype", "msilib", "winreg", "winsound", "_msi", "webbrowser", "pty"}
+
+TEMPLATES = [
+    "Explain in simple words what this Python function does:\n\n{name}{sig}\n{doc}",
+    "Summarize the following documentation in two or three sentences:\n\n{doc}",
+    "Write a short Python example that uses `{name}` and explain it.",
+    "What would a beginner need to know about `{name}` in Python? Documentation:\n\n{doc}",
+]
+MODULE_TEMPLATES = [
+    "What is the Python standard library module `{mod}` used for?\n\n{doc}",
+    "Give me three practical use cases for Python's `{mod}` module.",
+]
+
+
+def first_paragraph(doc: str, limit: int = 600) -> str:
+    para = inspect.cleandoc(doc).split("\n\n")[0].strip()
+    return para[:limit]
+
+
+def module_prompts(mod_name: str):
+    """Prompts from one stdlib module: its docstring and its public functions' docstrings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            mod = importlib.import_module(mod_name)
+        except Exception:
+            return []
+    out = []
+    if mod.__doc__ and len(mod.__doc__) > 40:
+        out += [t.format(mod=mod_name, doc=first_paragraph(mod.__doc__)) for t in MODULE_TEMPLATES]
+    for name, obj in sorted(vars(mod).items()):
+        if name.startswith("_") or not callable(obj) or getattr(obj, "__module__", None) != mod_name:
+            continue
+        doc = inspect.getdoc(obj)
+        if not doc or len(doc) < 40:
+            continue
+        try:
+            sig = str(inspect.signature(obj))
+        except (TypeError, ValueError):
+            sig = "(...)"
+        out.append((f"{mod_name}.{name}", sig, first_paragraph(doc)))
+    return out
+
+
+def build_prompts(seed: int):
+    """{split: [prompt]} with modules split 80/10/10 by a seeded shuffle."""
+    rng = random.Random(seed)
+    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in SKIP)
+    rng.shuffle(names)
+    cut1, cut2 = int(0.8 * len(names)), int(0.9 * len(names))
+    splits = {"train": names[:cut1], "valid": names[cut1:cut2], "test": names[cut2:]}
+    prompts = {}
+    for split, mods in splits.items():
+        items = []
+        for m in mods:
+            for p in module_prompts(m):
+                if isinstance(p, str):
+                    items.append(p)
+                else:
+                    name, sig, doc = p
+                    items.append(rng.choice(TEMPLATES).format(name=name, sig=sig, doc=doc))
+        rng.shuffle(items)
+        prompts[split] = items
+    return prompts
+
+
+@click.command()
+@click.option("--out", default="data/smollm2-distill", show_default=True)
+@click.option("--n-train", default=1200, show_default=True)
+@click.option("--n-valid", default=60, show_default=True)
+@click.option("--n-test", default=60, show_default=True)
+@click.option("--n-synthetic", default=200, show_default=True, help="Synthetic task examples added to train (and 1/10 to valid).")
+@click.option("--max-tokens", default=200, show_default=True)
+@click.option("--batch-size", default=24, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def main(out, n_train, n_valid, n_test, n_synthetic, max_tokens, batch_size, seed):
+    model, tokenizer = mlx_sbd.load()
+    prompts = build_prompts(seed)
+    wanted = {"train": n_train, "valid": n_valid, "test": n_test}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in wanted.items():
+        chosen = prompts[split][:n]
+        rows = []
+        for i in tqdm(range(0, len(chosen), batch_size), desc=f"{split} answers"):
+            batch = chosen[i : i + batch_size]
+            ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                   for p in batch]
+            answers = batch_generate(model.lm, tokenizer, ids, max_tokens=max_tokens).texts
+            rows += [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a.strip()}]}
+                     for p, a in zip(batch, answers)]
+        if split != "test":
+            count = n_synthetic if split == "train" else max(n_synthetic // 10, 1)
+            for task in ("arithmetic", "reverse"):
+                for ex in make_examples(task, count // 2, seed=seed + (split == "valid")):
+                    rows.append({"messages": [{"role": "user", "content": ex["prompt"]},
+                                              {"role": "assistant", "content": ex["completion"]}]})
+            random.Random(seed).shuffle(rows)
+        with open(out / f"{split}.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        print(f"{split}: {len(rows)} rows ({len(chosen)} distilled) -> {out / f'{split}.jsonl'}")
+
+
+if __name__ == "__main__":
+    from mlx_sbd.backend import preload_openblas_and_reexec
+
+    preload_openblas_and_reexec()
+    main()
