@@ -45,6 +45,27 @@ def time_forward(model, n_new: int, cache_len: int = 256, reps: int = 5) -> floa
     return (time.perf_counter() - tic) / reps
 
 
+def host_overhead(reps: int = 3) -> dict:
+    """Per-forward wall time on a model so small that compute is negligible: what remains is host work
+    (Python, graph building, syncs). mlx_lm's one-token loop vs the SBD loop at gamma=0 (one token per forward)."""
+    import tempfile
+
+    from mlx_sbd.tiny import make_tiny_model
+
+    with tempfile.TemporaryDirectory() as d:
+        folder = make_tiny_model(d, hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
+                                 num_key_value_heads=1)
+        model, tokenizer = mlx_sbd.load(folder)
+    tokenizer.eos_token_ids = []  # never stop early: measure exactly n forwards
+    ids, n = [5, 6, 7, 8], 200
+    out = {}
+    for name, fn in (("mlx_lm", lambda: run_mlx_lm(model, tokenizer, ids, n)),
+                     ("mlx-sbd k=8", lambda: run_sbd(model, tokenizer, ids, n, 8, 0.0))):
+        best = min((lambda r: r["wall"] / r["nfe"])(fn()) for _ in range(reps))
+        out[name] = best * 1e3
+    return out
+
+
 def run_mlx_lm(model, tokenizer, ids, max_tokens):
     tic, last = time.perf_counter(), None
     for last in mlx_lm_stream_generate(model.lm, tokenizer, mx.array(ids), max_tokens=max_tokens):
@@ -78,35 +99,37 @@ def main(model, adapter_path, block_sizes, gammas, max_tokens, n_prompts, out):
 
     run_sbd(sbd_model, tokenizer, prompts[0], 8, max(ks), gs[0])  # warm-up (allocations, kernels)
     forward_times = {n: time_forward(sbd_model, n) for n in tqdm([1, 2, 4, 8, 16, 32], desc="time(k)")}
+    overhead = host_overhead()
 
     rows = []
     for name, k, g in tqdm(settings, desc="settings"):
         runs = [run_mlx_lm(sbd_model, tokenizer, ids, max_tokens) if name == "mlx_lm"
                 else run_sbd(sbd_model, tokenizer, ids, max_tokens, k, g) for ids in prompts]
         tokens, nfe, wall = (sum(r[key] for r in runs) for key in ("tokens", "nfe", "wall"))
+        gen_time = sum(r["tokens"] / r["tps"] for r in runs)
         rows.append({"engine": name, "block_size": k, "gamma": g, "tokens": tokens, "nfe": nfe,
-                     "tokens_per_forward": tokens / nfe, "tps": sum(r["tps"] for r in runs) / len(runs),
-                     "wall": wall, "runs": runs})
+                     "tokens_per_forward": tokens / nfe, "tps": tokens / gen_time,
+                     "ms_per_forward": 1e3 * gen_time / nfe, "wall": wall, "runs": runs})
 
     base = rows[0]
     t1 = forward_times[1]
     print(f"\nmachine: {machine()}\ndtype: {sbd_model.lm.model.embed_tokens.weight.dtype}")
     print("time(k) ms: " + ", ".join(f"k={n}: {t * 1e3:.1f}" for n, t in forward_times.items()))
-    print(f"\n{'engine':8} {'k':>3} {'gamma':>5} {'tokens':>6} {'NFE':>5} {'tok/fwd':>7} {'tok/s':>7} "
+    print("host overhead per forward (tiny model), ms: " + ", ".join(f"{k}: {v:.2f}" for k, v in overhead.items()))
+    print(f"\n{'engine':8} {'k':>3} {'gamma':>5} {'tokens':>6} {'NFE':>5} {'tok/fwd':>7} {'ms/fwd':>7} {'tok/s':>7} "
           f"{'speedup':>7} {'Eq.16':>6}")
     for r in rows:
         k = r["block_size"]
         r["speedup_vs_mlx_lm"] = r["tps"] / base["tps"]
-        r["nfe_speedup"] = (r["tokens"] / r["nfe"])
         if r["engine"] == "mlx-sbd" and k > 1 and 2 * k in forward_times and k in forward_times:
             l = k / r["tokens_per_forward"]  # forwards per block
             r["eq16"] = k * t1 / (forward_times[2 * k] + (l - 1) * forward_times[k])
         eq16 = f"{r['eq16']:6.2f}" if "eq16" in r else "     -"
         g = "-" if r["gamma"] is None else f"{r['gamma']:.2f}"
         print(f"{r['engine']:8} {k:>3} {g:>5} {r['tokens']:>6} {r['nfe']:>5} {r['tokens_per_forward']:>7.2f} "
-              f"{r['tps']:>7.2f} {r['speedup_vs_mlx_lm']:>6.2f}x {eq16}")
+              f"{r['ms_per_forward']:>7.1f} {r['tps']:>7.2f} {r['speedup_vs_mlx_lm']:>6.2f}x {eq16}")
     save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
-          "max_tokens": max_tokens, "time_k": forward_times, "rows": rows}, out)
+          "max_tokens": max_tokens, "time_k": forward_times, "host_overhead_ms": overhead, "rows": rows}, out)
 
 
 if __name__ == "__main__":
