@@ -49,6 +49,7 @@ class SBDModel(nn.Module):
         super().__init__()
         self.lm = lm
         self.sbd = sbd  # None: not trained for SBD
+        self.grad_checkpoint = False  # training: recompute each block's activations in the backward pass
         args = lm.args
         if getattr(args, "sliding_window", None) and "sliding_attention" in (args.layer_types or []):
             raise ValueError("Sliding-window attention layers are not supported by mlx-sbd.")
@@ -98,9 +99,10 @@ class SBDModel(nn.Module):
         if positions is not None and positions.ndim == 1:
             positions = mx.broadcast_to(positions, tokens.shape)
         for i, layer in enumerate(self.lm.layers):
-            c = cache[i] if cache is not None else None
-            h = h + self_attention(layer.self_attn, layer.input_layernorm(h), positions, mask, c)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if self.grad_checkpoint and cache is None:
+                h = checkpointed_block(layer, h, positions, mask)
+            else:
+                h = block(layer, h, positions, mask, cache[i] if cache is not None else None)
         h = self.lm.model.norm(h)
         return h if return_hidden else self.logits(h)
 
@@ -108,6 +110,22 @@ class SBDModel(nn.Module):
         if self.lm.args.tie_word_embeddings:
             return self.lm.model.embed_tokens.as_linear(h)
         return self.lm.lm_head(h)
+
+
+def block(layer: nn.Module, h: mx.array, positions, mask: Mask, cache) -> mx.array:
+    """One mlx_lm transformer block (pre-norm attention + MLP) with explicit positions and mask."""
+    h = h + self_attention(layer.self_attn, layer.input_layernorm(h), positions, mask, cache)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def checkpointed_block(layer: nn.Module, h: mx.array, positions, mask: Mask) -> mx.array:
+    """block() under mx.checkpoint: parameters go in explicitly so their gradients flow (as mlx_lm does)."""
+
+    def inner(params, h):
+        layer.update(params)
+        return block(layer, h, positions, mask, None)
+
+    return mx.checkpoint(inner)(layer.trainable_parameters(), h)
 
 
 def self_attention(attn: nn.Module, x: mx.array, positions, mask: Mask, cache) -> mx.array:

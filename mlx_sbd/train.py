@@ -105,12 +105,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     batch_order(train_set, cfg.batch_size)  # fail now, not at the first step, on a too-small dataset
     mx.random.seed(cfg.seed)  # LoRA initialisation
     make_trainable(model, cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters)
-    if cfg.grad_checkpoint:
-        # Our forward calls each block's modules directly, so the MLP (the largest activations) is what
-        # mlx_lm's per-class checkpointing can wrap.
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(model.layers[0].mlp)
+    model.grad_checkpoint = cfg.grad_checkpoint
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())
     config = adapter_config(cfg, model)

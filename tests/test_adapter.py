@@ -9,7 +9,7 @@ import pytest
 from mlx.utils import tree_map
 
 from mlx_sbd import load
-from mlx_sbd.adapter import load_adapter, make_trainable, save_adapter
+from mlx_sbd.adapter import make_trainable, save_adapter
 from mlx_sbd.errors import SBDError
 from mlx_sbd.fuse import fuse
 from mlx_sbd.masks import training_mask

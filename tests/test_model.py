@@ -250,3 +250,35 @@ def test_training_forward_clean_half_is_causal_lm_and_noised_half_matches_numpy(
     assert_close_to_scale(actual[:L], torch_logits(torch_model, clean))
     expected = np_forward(folder, tokens, positions, np.array(mask), mask_embedding=np.array(model.mask_embedding))
     assert_close_to_scale(actual[L:], expected[L:])
+
+
+def test_grad_checkpoint_gives_the_same_loss_and_gradients(variant):
+    """Recomputing each block in the backward pass (--grad-checkpoint) must not change what is learned."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    folder, _ = variant
+    model = load_model(folder)
+    model.freeze()
+    linear_to_lora_layers(model.lm, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+    model.lm.apply_to_modules(lambda k, m: m.__setattr__("lora_b", mx.random.normal(m.lora_b.shape) * 0.1)
+                              if hasattr(m, "lora_b") else None)
+    L = 12
+    tokens = mx.array(np.random.default_rng(0).integers(0, 100, (2, 2 * L)))
+    tokens = mx.where(mx.arange(2 * L) % 3 == 0, MASK_ID, tokens) * (mx.arange(2 * L) >= L) + tokens * (mx.arange(2 * L) < L)
+    positions = mx.concatenate([mx.arange(L), mx.arange(L)])
+    mask = training_mask(L, 4)
+
+    def loss(params):
+        model.update(params)
+        return (model.forward(tokens, positions, mask) ** 2).mean()
+
+    results = []
+    for checkpoint in (False, True):
+        model.grad_checkpoint = checkpoint
+        value, grads = mx.value_and_grad(loss)(model.trainable_parameters())
+        results.append((value.item(), tree_flatten(grads)))
+    (v0, g0), (v1, g1) = results
+    assert abs(v0 - v1) <= 1e-5 * abs(v0) and len(g0) == len(g1) > 0
+    for (name, a), (_, b) in zip(g0, g1):
+        assert np.abs(np.array(a) - np.array(b)).max() <= 1e-4 * (np.abs(np.array(a)).max() + 1e-6), name
