@@ -6,6 +6,9 @@ Normalisation (the paper leaves it open):
     loss = NTP + MATP
 Each term is a per-token mean over the batch, so neither drowns the other whatever η is drawn; no 1/η weight.
 With η = 0 the loss is exactly mlx_lm's default_loss (tested).
+
+`ntp_loss` is the baseline objective (an NTP fine-tune on the same data): the clean half alone, whose causal
+block of the training mask makes it an ordinary forward, so it costs half the doubled input and trains no MATP.
 """
 
 import mlx.core as mx
@@ -26,3 +29,17 @@ def sbd_loss(model, batch: Batch):
     ntp = ntp_ce.sum() / mx.maximum(n_ntp, 1)
     matp = matp_ce.sum() / mx.maximum(n_matp, 1)
     return ntp + matp, ntp, matp, n_ntp
+
+
+def ntp_loss(model, batch: Batch):
+    """NTP only, on the clean half [B, L] -> (loss, ntp, matp = 0, ntokens), the tuple of sbd_loss."""
+    L = batch["ntp_targets"].shape[1]
+    logits = model.forward(batch["tokens"][:, :L], positions=batch["positions"][:, :L],
+                           mask=batch["mask"][:, :, :L, :L]).astype(mx.float32)  # [B, L, V]
+    ntp_ce = nn.losses.cross_entropy(logits, batch["ntp_targets"]) * batch["ntp_weights"]
+    n_ntp = batch["ntp_weights"].sum()
+    ntp = ntp_ce.sum() / mx.maximum(n_ntp, 1)
+    return ntp, ntp, mx.zeros_like(ntp), n_ntp
+
+
+LOSSES = {"sbd": sbd_loss, "ntp": ntp_loss}

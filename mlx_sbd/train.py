@@ -10,6 +10,14 @@ Checkpoints: <adapter_path>/checkpoints/step_XXXXXXX/ (adapter files + optimizer
 written into a temporary folder and renamed, so a killed run never leaves a half-written one. The adapter
 itself is rewritten at <adapter_path> at every save, so it is usable at any time. Reports (NTP and MATP loss,
 tokens/s counting real sequence tokens once, peak memory) go to the progress bar and <adapter_path>/train_log.jsonl.
+
+Data parallel (the same code under `mlx.launch`, any number of processes, mx.distributed's ring/MPI back-end):
+every rank draws the same global batch and its noise (as above), builds it, and trains rows
+[rank*b, (rank+1)*b) of it, b = batch_size / world size; so a sequence's η, masks and k never depend on the rank.
+Each rank's loss is its share of the global per-token means (its NTP/MATP sums over the label counts of the whole
+batch), so the shares' gradients, summed with all_sum, are exactly the single-process gradient. Rank 0 alone
+writes files and prints; at start every rank takes rank 0's weights, optimizer state and step (its checkpoint
+on --resume). LoRA dropout keys are per rank, so only a run without dropout is bit-for-bit the single-process one.
 """
 
 import json
@@ -17,6 +25,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -24,14 +33,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
 from .adapter import make_trainable, save_adapter
 from .batches import batch_order, iterate_batches, make_batch
 from .data import load_dataset
+from .masks import training_mask
 from .errors import SBDError
-from .loss import sbd_loss
+from .loss import LOSSES
 from .model import SBDSettings
 
 CHECKPOINTS = "checkpoints"
@@ -43,6 +54,7 @@ class TrainConfig:
     data: str = "data"
     adapter_path: str = "adapters"
     fine_tune_type: str = "lora"  # lora | dora | full
+    objective: str = "sbd"  # sbd | ntp (the baseline: NTP loss only, no MATP term, no noised half)
     num_layers: int = 16  # blocks (from the top) that get LoRA layers; -1 = all
     lora_parameters: dict = field(default_factory=lambda: {"rank": 8, "scale": 20.0, "dropout": 0.0})
     batch_size: int = 4
@@ -65,6 +77,8 @@ class TrainConfig:
     compile: bool = True  # mx.compile the step; on the CPU back-end the first step pays a ~10-30 s C++ JIT build
 
     def check(self) -> None:
+        if self.objective not in LOSSES:
+            raise SBDError(f"--objective must be one of {', '.join(LOSSES)} (got '{self.objective}')")
         if self.block_size_max < 2:
             raise SBDError(f"--block-size-max must be at least 2 (got {self.block_size_max})")
         for name in ("batch_size", "iters", "grad_accumulation_steps", "steps_per_save", "steps_per_eval"):
@@ -95,14 +109,20 @@ def adapter_config(cfg: TrainConfig, model) -> dict:
 
 
 def train(cfg: TrainConfig, model=None, tokenizer=None):
-    """Fine-tune `model` (loaded from cfg.model when not given) with the SBD objective; returns the model."""
+    """Fine-tune `model` (loaded from cfg.model when not given) with cfg.objective; returns the model."""
     cfg.check()
+    world = mx.distributed.init()
+    rank, size = world.rank(), world.size()
+    rows = shard_rows(cfg.batch_size, rank, size)
+    main = rank == 0  # the only rank that prints and writes files
     if model is None:
         from .loading import load
 
         model, tokenizer = load(cfg.model)
     train_set, valid_set, _ = load_dataset(cfg.data, tokenizer, cfg.max_seq_length, cfg.mask_prompt)
     batch_order(train_set, cfg.batch_size)  # fail now, not at the first step, on a too-small dataset
+    if valid_set and len(valid_set) < size:
+        raise SBDError(f"valid.jsonl has {len(valid_set)} examples, fewer than the {size} processes; add examples")
     mx.random.seed(cfg.seed)  # LoRA initialisation
     make_trainable(model, cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters)
     model.grad_checkpoint = cfg.grad_checkpoint
@@ -110,18 +130,24 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     optimizer.init(model.trainable_parameters())
     config = adapter_config(cfg, model)
     adapter_path = Path(cfg.adapter_path)
-    start = restore_checkpoint(adapter_path, model, optimizer) if cfg.resume else 0
+    start = restore_checkpoint(adapter_path, model, optimizer) if cfg.resume and main else 0
+    if size > 1:  # one starting point for all: rank 0's (its checkpoint's) weights, optimizer state and step
+        model.update(broadcast(model.trainable_parameters(), world))
+        optimizer.state = broadcast(optimizer.state, world)
+        start = int(broadcast(mx.array(start), world).item())
 
     accum = cfg.grad_accumulation_steps
-    loss_and_grad = nn.value_and_grad(model, sbd_loss)
+    loss_and_grad = nn.value_and_grad(model, partial(shard_loss, loss_fn=LOSSES[cfg.objective]))
     state = [model.state, optimizer.state, mx.random.state]
 
-    def step_fn(batch, prev_grad, do_update):
-        (loss, ntp, matp, ntok), grad = loss_and_grad(model, batch)
+    def step_fn(batch, totals, prev_grad, do_update):
+        (loss, ntp, matp), grad = loss_and_grad(model, batch, totals)
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         if do_update:
-            optimizer.update(model, tree_map(lambda g: g / accum, grad))
+            # average_gradients is all_sum / size; the ranks' shares must be summed, hence * size.
+            grad = average_gradients(grad, world)
+            optimizer.update(model, tree_map(lambda g: g * (size / accum), grad))
             grad = None
         return ntp, matp, grad
 
@@ -130,27 +156,29 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     data = iterate_batches(train_set, cfg.batch_size, cfg.seed, start=start * accum)
     model.train()
     stats = np.zeros(5)  # since the last report: ntp sum, matp sum, tokens, seconds, steps
-    bar = tqdm(total=cfg.iters, initial=start, desc="SBD train", unit="step")
+    bar = tqdm(total=cfg.iters, initial=start, desc="SBD train", unit="step", disable=not main)
     for step in range(start, cfg.iters):
         if valid_set and (step == start or (step + 1) % cfg.steps_per_eval == 0):
-            val_ntp, val_matp = evaluate(model, valid_set, cfg)
-            bar.write(f"step {step}: val NTP {val_ntp:.3f}  val MATP {val_matp:.3f}")
-            log(adapter_path, {"step": step, "val_ntp": val_ntp, "val_matp": val_matp})
+            val_ntp, val_matp = evaluate(model, valid_set, cfg, world)
+            if main:
+                bar.write(f"step {step}: val NTP {val_ntp:.3f}  val MATP {val_matp:.3f}")
+                log(adapter_path, {"step": step, "val_ntp": val_ntp, "val_matp": val_matp})
             model.train()
         tic = time.perf_counter()
-        mx.random.seed(cfg.seed * 1_000_003 + step)
+        mx.random.seed((cfg.seed * 1_000_003 + step) * size + rank)  # LoRA dropout: a different key per rank
         k = int(np.random.default_rng([cfg.seed, step]).integers(2, cfg.block_size_max + 1))
         grad = None
         for m in range(accum):
             seqs = next(data)
             batch = make_batch(seqs, k, np.random.default_rng([cfg.seed, step, m]))
-            ntp, matp, grad = step_fn(batch, grad, m == accum - 1)
+            ntp, matp, grad = step_fn(shard(batch, seqs, k, rows), label_totals(batch), grad, m == accum - 1)
             mx.eval(state, ntp, matp, grad)
             stats[:3] += (ntp.item() / accum, matp.item() / accum, sum(len(s) for s, _ in seqs))
         stats[3:] += (time.perf_counter() - tic, 1)
         bar.update(1)
         done = step + 1
         if done % cfg.steps_per_report == 0 or done == cfg.iters:
+            stats[:2] = global_sum(stats[:2], world)  # this rank's shares of the losses -> the global means
             report = {
                 "step": done, "ntp": stats[0] / stats[4], "matp": stats[1] / stats[4],
                 "tokens_per_s": stats[2] / stats[3], "s_per_step": stats[3] / stats[4],
@@ -158,14 +186,65 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
             }
             bar.set_postfix(ntp=f"{report['ntp']:.3f}", matp=f"{report['matp']:.3f}",
                             tok_s=f"{report['tokens_per_s']:.0f}", peak_gb=f"{report['peak_memory_gb']:.2f}")
-            log(adapter_path, report)
+            if main:
+                log(adapter_path, report)
             stats[:] = 0
-        if done % cfg.steps_per_save == 0 or done == cfg.iters:
+        if main and (done % cfg.steps_per_save == 0 or done == cfg.iters):
             save_checkpoint(adapter_path, model, optimizer, done, config, cfg)
     bar.close()
-    if start >= cfg.iters:  # resumed a finished run: just make sure the adapter is there
+    if main and start >= cfg.iters:  # resumed a finished run: just make sure the adapter is there
         save_adapter(model, adapter_path, config)
     return model
+
+
+def shard_rows(batch_size: int, rank: int, size: int) -> slice:
+    """The rows of each global batch that `rank` of `size` processes trains."""
+    if batch_size % size:
+        raise SBDError(f"--batch-size {batch_size} does not split evenly over {size} processes; "
+                       f"use a multiple of {size} (it is the global batch, shared out across processes)")
+    b = batch_size // size
+    return slice(rank * b, (rank + 1) * b)
+
+
+def shard(batch, seqs, k: int, rows: slice):
+    """Rows `rows` of a global batch built by make_batch (same L, same noise as the whole batch). The mask
+    [b, 1, 2L, 2L] is rebuilt for these rows rather than sliced, so the global one is never computed."""
+    if rows == slice(0, len(seqs)):
+        return batch
+    part = {key: value[rows] for key, value in batch.items() if key != "mask"}
+    lengths = mx.array([len(s) for s, _ in seqs[rows]], mx.int32)
+    part["mask"] = training_mask(batch["ntp_targets"].shape[1], k, lengths)
+    return part
+
+
+def label_totals(batch) -> mx.array:
+    """[2]: NTP labels and masked tokens in the whole global batch (at least 1 each): the loss denominators."""
+    return mx.maximum(mx.stack([batch["ntp_weights"].sum(), batch["matp_weights"].sum()]), 1)
+
+
+def shard_loss(model, batch, totals, loss_fn):
+    """This rank's share of the global-batch loss -> (loss, ntp share, matp share). loss_fn's per-token means
+    times this shard's label counts are its loss sums; over the global counts they add up across ranks to
+    exactly the global means the single-process run computes (not an average of per-rank means)."""
+    _, ntp, matp, n_ntp = loss_fn(model, batch)
+    ntp_share = ntp * n_ntp / totals[0]
+    matp_share = matp * batch["matp_weights"].sum() / totals[1]
+    return ntp_share + matp_share, ntp_share, matp_share
+
+
+def broadcast(tree, world):
+    """Rank 0's values of an array tree on every rank: an all_sum to which the other ranks add zeros."""
+    keep = world.rank() == 0
+    tree = tree_map(lambda x: mx.distributed.all_sum(x if keep else mx.zeros_like(x), group=world), tree)
+    mx.eval(tree)
+    return tree
+
+
+def global_sum(values: np.ndarray, world) -> np.ndarray:
+    """Sum of a small float vector over the ranks (the identity for a single process)."""
+    if world.size() == 1:
+        return values
+    return np.array(mx.distributed.all_sum(mx.array(values, mx.float32), group=world))
 
 
 def log(adapter_path: Path, record: dict) -> None:
@@ -175,20 +254,26 @@ def log(adapter_path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def evaluate(model, dataset, cfg: TrainConfig):
-    """Mean validation (NTP, MATP) over up to val_batches batches, with fixed noise so runs compare."""
+def evaluate(model, dataset, cfg: TrainConfig, world):
+    """Mean validation (NTP, MATP) over up to val_batches batches, with fixed noise so runs compare; each batch
+    is shared out across the ranks like a training batch (its size rounded down to a multiple of their number)."""
     model.eval()
-    batches = batch_order(dataset, min(cfg.batch_size, len(dataset)))
+    size = world.size()
+    batch_size = min(cfg.batch_size, len(dataset)) // size * size
+    rows = shard_rows(batch_size, world.rank(), size)
+    batches = batch_order(dataset, batch_size)
     if cfg.val_batches >= 0:
         batches = batches[: cfg.val_batches]
-    ntp = matp = 0.0
+    shares = np.zeros(2)  # this rank's (NTP, MATP) shares, summed over batches
     for b, idx in enumerate(batches):
         rng = np.random.default_rng([cfg.seed, 1 << 30, b])
         k = int(rng.integers(2, cfg.block_size_max + 1))
-        _, n, m, _ = sbd_loss(model, make_batch([dataset[i] for i in idx], k, rng))
+        seqs = [dataset[i] for i in idx]
+        batch = make_batch(seqs, k, rng)
+        _, n, m = shard_loss(model, shard(batch, seqs, k, rows), label_totals(batch), LOSSES[cfg.objective])
         mx.eval(n, m)
-        ntp, matp = ntp + n.item(), matp + m.item()
-    return ntp / len(batches), matp / len(batches)
+        shares += (n.item(), m.item())
+    return tuple(global_sum(shares, world) / len(batches))
 
 
 def save_checkpoint(adapter_path: Path, model, optimizer, step: int, config: dict, cfg: TrainConfig) -> Path:
