@@ -134,7 +134,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     if size > 1:  # one starting point for all: rank 0's (its checkpoint's) weights, optimizer state and step
         model.update(broadcast(model.trainable_parameters(), world))
         optimizer.state = broadcast(optimizer.state, world)
-        start = int(broadcast(mx.array(start), world).item())
+        start = int(broadcast({"step": mx.array(start)}, world)["step"].item())
 
     accum = cfg.grad_accumulation_steps
     loss_and_grad = nn.value_and_grad(model, partial(shard_loss, loss_fn=LOSSES[cfg.objective]))
@@ -232,12 +232,14 @@ def shard_loss(model, batch, totals, loss_fn):
     return ntp_share + matp_share, ntp_share, matp_share
 
 
-def broadcast(tree, world):
-    """Rank 0's values of an array tree on every rank: an all_sum to which the other ranks add zeros."""
+def broadcast(tree: dict, world) -> dict:
+    """Rank 0's values of an array tree on every rank: all_sums to which the other ranks add zeros. Leaves go
+    in sorted key order: a restored optimizer state lists its keys in another order than a fresh one."""
     keep = world.rank() == 0
-    tree = tree_map(lambda x: mx.distributed.all_sum(x if keep else mx.zeros_like(x), group=world), tree)
-    mx.eval(tree)
-    return tree
+    flat = sorted(tree_flatten(tree), key=lambda kv: kv[0])
+    flat = [(key, mx.distributed.all_sum(x if keep else mx.zeros_like(x), group=world)) for key, x in flat]
+    mx.eval([x for _, x in flat])
+    return tree_unflatten(flat)
 
 
 def global_sum(values: np.ndarray, world) -> np.ndarray:
@@ -273,7 +275,8 @@ def evaluate(model, dataset, cfg: TrainConfig, world):
         _, n, m = shard_loss(model, shard(batch, seqs, k, rows), label_totals(batch), LOSSES[cfg.objective])
         mx.eval(n, m)
         shares += (n.item(), m.item())
-    return tuple(global_sum(shares, world) / len(batches))
+    ntp, matp = global_sum(shares, world) / len(batches)
+    return float(ntp), float(matp)
 
 
 def save_checkpoint(adapter_path: Path, model, optimizer, step: int, config: dict, cfg: TrainConfig) -> Path:

@@ -24,8 +24,9 @@ from mlx_sbd.tasks import alphabet, exact_match, make_examples
 from mlx_sbd.tiny import make_tiny_model
 from mlx_sbd.train import TrainConfig, train
 
-# Short sequences keep a 2-core run short: 2-3 digit operands (3 column steps, ~30 answer chars) and 6-10 letters.
-TASK_SETTINGS = {"arithmetic": dict(min_digits=2, max_digits=3), "reverse": dict(min_len=6, max_len=10)}
+# Short fixed-length sequences: 3-digit operands (3 column steps, 34 answer chars) and 8 letters. Fixed lengths put
+# every lookup at a fixed offset, which a tiny model learns in a few hundred steps.
+TASK_SETTINGS = {"arithmetic": dict(min_digits=3, max_digits=3), "reverse": dict(min_len=8, max_len=8)}
 
 
 def parse_args():
@@ -34,11 +35,11 @@ def parse_args():
     p.add_argument("--out", default="results", help="folder for table1.json and table1.png")
     p.add_argument("--n-train", type=int, default=6000, help="training examples per task")
     p.add_argument("--n-test", type=int, default=100, help="held-out test prompts per task")
-    p.add_argument("--iters", type=int, default=1200)
+    p.add_argument("--iters", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--block-size-max", type=int, default=16)
     p.add_argument("--gammas", default="0,0.1,0.35,0.6,1.0")
     p.add_argument("--ks", default="8,16")

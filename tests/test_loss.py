@@ -1,4 +1,5 @@
-"""The SBD loss: a numpy re-derivation on a toy batch, clean-half isolation, and η = 0 == mlx_lm's NTP loss."""
+"""The SBD loss: a numpy re-derivation on a toy batch, clean-half isolation, and η = 0 == mlx_lm's NTP loss;
+the NTP-only baseline loss == mlx_lm's NTP loss whatever the noised half holds."""
 
 import mlx.core as mx
 import numpy as np
@@ -7,7 +8,7 @@ from mlx_lm.tuner.trainer import default_loss
 
 from mlx_sbd import load
 from mlx_sbd.batches import make_batch
-from mlx_sbd.loss import sbd_loss
+from mlx_sbd.loss import ntp_loss, sbd_loss
 from mlx_sbd.model import MASK_ID
 from mlx_sbd.tiny import make_tiny_model
 
@@ -61,10 +62,7 @@ def test_clean_half_ignores_noised_half(model):
     assert not np.allclose(np.array(logits[:, L:]), np.array(perturbed[:, L:]))
 
 
-def test_eta_zero_is_mlx_lm_ntp_loss(model):
-    batch = make_batch(SEQS, k=8, rng=np.random.default_rng(0), eta=[0.0, 0.0, 0.0])
-    loss, ntp, matp, ntok = sbd_loss(model, batch)
-    assert matp.item() == 0.0
+def mlx_lm_ntp_loss(model):
     # mlx_lm's batch layout: [B, T] right-padded ids and [[offset, length]]. Its mask `steps <= length` counts one
     # pad target per row (ml-explore/mlx-lm PR #1697), so give it length - 1: the real targets only.
     T = max(len(s) for s, _ in SEQS) + 1
@@ -72,6 +70,23 @@ def test_eta_zero_is_mlx_lm_ntp_loss(model):
     for i, (s, _) in enumerate(SEQS):
         ids[i, : len(s)] = s
     lengths = mx.array([[o, len(s) - 1] for s, o in SEQS])
-    ref, ref_ntok = default_loss(model, mx.array(ids), lengths)
+    return default_loss(model, mx.array(ids), lengths)
+
+
+def test_eta_zero_is_mlx_lm_ntp_loss(model):
+    batch = make_batch(SEQS, k=8, rng=np.random.default_rng(0), eta=[0.0, 0.0, 0.0])
+    loss, ntp, matp, ntok = sbd_loss(model, batch)
+    assert matp.item() == 0.0
+    ref, ref_ntok = mlx_lm_ntp_loss(model)
     assert ntok.item() == ref_ntok.item()
     np.testing.assert_allclose(loss.item(), ref.item(), rtol=1e-5)
+
+
+def test_ntp_objective_is_mlx_lm_ntp_loss(model):
+    batch = make_batch(SEQS, k=8, rng=np.random.default_rng(0), eta=[0.9, 0.8, 1.0])  # a heavily masked noised half
+    loss, ntp, matp, ntok = ntp_loss(model, batch)
+    ref, ref_ntok = mlx_lm_ntp_loss(model)
+    assert matp.item() == 0.0 and ntok.item() == ref_ntok.item()
+    np.testing.assert_allclose([loss.item(), ntp.item()], [ref.item(), ref.item()], rtol=1e-5)
+    sbd_total, _, sbd_matp, _ = sbd_loss(model, batch)
+    assert sbd_matp.item() > 0 and not np.isclose(sbd_total.item(), loss.item())  # the MATP term really is dropped

@@ -22,7 +22,7 @@ LORA_FLAGS = {"lora_rank": "rank", "lora_scale": "scale", "lora_dropout": "dropo
 @click.option("--lora-rank", default=None, type=int, help="LoRA rank. Default: 8")
 @click.option("--lora-scale", default=None, type=float, help="LoRA scale. Default: 20.0")
 @click.option("--lora-dropout", default=None, type=float, help="LoRA dropout. Default: 0.0")
-@click.option("--batch-size", default=None, type=int, help="Sequences per micro-batch. Default: 4")
+@click.option("--batch-size", default=None, type=int, help="Sequences per micro-batch (the global batch: split evenly over the processes under mlx.launch). Default: 4")
 @click.option("--iters", default=None, type=int, help="Optimizer steps. Default: 1000")
 @click.option("--learning-rate", default=None, type=float, help="Peak AdamW learning rate (warmup, then cosine). Default: 1e-4")
 @click.option("--warmup", default=None, type=int, help="Warmup steps. Default: 100")
@@ -60,7 +60,10 @@ def command(config_file, no_compile, **flags):
         raise SBDError(f"unknown training setting(s) {unknown} in {config_file}; valid keys: {sorted(known)}")
     cfg = TrainConfig(**settings)
     train(cfg)
-    click.echo(f"Adapter written to {cfg.adapter_path}")
+    import mlx.core as mx
+
+    if mx.distributed.init().rank() == 0:  # under mlx.launch: one line, not one per process
+        click.echo(f"Adapter written to {cfg.adapter_path}")
 
 
 def read_yaml(path) -> dict:
