@@ -30,7 +30,7 @@ LORA_FLAGS = {"lora_rank": "rank", "lora_scale": "scale", "lora_dropout": "dropo
 @click.option("--max-seq-length", default=None, type=int, help="Longer sequences are truncated. Default: 2048")
 @click.option("--mask-prompt", is_flag=True, default=None, help="No loss on prompt tokens.")
 @click.option("--grad-accumulation-steps", default=None, type=int, help="Micro-batches per optimizer step. Default: 1")
-@click.option("--grad-checkpoint", is_flag=True, default=None, help="Recompute MLP activations in the backward pass.")
+@click.option("--grad-checkpoint", is_flag=True, default=None, help="Recompute each block's activations in the backward pass (less memory, more compute).")
 @click.option("--steps-per-report", default=None, type=int, help="Default: 10")
 @click.option("--steps-per-eval", default=None, type=int, help="Default: 200")
 @click.option("--val-batches", default=None, type=int, help="Validation batches (-1 = all). Default: 25")
