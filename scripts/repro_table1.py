@@ -173,6 +173,7 @@ def plot(rows: list, tasks: list, path: Path) -> None:
             for r, x, y in zip(curve, xs, ys):
                 ax.annotate(f"{r['gamma']:g}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
         ax.set_xscale("log")
+        ax.set_ylim(-3, 103)
         ax.set_xlabel("forward passes over the test set (NFE, log scale)")
         ax.set_ylabel("exact match (%)")
         ax.set_title(f"{t}: accuracy vs NFE")

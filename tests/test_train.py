@@ -151,9 +151,11 @@ def test_qlora_on_quantized_base(setup, tmp_path):
 
 
 # The learning test: a random tiny llama trained with the SBD objective decodes the held-out split in >= 2.5x fewer
-# forwards at k = 8, gamma = 0.1 than one-token decoding of the same model, losing at most 2 points of exact match.
-# Fixed-length strings keep every lookup at a fixed offset, which a 2-layer model learns in a few hundred steps.
-LEARN = dict(task="reverse", settings=dict(min_len=6, max_len=6), n_train=4000, iters=400, batch_size=64,
+# forwards at k = 8, gamma = 0.1 than one-token decoding of the same model, losing at most 2 points of exact match,
+# while one-token decoding itself is accurate (a strong baseline). Fixed-length strings keep every lookup at a fixed
+# offset; lr 1e-3 matters: at 3e-3 one-token decoding stalled at 0.24 after 400 steps (scripts/repro_table1.py
+# found 5e-3 and 1e-2 stuck on a loss plateau where 1e-3 and 2e-4 learn).
+LEARN = dict(task="reverse", settings=dict(min_len=6, max_len=6), n_train=4000, iters=300, batch_size=64,
              learning_rate=1e-3, hidden_size=128, num_hidden_layers=2)
 
 
@@ -168,7 +170,7 @@ def test_sbd_training_learns_block_decoding(tmp_path):
     model, tokenizer = load(base)
     cfg = TrainConfig(model=str(base), data=str(data), adapter_path=str(tmp_path / "ad"), fine_tune_type="full",
                       iters=LEARN["iters"], batch_size=LEARN["batch_size"], learning_rate=LEARN["learning_rate"],
-                      warmup=40, block_size_max=8, mask_prompt=True, steps_per_eval=10**9, steps_per_save=10**9,
+                      warmup=30, block_size_max=8, mask_prompt=True, steps_per_eval=10**9, steps_per_save=10**9,
                       steps_per_report=50, compile=False)
     train(cfg, model, tokenizer)
 
@@ -185,8 +187,8 @@ def test_sbd_training_learns_block_decoding(tmp_path):
         results[k] = (correct / len(tests), forwards)
     (ntp_acc, ntp_nfe), (sbd_acc, sbd_nfe) = results[1], results[8]
     print(f"NTP: acc {ntp_acc:.2f}, {ntp_nfe} forwards; SBD k=8: acc {sbd_acc:.2f}, {sbd_nfe} forwards")
-    # Measured here (seed 0): NTP acc 0.24 in 700 forwards, SBD acc 0.66 in 212 forwards (3.3x). One-token decoding
-    # compounds its early errors; the block path sees the whole block at once and learns this task faster.
-    assert sbd_acc >= 0.5  # the model learned the task at all
+    # Measured (seed 0, 300 steps, 150 s on 2 shared cores): NTP acc 1.00 in 700 forwards, SBD acc 1.00 in 123
+    # forwards (5.7x). At 200 steps: 0.99 / 0.98 but only 2.1x (the MATP head not yet confident).
+    assert ntp_acc >= 0.8  # the baseline learned the task: the 2-point comparison below is against a strong model
     assert ntp_nfe / sbd_nfe >= 2.5
     assert sbd_acc >= ntp_acc - 0.02
