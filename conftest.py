@@ -5,9 +5,16 @@
 
 import pytest
 
-from mlx_sbd.backend import preload_openblas_and_reexec
+from mlx_sbd.backend import preload_openblas_and_reexec, should_preload_openblas
 
-preload_openblas_and_reexec()
+
+def pytest_configure(config):
+    if should_preload_openblas():
+        # pytest already redirected fds 1 and 2 to its capture files; give the re-run the real terminal.
+        capture = config.pluginmanager.getplugin("capturemanager")
+        if capture is not None:
+            capture.stop_global_capturing()
+        preload_openblas_and_reexec()
 
 
 def pytest_addoption(parser):

@@ -13,7 +13,7 @@ from typing import Optional
 import mlx.core as mx
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
-FAST_BLAS_NAMES = ("openblas", "libmkl", "blis", "accelerate")
+FAST_BLAS_NAMES = ("libopenblas", "libmkl", "libblis")
 _warned = False
 
 
@@ -34,15 +34,24 @@ def compute_dtype(requested: Optional[str] = None) -> Optional[mx.Dtype]:
 
 
 def fast_blas_loaded() -> Optional[bool]:
-    """True/False on Linux (an optimised BLAS is mapped into this process or not); None elsewhere."""
+    """On Linux: False when MLX runs on the reference BLAS bundled with mlx-cpu (no optimised BLAS preloaded
+    in front of it), else True. None elsewhere.
+
+    numpy's own OpenBLAS (libscipy_openblas, prefixed symbols) is mapped into most processes but never serves
+    MLX, so it does not count.
+    """
     if not sys.platform.startswith("linux"):
         return None
     try:
         with open("/proc/self/maps") as f:
-            maps = f.read().lower()
+            libs = {line.split()[-1].lower() for line in f if "/" in line}
     except OSError:
         return None
-    return any(name in maps for name in FAST_BLAS_NAMES)
+    if not any("mlx_cpu.libs/libblas" in lib for lib in libs):
+        return True  # MLX linked against some other BLAS (e.g. built from source)
+    return any(
+        name in lib for lib in libs for name in FAST_BLAS_NAMES if "scipy_openblas" not in lib and "numpy" not in lib
+    )
 
 
 def warn_if_slow_blas() -> None:
@@ -62,20 +71,27 @@ def warn_if_slow_blas() -> None:
     )
 
 
+def should_preload_openblas() -> bool:
+    """Linux, OpenBLAS installed, MLX still on its reference BLAS, and the user did not opt out."""
+    return (
+        sys.platform.startswith("linux")
+        and not os.environ.get("MLX_SBD_NO_PRELOAD")
+        and os.path.exists(OPENBLAS)
+        and fast_blas_loaded() is False
+    )
+
+
 def preload_openblas_and_reexec() -> None:
     """CLI (and test) start-up on Linux: re-run this very command with OpenBLAS preloaded when it is installed
-    and not loaded yet.
+    and not serving MLX yet (see should_preload_openblas).
 
     MLX resolves BLAS symbols when it is loaded, so preloading is the only way to swap it. Set
     MLX_SBD_NO_PRELOAD=1 to opt out.
     """
-    if (
-        not sys.platform.startswith("linux")
-        or os.environ.get("MLX_SBD_NO_PRELOAD")
-        or not os.path.exists(OPENBLAS)
-        or fast_blas_loaded()
-    ):
+    if not should_preload_openblas():
         return
     env = dict(os.environ, MLX_SBD_NO_PRELOAD="1")
     env["LD_PRELOAD"] = " ".join(p for p in (OPENBLAS, os.environ.get("LD_PRELOAD", "")) if p)
+    sys.stdout.flush()
+    sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -57,7 +57,7 @@ def main():
         "s_per_step": mean("s_per_step"), "tokens_per_s": mean("tokens_per_s"),
         "peak_memory_gb": max(r["peak_memory_gb"] for r in reports), "reports": reports,
     }
-    print(f"\n| machine | batch | s/step | tokens/s | peak GB |\n|---|---|---|---|---|")
+    print("\n| machine | batch | s/step | tokens/s | peak GB |\n|---|---|---|---|---|")
     print(f"| {summary['machine']} | {summary['batch']} | {summary['s_per_step']:.2f} | "
           f"{summary['tokens_per_s']:.0f} | {summary['peak_memory_gb']:.2f} |")
     Path(args.out).write_text(json.dumps(summary, indent=2))

@@ -95,3 +95,20 @@ def assert_close_to_scale(actual, expected, rel: float = 1e-4):
     assert actual.shape == expected.shape
     err, scale = np.abs(actual - expected).max(), np.abs(expected).max()
     assert err <= rel * scale, f"max abs diff {err:.3g} > {rel} * logit scale {scale:.3g}"
+
+
+# A tiny llama with a char tokenizer and a small `reverse` dataset: what the training tests train on.
+TRAIN_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(base model folder, data folder) for training tests."""
+    from mlx_sbd.tasks import alphabet, write_dataset
+    from mlx_sbd.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("train")
+    base = make_tiny_model(root / "base", alphabet=alphabet("reverse"), **TRAIN_TINY)
+    data = write_dataset(root / "data", "reverse", 24, 4, 4, seed=0, min_len=3, max_len=8)
+    return base, data

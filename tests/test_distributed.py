@@ -24,11 +24,8 @@ from mlx_sbd import load
 from mlx_sbd.batches import make_batch
 from mlx_sbd.errors import SBDError
 from mlx_sbd.loss import sbd_loss
-from mlx_sbd.tasks import alphabet, write_dataset
-from mlx_sbd.tiny import make_tiny_model
 from mlx_sbd.train import TrainConfig, label_totals, shard, shard_loss, shard_rows, train
 
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
 SETTINGS = dict(iters=6, batch_size=4, learning_rate=1e-2, warmup=2, steps_per_save=3, steps_per_eval=4,
                 val_batches=1, block_size_max=8, grad_accumulation_steps=2, num_layers=-1, compile=False,
                 lora_parameters={"rank": 4, "scale": 2.0, "dropout": 0.0})  # LoRA dropout keys are per rank
@@ -60,14 +57,6 @@ def dying_make_batch(*args, **kwargs):
 train_module.make_batch = dying_make_batch
 cli(sys.argv[1:])
 """
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed")
-    base = make_tiny_model(root / "base", alphabet=alphabet("reverse"), **TINY)
-    data = write_dataset(root / "data", "reverse", 24, 4, 4, seed=0, min_len=3, max_len=8)
-    return base, data
 
 
 @pytest.fixture(scope="module")

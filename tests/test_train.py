@@ -17,15 +17,6 @@ from mlx_sbd.tasks import alphabet, exact_match, write_dataset
 from mlx_sbd.tiny import make_tiny_model
 from mlx_sbd.train import TrainConfig, lr_schedule, train
 
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    base = make_tiny_model(root / "base", alphabet=alphabet("reverse"), **TINY)
-    data = write_dataset(root / "data", "reverse", 24, 4, 4, seed=0, min_len=3, max_len=8)
-    return base, data
 
 
 def test_lr_schedule_warmup_then_cosine():
