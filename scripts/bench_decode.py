@@ -45,6 +45,11 @@ def time_forward(model, n_new: int, cache_len: int = 256, reps: int = 5) -> floa
     return (time.perf_counter() - tic) / reps
 
 
+def eq16_speedup(forward_times: dict, k: int, l: float) -> float:
+    """Paper Eq. 16: k*time(1) / (time(2k) + (l-1)*time(k)), l = forwards per block of k tokens."""
+    return k * forward_times[1] / (forward_times[2 * k] + (l - 1) * forward_times[k])
+
+
 def host_overhead(reps: int = 3) -> dict:
     """Per-forward wall time on a model so small that compute is negligible: what remains is host work
     (Python, graph building, syncs). mlx_lm's one-token loop vs the SBD loop at gamma=0 (one token per forward)."""
@@ -106,15 +111,17 @@ def main(model, adapter_path, block_sizes, gammas, max_tokens, n_prompts, out):
         runs = [run_mlx_lm(sbd_model, tokenizer, ids, max_tokens) if name == "mlx_lm"
                 else run_sbd(sbd_model, tokenizer, ids, max_tokens, k, g) for ids in prompts]
         tokens, nfe, wall = (sum(r[key] for r in runs) for key in ("tokens", "nfe", "wall"))
-        gen_time = sum(r["tokens"] / r["tps"] for r in runs)
+        gen_time = sum(r["tokens"] / r["tps"] for r in runs if r["tokens"])  # a run may stop at once (EOS)
         rows.append({"engine": name, "block_size": k, "gamma": g, "tokens": tokens, "nfe": nfe,
-                     "tokens_per_forward": tokens / nfe, "tps": tokens / gen_time,
+                     "tokens_per_forward": tokens / nfe, "tps": tokens / gen_time if gen_time else 0.0,
                      "ms_per_forward": 1e3 * gen_time / nfe, "wall": wall, "runs": runs})
 
     base = rows[0]
-    t1 = forward_times[1]
     print(f"\nmachine: {machine()}\ndtype: {sbd_model.lm.model.embed_tokens.weight.dtype}")
     print("time(k) ms: " + ", ".join(f"k={n}: {t * 1e3:.1f}" for n, t in forward_times.items()))
+    eq16 = {f"k={k},l={l}": eq16_speedup(forward_times, k, l) for k in (4, 8, 16) for l in (1, 2, 4) if l <= k}
+    print("Eq. 16 prediction from time(k) (l = forwards per block): "
+          + ", ".join(f"{key}: {v:.2f}x" for key, v in eq16.items()))
     print("host overhead per forward (tiny model), ms: " + ", ".join(f"{k}: {v:.2f}" for k, v in overhead.items()))
     print(f"\n{'engine':8} {'k':>3} {'gamma':>5} {'tokens':>6} {'NFE':>5} {'tok/fwd':>7} {'ms/fwd':>7} {'tok/s':>7} "
           f"{'speedup':>7} {'Eq.16':>6}")
@@ -122,14 +129,14 @@ def main(model, adapter_path, block_sizes, gammas, max_tokens, n_prompts, out):
         k = r["block_size"]
         r["speedup_vs_mlx_lm"] = r["tps"] / base["tps"]
         if r["engine"] == "mlx-sbd" and k > 1 and 2 * k in forward_times and k in forward_times:
-            l = k / r["tokens_per_forward"]  # forwards per block
-            r["eq16"] = k * t1 / (forward_times[2 * k] + (l - 1) * forward_times[k])
+            r["eq16"] = eq16_speedup(forward_times, k, k / r["tokens_per_forward"])  # l = forwards per block
         eq16 = f"{r['eq16']:6.2f}" if "eq16" in r else "     -"
         g = "-" if r["gamma"] is None else f"{r['gamma']:.2f}"
         print(f"{r['engine']:8} {k:>3} {g:>5} {r['tokens']:>6} {r['nfe']:>5} {r['tokens_per_forward']:>7.2f} "
               f"{r['ms_per_forward']:>7.1f} {r['tps']:>7.2f} {r['speedup_vs_mlx_lm']:>6.2f}x {eq16}")
     save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
-          "max_tokens": max_tokens, "time_k": forward_times, "host_overhead_ms": overhead, "rows": rows}, out)
+          "max_tokens": max_tokens, "time_k": forward_times, "eq16": eq16, "host_overhead_ms": overhead,
+          "rows": rows}, out)
 
 
 if __name__ == "__main__":
