@@ -130,10 +130,10 @@ def main(model, adapter_path, block_sizes, gammas, max_tokens, n_prompts, out):
         r["speedup_vs_mlx_lm"] = r["tps"] / base["tps"]
         if r["engine"] == "mlx-sbd" and k > 1 and 2 * k in forward_times and k in forward_times:
             r["eq16"] = eq16_speedup(forward_times, k, k / r["tokens_per_forward"])  # l = forwards per block
-        eq16 = f"{r['eq16']:6.2f}" if "eq16" in r else "     -"
+        predicted = f"{r['eq16']:6.2f}" if "eq16" in r else "     -"
         g = "-" if r["gamma"] is None else f"{r['gamma']:.2f}"
         print(f"{r['engine']:8} {k:>3} {g:>5} {r['tokens']:>6} {r['nfe']:>5} {r['tokens_per_forward']:>7.2f} "
-              f"{r['ms_per_forward']:>7.1f} {r['tps']:>7.2f} {r['speedup_vs_mlx_lm']:>6.2f}x {eq16}")
+              f"{r['ms_per_forward']:>7.1f} {r['tps']:>7.2f} {r['speedup_vs_mlx_lm']:>6.2f}x {predicted}")
     save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
           "max_tokens": max_tokens, "time_k": forward_times, "eq16": eq16, "host_overhead_ms": overhead,
           "rows": rows}, out)
