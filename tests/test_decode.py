@@ -185,3 +185,22 @@ def test_block_size_one_equals_mlx_lm_on_smollm2():
     ref = [r.token for r in mlx_lm_stream_generate(model.lm, tokenizer, mx.array(ids), max_tokens=48)]
     ref = ref[:-1] if ref[-1] in tokenizer.eos_token_ids else ref  # mlx_lm's last response carries the EOS
     assert ours == ref and len(ours) > 10
+
+
+def test_prompts_as_text_messages_or_ids(tmp_path):
+    """Strings get the chat template when the tokenizer has one (as mlx_lm's CLI does); messages always do."""
+    import json
+
+    folder = make_tiny_model(tmp_path / "m", hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}A:"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    _, tokenizer = mlx_sbd.load(folder)
+    from mlx_sbd.generate import encode_prompt
+
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1"}]
+    expected = tokenizer.encode("<s>system: be brief\n<s>user: 1+1\nA:", add_special_tokens=False)
+    assert encode_prompt(tokenizer, chat) == expected
+    assert encode_prompt(tokenizer, "1+1", system_prompt="be brief") == expected
+    assert encode_prompt(tokenizer, "1+1", chat_template=False) == tokenizer.encode("1+1", add_special_tokens=False)
+    assert encode_prompt(tokenizer, [7, 8, 9]) == [7, 8, 9]
