@@ -7,14 +7,17 @@ per-report numbers to --out. The first step (mx.compile tracing) is excluded fro
 
 import argparse
 import json
-import platform
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
-from mlx_sbd import load
-from mlx_sbd.tasks import make_examples
-from mlx_sbd.train import TrainConfig, train
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, save  # noqa: E402
+
+from mlx_sbd import load  # noqa: E402
+from mlx_sbd.tasks import make_examples  # noqa: E402
+from mlx_sbd.train import TrainConfig, train  # noqa: E402
 
 
 def main():
@@ -26,7 +29,7 @@ def main():
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--num-layers", type=int, default=-1)
     p.add_argument("--grad-checkpoint", action="store_true")
-    p.add_argument("--out", default="bench_train.json")
+    p.add_argument("--out", default="results/bench_train.json")
     args = p.parse_args()
 
     model, tokenizer = load(args.model)
@@ -50,7 +53,7 @@ def main():
     steady = reports[1:] or reports
     mean = lambda key: sum(r[key] for r in steady) / len(steady)
     summary = {
-        "machine": f"{platform.system()} {platform.machine()}, {platform.processor() or 'cpu'}",
+        "machine": machine(),
         "model": args.model or "SmolLM2-135M-Instruct (built-in)",
         "batch": f"{args.batch_size} x {args.seq_len} tokens (doubled input {2 * args.seq_len})",
         "lora": f"rank {args.lora_rank}, layers {args.num_layers}", "grad_checkpoint": args.grad_checkpoint,
@@ -58,10 +61,13 @@ def main():
         "peak_memory_gb": max(r["peak_memory_gb"] for r in reports), "reports": reports,
     }
     print("\n| machine | batch | s/step | tokens/s | peak GB |\n|---|---|---|---|---|")
-    print(f"| {summary['machine']} | {summary['batch']} | {summary['s_per_step']:.2f} | "
+    print(f"| {summary['machine']['processor']} x{summary['machine']['cpus']}, {summary['machine']['blas']} | {summary['batch']} | {summary['s_per_step']:.2f} | "
           f"{summary['tokens_per_s']:.0f} | {summary['peak_memory_gb']:.2f} |")
-    Path(args.out).write_text(json.dumps(summary, indent=2))
+    save(summary, args.out)
 
 
 if __name__ == "__main__":
+    from mlx_sbd.backend import preload_openblas_and_reexec
+
+    preload_openblas_and_reexec()
     main()
