@@ -29,6 +29,7 @@ def main():
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--num-layers", type=int, default=-1)
     p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--objective", default="sbd", choices=["sbd", "ntp"], help="ntp: the NTP-only baseline (no doubled input)")
     p.add_argument("--out", default="results/bench_train.json")
     args = p.parse_args()
 
@@ -45,6 +46,7 @@ def main():
             batch_size=args.batch_size, max_seq_length=args.seq_len, num_layers=args.num_layers,
             lora_parameters={"rank": args.lora_rank, "scale": 20.0, "dropout": 0.0}, steps_per_report=1,
             steps_per_save=10**9, steps_per_eval=10**9, grad_checkpoint=args.grad_checkpoint, warmup=1,
+            objective=args.objective,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the truncation warning is the point here
@@ -55,7 +57,9 @@ def main():
     summary = {
         "machine": machine(),
         "model": args.model or "SmolLM2-135M-Instruct (built-in)",
-        "batch": f"{args.batch_size} x {args.seq_len} tokens (doubled input {2 * args.seq_len})",
+        "objective": args.objective,
+        "batch": f"{args.batch_size} x {args.seq_len} tokens"
+        + (f" (doubled input {2 * args.seq_len})" if args.objective == "sbd" else ""),
         "lora": f"rank {args.lora_rank}, layers {args.num_layers}", "grad_checkpoint": args.grad_checkpoint,
         "s_per_step": mean("s_per_step"), "tokens_per_s": mean("tokens_per_s"),
         "peak_memory_gb": max(r["peak_memory_gb"] for r in reports), "reports": reports,
