@@ -19,11 +19,11 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
 from .errors import SBDError
+from .loading import SBD_WEIGHTS
 from .model import SBDSettings
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-SBD_WEIGHTS = "sbd.safetensors"
 FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 

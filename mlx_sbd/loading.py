@@ -20,7 +20,7 @@ from .backend import compute_dtype, warn_if_slow_blas
 from .errors import SBDError
 from .model import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, SBDModel, SBDSettings
 
-SBD_WEIGHTS = "sbd.safetensors"  # mask embedding of a fused SBD model, beside the normal weights
+SBD_WEIGHTS = "sbd.safetensors"  # the mask embedding, in a fused model folder and in an adapter folder
 HF_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 
 

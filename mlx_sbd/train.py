@@ -37,7 +37,7 @@ from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
-from .adapter import make_trainable, save_adapter
+from .adapter import ADAPTER_WEIGHTS, SBD_WEIGHTS, make_trainable, save_adapter
 from .batches import batch_order, iterate_batches, make_batch
 from .data import load_dataset
 from .masks import training_mask
@@ -311,9 +311,9 @@ def restore_checkpoint(adapter_path: Path, model, optimizer) -> int:
     if ckpt is None:
         tqdm.write(f"--resume: no checkpoint in {adapter_path / CHECKPOINTS}, starting from step 0")
         return 0
-    weights = mx.load(str(ckpt / "adapters.safetensors"))
+    weights = mx.load(str(ckpt / ADAPTER_WEIGHTS))
     model.lm.load_weights(list(weights.items()), strict=False)
-    model.mask_embedding = mx.load(str(ckpt / "sbd.safetensors"))["mask_embedding"]
+    model.mask_embedding = mx.load(str(ckpt / SBD_WEIGHTS))["mask_embedding"]
     optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
     step = json.loads((ckpt / "state.json").read_text())["step"]
     tqdm.write(f"Resuming from {ckpt} (step {step})")

@@ -11,14 +11,18 @@ reference path runs, and the table says so.
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_sbd.masks import inference_mask
-from mlx_sbd.metal_kernel import metal_block_attention
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine  # noqa: E402
+
+from mlx_sbd.masks import inference_mask  # noqa: E402
+from mlx_sbd.metal_kernel import metal_block_attention  # noqa: E402
 
 LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 Q_LENS = [4, 8, 16, 32]
@@ -42,13 +46,6 @@ def timed(fn, iters: int) -> float:
         mx.eval(fn())
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor(), "mlx": mx.__version__}
-    if mx.metal.is_available():
-        info["device"] = mx.metal.device_info().get("device_name", "?")
-    return info
 
 
 def bench_one(S: int, q_len: int, gqa: int, D: int, dtype, iters: int, metal: bool) -> dict:

@@ -21,6 +21,7 @@ def machine() -> dict:
         "blas": blas[fast_blas_loaded()],
         "mlx": mx.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        **({"device": mx.metal.device_info().get("device_name", "?")} if has_metal() else {}),
     }
 
 
