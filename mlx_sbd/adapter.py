@@ -80,7 +80,13 @@ def load_adapter(model, path) -> dict:
         load_adapters(model.lm, str(path))
     except (ValueError, KeyError) as e:
         raise SBDError(f"adapter {path} does not fit this model: {e}") from None
-    model.mask_embedding = mx.load(str(path / SBD_WEIGHTS))["mask_embedding"].astype(model.mask_embedding.dtype)
+    # Adapter weights take the model's compute dtype whatever they were stored in (the shipped adapter is float16
+    # to stay small; a float32 LoRA on a float16 model would silently promote every activation to float32).
+    dtype = model.mask_embedding.dtype
+    stored = set(mx.load(str(path / ADAPTER_WEIGHTS)))
+    model.lm.load_weights([(k, v.astype(dtype)) for k, v in tree_flatten(model.lm.parameters())
+                           if k in stored and mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype], strict=False)
+    model.mask_embedding = mx.load(str(path / SBD_WEIGHTS))["mask_embedding"].astype(dtype)
     model.sbd = SBDSettings.from_dict(config.get("sbd", {}))
     return config
 

@@ -21,19 +21,27 @@ from .errors import SBDError
 from .model import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, SBDModel, SBDSettings
 
 SBD_WEIGHTS = "sbd.safetensors"  # the mask embedding, in a fused model folder and in an adapter folder
+# The SBD LoRA adapter trained for the built-in model (recipe: its README.md), applied by load() by default.
+DEFAULT_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-instruct-sbd"
 HF_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 
 
 def load(
     ref: Optional[Union[str, Path]] = None,
-    adapter_path: Optional[Union[str, Path]] = None,
+    adapter_path: Union[str, Path, None, bool] = None,
     dtype: Optional[str] = None,
 ):
-    """Load a Llama/Qwen model for SBD. `ref=None` is the built-in SmolLM2-135M-Instruct."""
+    """Load a Llama/Qwen model for SBD.
+
+    `ref=None` is the built-in SmolLM2-135M-Instruct, and with it `adapter_path=None` applies the SBD adapter that
+    ships with the package (DEFAULT_ADAPTER); `adapter_path=False` gives the plain model in every case.
+    """
     path = resolve(ref)
+    if adapter_path is None and ref is None and DEFAULT_ADAPTER.is_dir():
+        adapter_path = DEFAULT_ADAPTER
     model = load_model(path, dtype=dtype)
     tokenizer = load_tokenizer(path, eos_token_ids=_read_config(path).get("eos_token_id"))
-    if adapter_path is not None:
+    if adapter_path not in (None, False):
         from .adapter import load_adapter
 
         load_adapter(model, adapter_path)

@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     if model is None:
         from .loading import load
 
-        model, tokenizer = load(cfg.model)
+        model, tokenizer = load(cfg.model, adapter_path=False)  # train from the plain base
     train_set, valid_set, _ = load_dataset(cfg.data, tokenizer, cfg.max_seq_length, cfg.mask_prompt)
     batch_order(train_set, cfg.batch_size)  # fail now, not at the first step, on a too-small dataset
     if valid_set and len(valid_set) < size:

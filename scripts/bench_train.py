@@ -33,7 +33,7 @@ def main():
     p.add_argument("--out", default="results/bench_train.json")
     args = p.parse_args()
 
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, adapter_path=False)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         data.mkdir()

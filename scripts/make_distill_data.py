@@ -2,12 +2,13 @@
 
 Prompts are built from real text available offline, the docstrings of the Python standard library, with a few
 instruction templates; modules are split between train/valid/test so that test prompts are about modules never
-seen in training. Some synthetic tasks (mlx_sbd.tasks) are mixed into train/valid. Answers come from the base
-model with greedy decoding (one prompt at a time: mlx_lm's batch_generate is far slower on the CPU back-end),
-written row by row so an interrupted run keeps what it made, so fine-tuning on them keeps the model's behaviour while it
-learns to predict blocks of its own future tokens.
+seen in training. Answers come from the base model with greedy decoding (mlx_lm.batch_generate, ~2x the
+throughput of one prompt at a time with OpenBLAS), written chunk by chunk so that an interrupted run keeps what it
+made: rerun the same command to continue. Fine-tuning on the model's own answers keeps its behaviour while it
+learns to predict blocks of its own future tokens. <out>/mix is the folder to train on: the distilled rows plus
+synthetic task rows (mlx_sbd.tasks), shuffled.
 
-    python scripts/make_distill_data.py --out data/smollm2-distill --n-train 300 --n-valid 30 --n-test 40
+    python scripts/make_distill_data.py --out data/smollm2-distill --n-train 320 --n-valid 24 --n-test 40
 """
 
 import importlib
@@ -19,9 +20,11 @@ import warnings
 from pathlib import Path
 
 import click
+from mlx_lm import batch_generate
 from tqdm import tqdm
 
 import mlx_sbd
+from mlx_sbd.generate import encode_prompt
 from mlx_sbd.tasks import make_examples
 
 SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip", "venv",
@@ -69,15 +72,19 @@ def module_prompts(mod_name: str):
     return out
 
 
-def build_prompts(seed: int):
-    """{split: [prompt]} with modules split 80/10/10 by a seeded shuffle."""
-    rng = random.Random(seed)
+def split_modules(rng: random.Random) -> dict:
+    """{split: [stdlib module name]}: modules split 80/10/10 by a seeded shuffle."""
     names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in SKIP)
     rng.shuffle(names)
     cut1, cut2 = int(0.8 * len(names)), int(0.9 * len(names))
-    splits = {"train": names[:cut1], "valid": names[cut1:cut2], "test": names[cut2:]}
+    return {"train": names[:cut1], "valid": names[cut1:cut2], "test": names[cut2:]}
+
+
+def build_prompts(seed: int):
+    """{split: [prompt]}; test prompts are about modules never seen in train or valid."""
+    rng = random.Random(seed)
     prompts = {}
-    for split, mods in splits.items():
+    for split, mods in split_modules(rng).items():
         items = []
         for m in mods:
             for p in module_prompts(m):
@@ -93,36 +100,48 @@ def build_prompts(seed: int):
 
 @click.command()
 @click.option("--out", default="data/smollm2-distill", show_default=True)
-@click.option("--n-train", default=300, show_default=True)
-@click.option("--n-valid", default=30, show_default=True)
+@click.option("--n-train", default=320, show_default=True)
+@click.option("--n-valid", default=24, show_default=True)
 @click.option("--n-test", default=40, show_default=True)
 @click.option("--n-synthetic", default=100, show_default=True, help="Synthetic task examples added to train (1/10 to valid).")
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def main(out, n_train, n_valid, n_test, n_synthetic, max_tokens, seed):
-    model, tokenizer = mlx_sbd.load()
+@click.option("--batch-size", default=16, show_default=True, help="Prompts answered together by mlx_lm.batch_generate.")
+def main(out, n_train, n_valid, n_test, n_synthetic, max_tokens, seed, batch_size):
+    model, tokenizer = mlx_sbd.load(adapter_path=False)  # the base model's own answers
     prompts = build_prompts(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for split, n in {"test": n_test, "valid": n_valid, "train": n_train}.items():
         path = out / f"{split}.jsonl"
         done = path.read_text().count("\n") if path.exists() else 0  # resume a stopped run
-        with open(path, "a") as f:
-            for p in tqdm(prompts[split][done:n], desc=f"{split} answers", initial=done, total=n):
-                answer = mlx_sbd.generate(model, tokenizer, p, max_tokens=max_tokens, block_size=1)
-                row = {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": answer.strip()}]}
-                f.write(json.dumps(row) + "\n")
+        todo = prompts[split][done:n]
+        with open(path, "a") as f, tqdm(desc=f"{split} answers", initial=done, total=n) as bar:
+            for i in range(0, len(todo), batch_size):
+                chunk = todo[i : i + batch_size]
+                ids = [encode_prompt(tokenizer, p) for p in chunk]
+                answers = batch_generate(model.lm, tokenizer, ids, max_tokens=max_tokens).texts
+                for p, answer in zip(chunk, answers):
+                    row = {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": answer.strip()}]}
+                    f.write(json.dumps(row) + "\n")
                 f.flush()
-        if split != "test":
-            synthetic = out / f"{split}-synthetic.jsonl"  # kept apart, appended by the training recipe
-            count = n_synthetic if split == "train" else max(n_synthetic // 10, 2)
-            with open(synthetic, "w") as f:
-                for task in ("arithmetic", "reverse"):
-                    for ex in make_examples(task, count // 2, seed=seed + (split == "valid")):
-                        f.write(json.dumps({"messages": [{"role": "user", "content": ex["prompt"]},
-                                                         {"role": "assistant", "content": ex["completion"]}]}) + "\n")
+                bar.update(len(chunk))
         print(f"{split}: {n} distilled rows -> {path}")
-
+    # The folder to train on: distilled rows plus synthetic task rows (1/10 as many in valid), shuffled.
+    mix = out / "mix"
+    mix.mkdir(exist_ok=True)
+    rng = random.Random(seed)
+    for split in ("train", "valid", "test"):
+        lines = (out / f"{split}.jsonl").read_text().splitlines()
+        if split != "test":
+            count = n_synthetic if split == "train" else max(n_synthetic // 10, 2)
+            for task in ("arithmetic", "reverse"):
+                for ex in make_examples(task, count // 2, seed=seed + (split == "valid")):
+                    lines.append(json.dumps({"messages": [{"role": "user", "content": ex["prompt"]},
+                                                          {"role": "assistant", "content": ex["completion"]}]}))
+        rng.shuffle(lines)
+        (mix / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
+        print(f"{mix / split}.jsonl: {len(lines)} rows")
 
 if __name__ == "__main__":
     from mlx_sbd.backend import preload_openblas_and_reexec

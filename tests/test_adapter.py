@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from mlx_sbd import load
 from mlx_sbd.adapter import make_trainable, save_adapter
@@ -86,3 +86,22 @@ def test_fuse(trained, tmp_path):
     np.testing.assert_allclose(np.array(plain(TOKENS)), np.array(model(TOKENS)), rtol=1e-4, atol=1e-4)
     with pytest.raises(SBDError, match="is the base model folder"):
         fuse(base, path, base)
+
+
+def test_adapter_stored_in_float16_takes_the_model_dtype(trained, tmp_path):
+    """A half-precision copy (how the default adapter ships) loads as float32 LoRA weights into a float32 model
+    and gives the float32 adapter's logits up to float16 rounding of the weights."""
+    import shutil
+
+    from mlx_sbd.adapter import ADAPTER_WEIGHTS
+
+    base, adapter, _ = trained
+    half = tmp_path / "half"
+    shutil.copytree(adapter, half)
+    weights = mx.load(str(adapter / ADAPTER_WEIGHTS))
+    mx.save_safetensors(str(half / ADAPTER_WEIGHTS), {k: v.astype(mx.float16) for k, v in weights.items()})
+    full, _ = load(base, adapter_path=adapter)
+    model, _ = load(base, adapter_path=half)
+    lora = {k: v for k, v in tree_flatten(model.lm.parameters()) if k in weights}
+    assert lora.keys() == weights.keys() and {v.dtype for v in lora.values()} == {mx.float32}
+    np.testing.assert_allclose(sbd_logits(model), sbd_logits(full), atol=5e-3)

@@ -9,7 +9,8 @@ from ..samplers import SELECTORS
 
 @click.command("generate")
 @click.option("--model", default=None, help="HF repo, model folder or .gguf file. Default: built-in SmolLM2-135M-Instruct.")
-@click.option("--adapter-path", default=None, help="SBD adapter folder made by `mlx-sbd train`.")
+@click.option("--adapter-path", default=None, help="SBD adapter folder made by `mlx-sbd train`. Default: the adapter shipped for the built-in model.")
+@click.option("--no-adapter", is_flag=True, help="Use the model without any adapter (the plain base).")
 @click.option("--prompt", "-p", default="Hello", show_default=True, help="The prompt; '-' reads it from stdin.")
 @click.option("--max-tokens", "-m", default=256, show_default=True, type=int, help="Most tokens to generate.")
 @click.option(
@@ -27,7 +28,7 @@ from ..samplers import SELECTORS
 @click.option("--ignore-chat-template", is_flag=True, help="Feed the prompt as raw text.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute dtype. Default: float32 on CPU, the checkpoint's on Metal.")
 @click.option("--verbose/--quiet", default=True, show_default=True, help="Print statistics after the text.")
-def command(model, adapter_path, prompt, max_tokens, block_size, gamma, sampler, temp, top_p, top_k, seed,
+def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gamma, sampler, temp, top_p, top_k, seed,
             stop, system_prompt, ignore_chat_template, dtype, verbose):
     """Generate text several tokens per forward pass with Set Block Decoding."""
     import mlx.core as mx
@@ -39,7 +40,9 @@ def command(model, adapter_path, prompt, max_tokens, block_size, gamma, sampler,
         prompt = sys.stdin.read()
     if seed is not None:
         mx.random.seed(seed)
-    sbd_model, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
+    if no_adapter and adapter_path:
+        raise click.UsageError("--no-adapter and --adapter-path exclude each other")
+    sbd_model, tokenizer = load(model, adapter_path=False if no_adapter else adapter_path, dtype=dtype)
     settings = sbd_model.sbd
     if block_size is None:
         block_size = settings.block_size if settings else 1

@@ -1,0 +1,41 @@
+"""Copy a trained SBD adapter into the package as the built-in model's default (mlx_sbd/adapters/...).
+
+The LoRA weights are stored in float16 (half the size; load_adapter casts them back to the compute dtype) and the
+recommended decoding settings, chosen from scripts/eval_adapter.py and scripts/bench_decode.py, are written into
+the "sbd" section of adapter_config.json, where `mlx-sbd generate` and `model.sbd` read them.
+
+    python scripts/ship_adapter.py adapters/smollm2-135m-instruct-sbd --block-size 8 --gamma 0.35
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import mlx.core as mx
+
+from mlx_sbd.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SBD_WEIGHTS
+from mlx_sbd.loading import DEFAULT_ADAPTER
+
+
+@click.command()
+@click.argument("adapter", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--block-size", required=True, type=int, help="Recommended decode block size.")
+@click.option("--gamma", required=True, type=float, help="Recommended EB-Sampler budget.")
+@click.option("--dest", default=str(DEFAULT_ADAPTER), show_default=True, type=click.Path(path_type=Path))
+def main(adapter, block_size, gamma, dest):
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    if block_size > config["sbd"]["block_size_max"]:
+        sys.exit(f"--block-size {block_size} exceeds the trained block_size_max {config['sbd']['block_size_max']}")
+    config["sbd"].update(block_size=block_size, gamma=gamma)
+    dest.mkdir(parents=True, exist_ok=True)
+    weights = mx.load(str(adapter / ADAPTER_WEIGHTS))
+    mx.save_safetensors(str(dest / ADAPTER_WEIGHTS), {k: v.astype(mx.float16) for k, v in weights.items()})
+    mx.save_safetensors(str(dest / SBD_WEIGHTS), mx.load(str(adapter / SBD_WEIGHTS)))
+    (dest / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in dest.iterdir()) / 1e6
+    print(f"{dest}: block_size={block_size}, gamma={gamma}, {size:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

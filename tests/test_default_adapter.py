@@ -1,0 +1,57 @@
+"""The SBD adapter shipped for the built-in SmolLM2: applied by default, removable, and actually decoding blocks.
+
+The prompts below are about standard-library modules of the held-out split of scripts/make_distill_data.py
+(never seen in training), so "several tokens per forward" is a property of the trained adapter, not of memory.
+"""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from mlx_lm.tuner.lora import LoRALinear
+
+import mlx_sbd
+from mlx_sbd.cli import cli
+from mlx_sbd.loading import DEFAULT_ADAPTER
+
+pytestmark = pytest.mark.slow
+HELD_OUT = "What is the Python standard library module `sched` used for?"
+
+
+def lora_layers(model) -> int:
+    return sum(isinstance(m, LoRALinear) for _, m in model.lm.named_modules())
+
+
+def test_adapter_is_shipped_and_trained_for_the_built_in_model():
+    config = json.loads((DEFAULT_ADAPTER / "adapter_config.json").read_text())
+    base, _ = mlx_sbd.load(adapter_path=False)
+    assert config["sbd"]["base"] == {k: getattr(base.args, k) for k in config["sbd"]["base"]}
+    assert (DEFAULT_ADAPTER / "README.md").read_text().count("mlx-sbd train") >= 1  # the recipe ships with it
+
+
+def test_load_without_arguments_applies_it_and_false_removes_it():
+    model, _ = mlx_sbd.load()
+    assert model.sbd is not None and lora_layers(model) > 0
+    plain, _ = mlx_sbd.load(adapter_path=False)
+    assert plain.sbd is None and lora_layers(plain) == 0
+
+
+def test_default_decoding_takes_fewer_forwards_than_tokens():
+    model, tokenizer = mlx_sbd.load()
+    *_, last = mlx_sbd.stream_generate(model, tokenizer, HELD_OUT, max_tokens=64,
+                                       block_size=model.sbd.block_size, gamma=model.sbd.gamma)
+    assert last.generation_tokens >= 32
+    assert last.generation_tokens / last.nfe >= 1.5, (last.generation_tokens, last.nfe)
+
+
+def test_cli_uses_the_adapter_by_default_and_block_size_one_for_the_baseline():
+    model, _ = mlx_sbd.load()
+    default = CliRunner().invoke(cli, ["generate", "-p", HELD_OUT, "-m", "24"])
+    assert default.exit_code == 0, default.output
+    assert f"Block size: {model.sbd.block_size}, gamma: {model.sbd.gamma:g}" in default.output
+    ntp = CliRunner().invoke(cli, ["generate", "-p", HELD_OUT, "-m", "24", "--block-size", "1"])
+    assert "Block size: 1" in ntp.output and "1.00 tokens per forward" in ntp.output, ntp.output
+    plain = CliRunner().invoke(cli, ["generate", "-p", HELD_OUT, "-m", "8", "--no-adapter"])
+    assert "no SBD adapter" in plain.output and "Block size: 1" in plain.output
+    both = CliRunner().invoke(cli, ["generate", "-p", "hi", "--no-adapter", "--adapter-path", "x"])
+    assert both.exit_code == 2 and "exclude each other" in both.output
