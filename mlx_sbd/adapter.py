@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
 from .errors import SBDError
@@ -89,6 +90,18 @@ def load_adapter(model, path) -> dict:
     model.mask_embedding = mx.load(str(path / SBD_WEIGHTS))["mask_embedding"].astype(dtype)
     model.sbd = SBDSettings.from_dict(config.get("sbd", {}))
     return config
+
+
+def fuse_lora(model) -> int:
+    """Fold LoRA/DoRA layers over float weights into plain Linear layers (mlx_lm's own `fuse`), so that a forward
+    costs what the base model's does (unfused, every linear adds two small matmuls per forward).
+    Layers over quantized weights are left as they are (re-quantizing the sum would lose accuracy).
+    Returns how many layers were fused."""
+    fused = [(name, m.fuse()) for name, m in model.lm.named_modules()
+             if hasattr(m, "fuse") and not isinstance(getattr(m, "linear", None), nn.QuantizedLinear)]
+    if fused:
+        model.lm.update_modules(tree_unflatten(fused))
+    return len(fused)
 
 
 def _atomic(target: Path, write) -> None:

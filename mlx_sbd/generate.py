@@ -57,8 +57,8 @@ def stream_generate(
     tokenizer,
     prompt: Prompt,
     max_tokens: int = 256,
-    block_size: int = 16,
-    gamma: float = 0.1,
+    block_size: Optional[int] = None,
+    gamma: Optional[float] = None,
     sampler: str = "entropy",
     temp: float = 0.0,
     top_p: float = 1.0,
@@ -69,7 +69,9 @@ def stream_generate(
     prompt_cache: Optional[SBDCache] = None,
     prefill_step_size: int = 512,
 ) -> Iterator[GenerationResponse]:
-    """Yield GenerationResponse chunks as tokens are finalised (several per forward with SBD)."""
+    """Yield GenerationResponse chunks as tokens are finalised (several per forward with SBD).
+    block_size / gamma default to the model's SBD training (model.sbd); see default_settings."""
+    block_size, gamma = default_settings(model, block_size, gamma)
     check_settings(max_tokens, block_size, gamma)
     ids = encode_prompt(tokenizer, prompt, chat_template, system_prompt)
     if not ids:
@@ -145,6 +147,16 @@ def format_stats(r: GenerationResponse) -> str:
         f"Forward passes: {r.nfe}, {r.tokens_per_forward:.2f} tokens per forward\n"
         f"Peak memory: {r.peak_memory:.3f} GB"
     )
+
+
+def default_settings(model: SBDModel, block_size: Optional[int], gamma: Optional[float]) -> tuple:
+    """Unset block_size / gamma: the recommendation stored with the model's SBD adapter (model.sbd); for a model
+    never trained for SBD, one token per forward (block decoding would only make poor text) and gamma 0.1."""
+    if block_size is None:
+        block_size = model.sbd.block_size if model.sbd else 1
+    if gamma is None:
+        gamma = model.sbd.gamma if model.sbd else 0.1
+    return block_size, gamma
 
 
 def check_settings(max_tokens: int, block_size: int, gamma: float) -> None:

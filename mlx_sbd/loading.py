@@ -42,9 +42,10 @@ def load(
     model = load_model(path, dtype=dtype)
     tokenizer = load_tokenizer(path, eos_token_ids=_read_config(path).get("eos_token_id"))
     if adapter_path not in (None, False):
-        from .adapter import load_adapter
+        from .adapter import fuse_lora, load_adapter
 
         load_adapter(model, adapter_path)
+        fuse_lora(model)  # for decoding: base-model cost per forward
     return model, tokenizer
 
 

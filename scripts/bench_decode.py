@@ -5,7 +5,7 @@ k in {1, 2, 4, 8, 16, 32} over a 256-token cache, and the paper's Eq. 16 predict
 speedup(l, k) = k*time(1) / (time(2k) + (l-1)*time(k)) next to the measured speedup over mlx_lm.
 Saves the raw numbers as JSON.
 
-    python scripts/bench_decode.py                        # built-in SmolLM2 (+ its adapter, if shipped)
+    python scripts/bench_decode.py                        # built-in SmolLM2 with its shipped SBD adapter
     python scripts/bench_decode.py --model M --adapter-path A --block-sizes 1,4,8,16 --gammas 0.1,0.35
 """
 

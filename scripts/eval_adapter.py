@@ -72,7 +72,7 @@ def decode(model, tokenizer, prompts: list, max_tokens: int, k: int, gamma: floa
         for last in mlx_sbd.stream_generate(model, tokenizer, p, max_tokens=max_tokens, block_size=k, gamma=gamma,
                                             chat_template=chat):
             text += last.text
-            toks.append(last.token)
+            toks += last.tokens
         texts.append(text)
         ids.append(toks)
         nfe += last.nfe

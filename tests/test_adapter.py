@@ -9,7 +9,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_sbd import load
-from mlx_sbd.adapter import make_trainable, save_adapter
+from mlx_sbd.adapter import load_adapter, make_trainable, save_adapter
 from mlx_sbd.errors import SBDError
 from mlx_sbd.fuse import fuse
 from mlx_sbd.masks import training_mask
@@ -48,7 +48,8 @@ def test_round_trip(trained):
     assert config["sbd"]["mask"] == "learned_embedding"
     assert config["sbd"]["base"] == {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": model.args.vocab_size}
     assert set(mx.load(str(path / "sbd.safetensors"))) == {"mask_embedding"}
-    loaded, _ = load(base, adapter_path=path)
+    loaded, _ = load(base)
+    load_adapter(loaded, path)  # unfused: the stored weights come back bit for bit
     np.testing.assert_array_equal(sbd_logits(loaded), sbd_logits(model))
     assert loaded.sbd is not None and loaded.sbd.block_size_max == 8
 
@@ -95,13 +96,25 @@ def test_adapter_stored_in_float16_takes_the_model_dtype(trained, tmp_path):
 
     from mlx_sbd.adapter import ADAPTER_WEIGHTS
 
-    base, adapter, _ = trained
+    base, adapter, trained_model = trained
     half = tmp_path / "half"
     shutil.copytree(adapter, half)
     weights = mx.load(str(adapter / ADAPTER_WEIGHTS))
     mx.save_safetensors(str(half / ADAPTER_WEIGHTS), {k: v.astype(mx.float16) for k, v in weights.items()})
-    full, _ = load(base, adapter_path=adapter)
-    model, _ = load(base, adapter_path=half)
+    model, _ = load(base, adapter_path=False)
+    load_adapter(model, half)
     lora = {k: v for k, v in tree_flatten(model.lm.parameters()) if k in weights}
     assert lora.keys() == weights.keys() and {v.dtype for v in lora.values()} == {mx.float32}
-    np.testing.assert_allclose(sbd_logits(model), sbd_logits(full), atol=5e-3)
+    np.testing.assert_allclose(sbd_logits(model), sbd_logits(trained_model), atol=5e-3)
+
+
+def test_load_fuses_the_lora_into_plain_linears(trained):
+    """load(base, adapter) decodes with fused weights: no LoRA layer left, same logits as the unfused LoRA model."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    base, adapter, trained_model = trained
+    model, _ = load(base, adapter_path=adapter)
+    assert not any(isinstance(m, LoRALinear) for _, m in model.lm.named_modules())
+    assert any(isinstance(m, LoRALinear) for _, m in trained_model.lm.named_modules())
+    np.testing.assert_allclose(sbd_logits(model), sbd_logits(trained_model), atol=1e-4)
+    np.testing.assert_allclose(np.array(model(TOKENS)), np.array(trained_model(TOKENS)), atol=1e-4)

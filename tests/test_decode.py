@@ -204,3 +204,17 @@ def test_prompts_as_text_messages_or_ids(tmp_path):
     assert encode_prompt(tokenizer, "1+1", system_prompt="be brief") == expected
     assert encode_prompt(tokenizer, "1+1", chat_template=False) == tokenizer.encode("1+1", add_special_tokens=False)
     assert encode_prompt(tokenizer, [7, 8, 9]) == [7, 8, 9]
+
+
+def test_unset_block_size_and_gamma_follow_the_model(tiny):
+    """No SBD training: one token per forward; an SBD model: the block size and gamma stored with it."""
+    import types
+
+    from mlx_sbd.generate import default_settings
+    from mlx_sbd.model import SBDSettings
+
+    _, model = tiny
+    assert default_settings(model, None, None) == (1, 0.1)
+    trained = types.SimpleNamespace(sbd=SBDSettings(block_size_max=8, block_size=4, gamma=0.35))
+    assert default_settings(trained, None, None) == (4, 0.35)
+    assert default_settings(trained, 2, 0.0) == (2, 0.0)

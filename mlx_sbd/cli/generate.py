@@ -33,7 +33,7 @@ def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gam
     """Generate text several tokens per forward pass with Set Block Decoding."""
     import mlx.core as mx
 
-    from ..generate import format_stats, stream_generate
+    from ..generate import default_settings, format_stats, stream_generate
     from ..loading import load
 
     if prompt == "-":
@@ -43,13 +43,9 @@ def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gam
     if no_adapter and adapter_path:
         raise click.UsageError("--no-adapter and --adapter-path exclude each other")
     sbd_model, tokenizer = load(model, adapter_path=False if no_adapter else adapter_path, dtype=dtype)
-    settings = sbd_model.sbd
-    if block_size is None:
-        block_size = settings.block_size if settings else 1
-        if settings is None and verbose:
-            click.echo("Note: this model has no SBD adapter; decoding one token per forward (use --block-size to force SBD).", err=True)
-    if gamma is None:
-        gamma = settings.gamma if settings else 0.1
+    if block_size is None and sbd_model.sbd is None and verbose:
+        click.echo("Note: this model has no SBD adapter; decoding one token per forward (use --block-size to force SBD).", err=True)
+    block_size, gamma = default_settings(sbd_model, block_size, gamma)
     last = None
     for last in stream_generate(
         sbd_model, tokenizer, prompt, max_tokens=max_tokens, block_size=block_size, gamma=gamma, sampler=sampler,
