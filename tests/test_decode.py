@@ -179,7 +179,7 @@ def test_block_size_one_equals_mlx_lm_on_smollm2():
 
     from mlx_sbd.generate import encode_prompt
 
-    model, tokenizer = mlx_sbd.load()
+    model, tokenizer = mlx_sbd.load(adapter_path=False)  # the plain base: what mlx_lm.generate runs
     ids = encode_prompt(tokenizer, "Name three uses of a paperclip.")
     ours = [t for r in mlx_sbd.stream_generate(model, tokenizer, ids, max_tokens=48, block_size=1) for t in r.tokens]
     ref = [r.token for r in mlx_lm_stream_generate(model.lm, tokenizer, mx.array(ids), max_tokens=48)]
