@@ -92,16 +92,15 @@ def load_adapter(model, path) -> dict:
     return config
 
 
-def fuse_lora(model) -> int:
-    """Fold LoRA/DoRA layers over float weights into plain Linear layers (mlx_lm's own `fuse`), so that a forward
-    costs what the base model's does (unfused, every linear adds two small matmuls per forward).
-    Layers over quantized weights are left as they are (re-quantizing the sum would lose accuracy).
-    Returns how many layers were fused."""
-    fused = [(name, m.fuse()) for name, m in model.lm.named_modules()
-             if hasattr(m, "fuse") and not isinstance(getattr(m, "linear", None), nn.QuantizedLinear)]
+def fuse_lora(model, quantized: bool = False, dequantize: bool = False) -> None:
+    """Fold LoRA/DoRA layers into plain Linear layers (mlx_lm's own `fuse`), so that a forward costs what the base
+    model's does (unfused, every linear adds two small matmuls per forward). Layers over quantized weights are
+    fused only with `quantized=True` (re-quantizing the sum loses accuracy, unless `dequantize`), as `mlx-sbd fuse`
+    does; load() leaves them as they are."""
+    fused = [(name, m.fuse(dequantize=dequantize)) for name, m in model.lm.named_modules()
+             if hasattr(m, "fuse") and (quantized or not isinstance(getattr(m, "linear", None), nn.QuantizedLinear))]
     if fused:
         model.lm.update_modules(tree_unflatten(fused))
-    return len(fused)
 
 
 def _atomic(target: Path, write) -> None:

@@ -9,9 +9,9 @@ model. Beside the weights go `sbd.safetensors` (the mask embedding) and an "sbd"
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model, load_config, save_config, save_model
 
+from .adapter import fuse_lora
 from .errors import SBDError
 from .loading import SBD_WEIGHTS, load, resolve
 
@@ -21,11 +21,9 @@ def fuse(model_ref, adapter_path, save_path, dequantize: bool = False) -> Path:
     base = resolve(model_ref)
     if save_path.resolve() == base.resolve():
         raise SBDError(f"--save-path {save_path} is the base model folder; choose a new folder")
-    model, tokenizer = load(base, adapter_path=adapter_path)
+    model, tokenizer = load(base, adapter_path=adapter_path)  # fuses the LoRA over float weights
+    fuse_lora(model, quantized=True, dequantize=dequantize)  # and here also over quantized ones
     lm = model.lm
-    fused = [(name, m.fuse(dequantize=dequantize)) for name, m in lm.named_modules() if hasattr(m, "fuse")]
-    if fused:
-        lm.update_modules(tree_unflatten(fused))
     config = load_config(base)
     if dequantize:
         lm = dequantize_model(lm)

@@ -15,7 +15,6 @@ Wall-clock tokens/s against mlx_lm.generate is scripts/bench_decode.py. Prints t
 
 import importlib
 import inspect
-import json
 import math
 import random
 import sys
@@ -34,7 +33,8 @@ from make_distill_data import split_modules  # noqa: E402
 
 import mlx_sbd  # noqa: E402
 from mlx_sbd.generate import encode_prompt  # noqa: E402
-from mlx_sbd.tasks import exact_match, make_examples  # noqa: E402
+from mlx_sbd.data import read_jsonl  # noqa: E402
+from mlx_sbd.tasks import make_examples, score  # noqa: E402
 
 
 def answer_loss(model, tokenizer, rows: list) -> dict:
@@ -105,10 +105,6 @@ def raw_doc_texts(seed: int, n: int) -> list:
     return texts[:n]
 
 
-def read_rows(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 @click.command()
 @click.option("--data", required=True, help="Folder from scripts/make_distill_data.py (test.jsonl is used).")
 @click.option("--model", default=None, help="Base model (default: built-in SmolLM2-135M-Instruct).")
@@ -123,7 +119,7 @@ def read_rows(path: Path) -> list:
 def main(data, model, adapter_path, n_prompts, n_task, max_tokens, block_sizes, gammas, seed, out):
     base, tokenizer = mlx_sbd.load(model, adapter_path=False)
     sbd, _ = mlx_sbd.load(model, adapter_path=adapter_path)
-    test = read_rows(Path(data) / "test.jsonl")
+    test = [row for _, row in read_jsonl(Path(data) / "test.jsonl")]
     docs = raw_doc_texts(seed, 40)
     results = {"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
                "dtype": str(base.lm.model.embed_tokens.weight.dtype), "max_tokens": max_tokens}
@@ -144,7 +140,7 @@ def main(data, model, adapter_path, n_prompts, n_task, max_tokens, block_sizes, 
         row = {"model": name, "block_size": k, "gamma": g if k > 1 else None, "chat": chat, "tasks": {}}
         for t, ex in tasks.items():
             out_t = decode(m, tokenizer, [e["prompt"] for e in ex], 2 * max(len(e["completion"]) for e in ex), k, g)
-            out_t["accuracy"] = sum(exact_match(p, e["completion"]) for p, e in zip(out_t["texts"], ex)) / len(ex)
+            out_t["accuracy"] = score(out_t["texts"], ex)
             row["tasks"][t] = out_t
         rows.append(row)
     ref = rows[0]["chat"]["ids"]
