@@ -74,6 +74,7 @@ class TrainConfig:
     steps_per_save: int = 100
     seed: int = 0
     resume: bool = False
+    init_adapter: Optional[str] = None  # start from this adapter folder's weights (a finished run), new schedule
     compile: bool = True  # mx.compile the step; on the CPU back-end the first step pays a ~10-30 s C++ JIT build
 
     def check(self) -> None:
@@ -130,6 +131,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     optimizer.init(model.trainable_parameters())
     config = adapter_config(cfg, model)
     adapter_path = Path(cfg.adapter_path)
+    if cfg.init_adapter and main:  # a checkpoint of this run (--resume) overrides it below
+        init_from_adapter(model, Path(cfg.init_adapter))
     start = restore_checkpoint(adapter_path, model, optimizer) if cfg.resume and main else 0
     if size > 1:  # one starting point for all: rank 0's (its checkpoint's) weights, optimizer state and step
         model.update(broadcast(model.trainable_parameters(), world))
@@ -298,6 +301,25 @@ def save_checkpoint(adapter_path: Path, model, optimizer, step: int, config: dic
     os.replace(tmp, final)
     save_adapter(model, adapter_path, config)
     return final
+
+
+def init_from_adapter(model, path: Path) -> None:
+    """Start training from the weights of an adapter folder (like mlx_lm's --resume-adapter-file): every weight
+    it stores must be a trainable parameter of this run with the same shape (same fine-tune type, LoRA rank and
+    layers), and its mask embedding is taken too. The optimizer state and schedule start fresh."""
+    for name in (ADAPTER_WEIGHTS, SBD_WEIGHTS):
+        if not (path / name).is_file():
+            raise SBDError(f"--init-adapter {path}: no {name} there (expected an mlx-sbd adapter folder)")
+    ours = dict(tree_flatten(model.lm.trainable_parameters()))
+    theirs = mx.load(str(path / ADAPTER_WEIGHTS))
+    bad = sorted(k for k, v in theirs.items() if k not in ours or ours[k].shape != v.shape)
+    if bad or len(theirs) != len(ours):
+        raise SBDError(f"--init-adapter {path} does not match this run's trainable weights ({len(bad)} unknown or "
+                       f"reshaped, e.g. {bad[:2]}; {len(ours)} here vs {len(theirs)} there): use the same "
+                       "fine_tune_type, num_layers and lora_parameters as the run that made it")
+    model.lm.load_weights([(k, v.astype(ours[k].dtype)) for k, v in theirs.items()], strict=False)
+    model.mask_embedding = mx.load(str(path / SBD_WEIGHTS))["mask_embedding"].astype(model.mask_embedding.dtype)
+    tqdm.write(f"Starting from the weights of {path}")
 
 
 def latest_checkpoint(adapter_path: Path) -> Optional[Path]:

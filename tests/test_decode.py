@@ -65,14 +65,14 @@ def test_each_step_equals_from_scratch_forward(tiny, monkeypatch):
     def recording(model_, tokens, k_, cache):
         offset = cache.offset
         logprobs = real(model_, tokens, k_, cache)
-        records.append((offset, list(tokens), np.array(logprobs)))
+        records.append((offset, list(tokens), k_, np.array(logprobs)))
         return logprobs
 
     monkeypatch.setattr(decode, "block_forward", recording)
     out, nfe, _ = run_sbd(model, k, 0.05, max_tokens=24)
     assert 24 // k < len(records) == nfe < 24  # both block-wide and 2k-wide forwards, several tokens per forward
     history = PROMPT + out
-    for offset, tokens, logprobs in records:
+    for offset, tokens, k, logprobs in records:  # k: this block's size (the first one is shorter)
         seq = history[:offset] + tokens  # committed tokens + this forward's input
         n, cp = len(seq), len(seq) - k  # queries from position cp on are the block
         i, j = np.arange(n)[:, None], np.arange(n)[None, :]
@@ -81,7 +81,29 @@ def test_each_step_equals_from_scratch_forward(tiny, monkeypatch):
         ref = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
         assert np.abs(ref - logprobs).max() <= 1e-5 * np.abs(ref).max()  # float32, logprobs up to ~200
     # the block input always ends with k positions, masks included, and never a mask in the causal prefix
-    assert all(MASK_ID not in tokens[:-k] for _, tokens, _ in records)
+    assert all(MASK_ID not in tokens[:-k] for _, tokens, k, _ in records)
+
+
+@pytest.mark.parametrize("k,max_tokens", [(4, 23), (8, 40)])
+def test_blocks_end_at_multiples_of_k_as_in_training(tiny, monkeypatch, k, max_tokens):
+    """Training blocks sit at 0, k, 2k, ... of the sequence (masks.training_mask), so decode blocks must too: the
+    first block after the prompt is the rest of the prompt's last block, the last one is cut by max_tokens."""
+    _, model = tiny
+    spans = []
+    real = decode.block_forward
+
+    def recording(model_, tokens, k_, cache):
+        start = cache.offset + len(tokens) - k_  # absolute position of the block's first token
+        if not spans or spans[-1] != (start, start + k_):  # a block takes one or more forwards
+            spans.append((start, start + k_))
+        return real(model_, tokens, k_, cache)
+
+    monkeypatch.setattr(decode, "block_forward", recording)
+    out, _, _ = run_sbd(model, k, 0.5, max_tokens=max_tokens)
+    assert len(out) == max_tokens
+    end = len(PROMPT) + max_tokens
+    edges = [len(PROMPT)] + [p for p in range(len(PROMPT) + 1, end) if p % k == 0] + [end]
+    assert spans == list(zip(edges[:-1], edges[1:]))
 
 
 def test_gamma_zero_reveals_one_token_per_forward(tiny):

@@ -86,6 +86,24 @@ def test_ntp_objective_trains_no_mask_embedding(setup, tmp_path):
         run(base, data, tmp_path / "bad", objective="matp")
 
 
+def test_init_adapter_starts_from_its_weights(setup, tmp_path):
+    base, data = setup
+    run(base, data, tmp_path / "first", iters=2, steps_per_save=2)
+    # A second run from it with learning rate 0 (and no weight decay) must leave its weights exactly as they were.
+    run(base, data, tmp_path / "second", iters=1, steps_per_save=1, learning_rate=0.0, weight_decay=0.0,
+        init_adapter=str(tmp_path / "first"))
+    for name in ("adapters.safetensors", "sbd.safetensors"):
+        a, b = mx.load(str(tmp_path / "first" / name)), mx.load(str(tmp_path / "second" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(np.array(a[key]), np.array(b[key]))
+    with pytest.raises(SBDError, match="does not match"):  # another LoRA rank
+        run(base, data, tmp_path / "third", iters=1, init_adapter=str(tmp_path / "first"),
+            lora_parameters={"rank": 2, "scale": 2.0, "dropout": 0.0})
+    with pytest.raises(SBDError, match="no adapters.safetensors"):
+        run(base, data, tmp_path / "fourth", iters=1, init_adapter=str(tmp_path))
+
+
 def test_cli_train_generate_fuse_generate(setup, tmp_path):
     base, data = setup
     adapters, fused = tmp_path / "ad", tmp_path / "fused"

@@ -37,6 +37,7 @@ LORA_FLAGS = {"lora_rank": "rank", "lora_scale": "scale", "lora_dropout": "dropo
 @click.option("--save-every", "steps_per_save", default=None, type=int, help="Checkpoint every N steps. Default: 100")
 @click.option("--seed", default=None, type=int, help="Seed for data order, noise and LoRA init. Default: 0")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the latest checkpoint in --adapter-path.")
+@click.option("--init-adapter", default=None, help="Start from this adapter folder's weights (same LoRA shape), with a fresh optimizer and schedule.")
 @click.option("--no-compile", "no_compile", is_flag=True, default=None, help="Run the step eagerly (skips mx.compile).")
 @click.option("-c", "--config", "config_file", default=None, type=click.Path(), help="YAML file of TrainConfig settings.")
 def command(config_file, no_compile, **flags):
