@@ -159,7 +159,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     data = iterate_batches(train_set, cfg.batch_size, cfg.seed, start=start * accum)
     model.train()
     stats = np.zeros(5)  # since the last report: ntp sum, matp sum, tokens, seconds, steps
-    bar = tqdm(total=cfg.iters, initial=start, desc="SBD train", unit="step", disable=not main)
+    bar = tqdm(total=cfg.iters, initial=start, desc=f"{cfg.objective.upper()} train", unit="step", disable=not main)
     for step in range(start, cfg.iters):
         if valid_set and (step == start or (step + 1) % cfg.steps_per_eval == 0):
             val_ntp, val_matp = evaluate(model, valid_set, cfg, world)
