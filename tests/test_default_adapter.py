@@ -28,6 +28,10 @@ def test_adapter_is_shipped_and_trained_for_the_built_in_model():
     base, _ = mlx_sbd.load(adapter_path=False)
     assert config["sbd"]["base"] == {k: getattr(base.args, k) for k in config["sbd"]["base"]}
     assert (DEFAULT_ADAPTER / "README.md").read_text().count("mlx-sbd train") >= 1  # the recipe ships with it
+    # The recorded training paths are the recipe's (relative, as a user reproducing it has them), not the machine's.
+    training = config["sbd"]["training"]
+    for key in ("data", "adapter_path", "init_adapter"):
+        assert training.get(key) is None or not training[key].startswith("/"), (key, training[key])
 
 
 def test_load_without_arguments_applies_it_and_false_removes_it():
