@@ -81,7 +81,7 @@ def sbd_steps(
         # Blocks end at multiples of block_size, as in training (masks.training_mask aligns blocks at 0, k, 2k of
         # the sequence), so the first block after the prompt may be shorter. Blocks that start right after the
         # prompt instead put masks at offsets within a block the model never trained on: the tiny arithmetic
-        # model drops from 96% to 66% exact match at k=8, gamma=0.1 (BENCHMARKS.md).
+        # model drops from 92% to 63% exact match at k=8, gamma=0.1 (BENCHMARKS.md).
         k = min(block_size - start_pos % block_size, max_tokens - produced, max_length - start_pos)
         if k <= 0:
             cache.pending = prev

@@ -131,8 +131,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     optimizer.init(model.trainable_parameters())
     config = adapter_config(cfg, model)
     adapter_path = Path(cfg.adapter_path)
-    if cfg.init_adapter and main:  # a checkpoint of this run (--resume) overrides it below
-        init_from_adapter(model, Path(cfg.init_adapter))
+    if cfg.init_adapter and main:  # start from a finished run's weights; a checkpoint of this run (--resume) wins
+        load_trained_weights(model, Path(cfg.init_adapter), f"--init-adapter {cfg.init_adapter}")
+        tqdm.write(f"Starting from the weights of {cfg.init_adapter}")
     start = restore_checkpoint(adapter_path, model, optimizer) if cfg.resume and main else 0
     if size > 1:  # one starting point for all: rank 0's (its checkpoint's) weights, optimizer state and step
         model.update(broadcast(model.trainable_parameters(), world))
@@ -303,23 +304,22 @@ def save_checkpoint(adapter_path: Path, model, optimizer, step: int, config: dic
     return final
 
 
-def init_from_adapter(model, path: Path) -> None:
-    """Start training from the weights of an adapter folder (like mlx_lm's --resume-adapter-file): every weight
-    it stores must be a trainable parameter of this run with the same shape (same fine-tune type, LoRA rank and
-    layers), and its mask embedding is taken too. The optimizer state and schedule start fresh."""
+def load_trained_weights(model, path: Path, what: str) -> None:
+    """Put the trainable weights and mask embedding saved in `path` (an adapter folder or a checkpoint) into this
+    run's model: every stored weight must be a trainable parameter of this run with the same shape (same fine-tune
+    type, LoRA rank and layers). Weights take the model's dtype (a shipped adapter is float16)."""
     for name in (ADAPTER_WEIGHTS, SBD_WEIGHTS):
         if not (path / name).is_file():
-            raise SBDError(f"--init-adapter {path}: no {name} there (expected an mlx-sbd adapter folder)")
+            raise SBDError(f"{what}: no {name} there (expected an mlx-sbd adapter folder)")
     ours = dict(tree_flatten(model.lm.trainable_parameters()))
     theirs = mx.load(str(path / ADAPTER_WEIGHTS))
     bad = sorted(k for k, v in theirs.items() if k not in ours or ours[k].shape != v.shape)
     if bad or len(theirs) != len(ours):
-        raise SBDError(f"--init-adapter {path} does not match this run's trainable weights ({len(bad)} unknown or "
+        raise SBDError(f"{what} does not match this run's trainable weights ({len(bad)} unknown or "
                        f"reshaped, e.g. {bad[:2]}; {len(ours)} here vs {len(theirs)} there): use the same "
                        "fine_tune_type, num_layers and lora_parameters as the run that made it")
     model.lm.load_weights([(k, v.astype(ours[k].dtype)) for k, v in theirs.items()], strict=False)
     model.mask_embedding = mx.load(str(path / SBD_WEIGHTS))["mask_embedding"].astype(model.mask_embedding.dtype)
-    tqdm.write(f"Starting from the weights of {path}")
 
 
 def latest_checkpoint(adapter_path: Path) -> Optional[Path]:
@@ -333,9 +333,7 @@ def restore_checkpoint(adapter_path: Path, model, optimizer) -> int:
     if ckpt is None:
         tqdm.write(f"--resume: no checkpoint in {adapter_path / CHECKPOINTS}, starting from step 0")
         return 0
-    weights = mx.load(str(ckpt / ADAPTER_WEIGHTS))
-    model.lm.load_weights(list(weights.items()), strict=False)
-    model.mask_embedding = mx.load(str(ckpt / SBD_WEIGHTS))["mask_embedding"]
+    load_trained_weights(model, ckpt, f"checkpoint {ckpt}")
     optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
     step = json.loads((ckpt / "state.json").read_text())["step"]
     tqdm.write(f"Resuming from {ckpt} (step {step})")
