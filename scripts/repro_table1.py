@@ -7,6 +7,11 @@ greedily and scored by exact match: NTP decoding (block_size=1) of both models, 
 over gamma x k. NFE is the sum of forward passes over the test set; speedup = NFE of NTP decoding of the NTP
 model / NFE of the row. Output: a markdown table, <out>/table1.json and an accuracy-vs-NFE plot <out>/table1.png.
 
+With --pretrain-iters N the shared starting point is not random: the tiny llama is first trained with the NTP
+loss for N steps on the same task families at other sizes (PRETRAIN_SETTINGS; no test prompt among them), and
+both fine-tunes start from those weights (TrainConfig.init_adapter). This is the paper's setting: NTP and SBD
+fine-tunes of one pretrained NTP model, so the SBD fine-tune adapts a model that already predicts the next token.
+
 Interrupted runs resume: training checkpoints live in <work>/{ntp,sbd}, finished evaluation rows in
 <work>/rows.json; rerun the same command to continue. A different set of settings needs a different --work.
 """
@@ -27,6 +32,9 @@ from mlx_sbd.train import TrainConfig, train
 # Short fixed-length sequences: 3-digit operands (3 column steps, 34 answer chars) and 8 letters. Fixed lengths put
 # every lookup at a fixed offset, which a tiny model learns in a few hundred steps.
 TASK_SETTINGS = {"arithmetic": dict(min_digits=3, max_digits=3), "reverse": dict(min_len=8, max_len=8)}
+# Pretraining (--pretrain-iters): the same families over a wider range of sizes, so the fine-tune still teaches
+# something (the fixed 3-digit / 8-letter offsets) while the base already knows the format and the column steps.
+PRETRAIN_SETTINGS = {"arithmetic": dict(min_digits=1, max_digits=4), "reverse": dict(min_len=4, max_len=12)}
 
 
 def parse_args():
@@ -44,12 +52,17 @@ def parse_args():
     p.add_argument("--gammas", default="0,0.1,0.35,0.6,1.0")
     p.add_argument("--ks", default="8,16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-iters", type=int, default=0,
+                   help="NTP-pretrain the tiny base this many steps first (0: fine-tune from random weights)")
     return p.parse_args()
 
 
 def settings_of(args) -> dict:
     keys = ("n_train", "n_test", "iters", "batch_size", "lr", "hidden_size", "layers", "block_size_max", "seed")
-    return {**{k: getattr(args, k) for k in keys}, "tasks": TASK_SETTINGS}
+    settings = {**{k: getattr(args, k) for k in keys}, "tasks": TASK_SETTINGS}
+    if args.pretrain_iters:  # absent otherwise, so work folders of earlier runs still resume
+        settings.update(pretrain_iters=args.pretrain_iters, pretrain_tasks=PRETRAIN_SETTINGS)
+    return settings
 
 
 def prepare(work: Path, args) -> tuple:
@@ -79,16 +92,30 @@ def prepare(work: Path, args) -> tuple:
         h = args.hidden_size
         make_tiny_model(base, alphabet=chars, hidden_size=h, num_hidden_layers=args.layers, num_attention_heads=4,
                         num_key_value_heads=2, intermediate_size=2 * h, max_position_embeddings=256, seed=args.seed)
+    if args.pretrain_iters:
+        held_out = {e["prompt"] for ex in tests.values() for e in ex}
+        pre_train, pre_valid = [], []
+        for i, (task, kw) in enumerate(PRETRAIN_SETTINGS.items()):
+            ex = [e for e in make_examples(task, args.n_train + 32, seed=args.seed * 100 + 50 + i, **kw)
+                  if e["prompt"] not in held_out]
+            pre_train += ex[32:]
+            pre_valid += ex[:32]
+        random.Random(args.seed + 1).shuffle(pre_train)
+        for name, rows in (("train", pre_train), ("valid", pre_valid)):
+            (work / "pretrain_data").mkdir(exist_ok=True)
+            (work / "pretrain_data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return base, data, tests
 
 
-def fine_tune(base: Path, data: Path, adapter_path: Path, objective: str, args):
-    """Full fine-tune with `objective`, resuming from the latest checkpoint; returns (model, tokenizer)."""
+def fine_tune(base: Path, data: Path, adapter_path: Path, objective: str, args, iters: int, init=None):
+    """Full fine-tune with `objective` (from the weights of the finished run `init`, if given), resuming from the
+    latest checkpoint; returns (model, tokenizer)."""
     cfg = TrainConfig(model=str(base), data=str(data), adapter_path=str(adapter_path), fine_tune_type="full",
-                      objective=objective, iters=args.iters, batch_size=args.batch_size, learning_rate=args.lr,
-                      min_learning_rate=args.lr / 20, warmup=args.iters // 20, weight_decay=0.0,
+                      init_adapter=str(init) if init else None,
+                      objective=objective, iters=iters, batch_size=args.batch_size, learning_rate=args.lr,
+                      min_learning_rate=args.lr / 20, warmup=iters // 20, weight_decay=0.0,
                       block_size_max=args.block_size_max, mask_prompt=True, steps_per_report=50,
-                      steps_per_eval=max(args.iters // 4, 1), val_batches=-1, steps_per_save=100, seed=args.seed,
+                      steps_per_eval=max(iters // 4, 1), val_batches=-1, steps_per_save=100, seed=args.seed,
                       resume=True, compile=True)
     tic = time.perf_counter()
     model, tokenizer = load(base)
@@ -188,7 +215,11 @@ def main():
     args = parse_args()
     work, out = Path(args.work), Path(args.out)
     base, data, tests = prepare(work, args)
-    models = {name: fine_tune(base, data, work / name, name, args) for name in ("ntp", "sbd")}
+    init = None
+    if args.pretrain_iters:
+        init = work / "pretrained"  # resumes like the fine-tunes; a finished one returns at once
+        fine_tune(base, work / "pretrain_data", init, "ntp", args, args.pretrain_iters)
+    models = {name: fine_tune(base, data, work / name, name, args, args.iters, init) for name in ("ntp", "sbd")}
     rows = evaluate_rows(models, tests, work, args)
     tasks = list(tests)
     table = markdown(rows, tasks)
