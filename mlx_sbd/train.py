@@ -63,6 +63,7 @@ class TrainConfig:
     min_learning_rate: float = 0.0  # end of the cosine decay
     warmup: int = 100
     weight_decay: float = 0.01
+    grad_clip: Optional[float] = None  # clip the global gradient norm to this before each update (None: off)
     block_size_max: int = 16
     max_seq_length: int = 2048
     mask_prompt: bool = False
@@ -82,6 +83,8 @@ class TrainConfig:
             raise SBDError(f"--objective must be one of {', '.join(LOSSES)} (got '{self.objective}')")
         if self.block_size_max < 2:
             raise SBDError(f"--block-size-max must be at least 2 (got {self.block_size_max})")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise SBDError(f"--grad-clip must be positive (got {self.grad_clip}); leave it out to not clip")
         for name in ("batch_size", "iters", "grad_accumulation_steps", "steps_per_save", "steps_per_eval"):
             if getattr(self, name) < 1:
                 raise SBDError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
@@ -146,20 +149,24 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
 
     def step_fn(batch, totals, prev_grad, do_update):
         (loss, ntp, matp), grad = loss_and_grad(model, batch, totals)
+        norm = mx.array(0.0)
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         if do_update:
             # average_gradients is all_sum / size; the ranks' shares must be summed, hence * size.
-            grad = average_gradients(grad, world)
-            optimizer.update(model, tree_map(lambda g: g * (size / accum), grad))
+            grad = tree_map(lambda g: g * (size / accum), average_gradients(grad, world))
+            # The whole step's gradient norm (all ranks and micro-batches) is logged even when not clipping;
+            # an infinite bound scales by exactly 1.
+            grad, norm = optim.clip_grad_norm(grad, cfg.grad_clip or float("inf"))
+            optimizer.update(model, grad)
             grad = None
-        return ntp, matp, grad
+        return ntp, matp, grad, norm
 
     if cfg.compile:
         step_fn = mx.compile(step_fn, inputs=state, outputs=state)
     data = iterate_batches(train_set, cfg.batch_size, cfg.seed, start=start * accum)
     model.train()
-    stats = np.zeros(5)  # since the last report: ntp sum, matp sum, tokens, seconds, steps
+    stats = np.zeros(6)  # since the last report: ntp sum, matp sum, tokens, seconds, steps, gradient-norm sum
     bar = tqdm(total=cfg.iters, initial=start, desc=f"{cfg.objective.upper()} train", unit="step", disable=not main)
     for step in range(start, cfg.iters):
         if valid_set and (step == start or (step + 1) % cfg.steps_per_eval == 0):
@@ -175,17 +182,17 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         for m in range(accum):
             seqs = next(data)
             batch = make_batch(seqs, k, np.random.default_rng([cfg.seed, step, m]))
-            ntp, matp, grad = step_fn(shard(batch, seqs, k, rows), label_totals(batch), grad, m == accum - 1)
-            mx.eval(state, ntp, matp, grad)
+            ntp, matp, grad, norm = step_fn(shard(batch, seqs, k, rows), label_totals(batch), grad, m == accum - 1)
+            mx.eval(state, ntp, matp, grad, norm)
             stats[:3] += (ntp.item() / accum, matp.item() / accum, sum(len(s) for s, _ in seqs))
-        stats[3:] += (time.perf_counter() - tic, 1)
+        stats[3:] += (time.perf_counter() - tic, 1, norm.item())
         bar.update(1)
         done = step + 1
         if done % cfg.steps_per_report == 0 or done == cfg.iters:
             stats[:2] = global_sum(stats[:2], world)  # this rank's shares of the losses -> the global means
             report = {
                 "step": done, "ntp": stats[0] / stats[4], "matp": stats[1] / stats[4],
-                "tokens_per_s": stats[2] / stats[3], "s_per_step": stats[3] / stats[4],
+                "tokens_per_s": stats[2] / stats[3], "s_per_step": stats[3] / stats[4], "grad_norm": stats[5] / stats[4],
                 "lr": optimizer.learning_rate.item(), "peak_memory_gb": mx.get_peak_memory() / 1e9,
             }
             bar.set_postfix(ntp=f"{report['ntp']:.3f}", matp=f"{report['matp']:.3f}",

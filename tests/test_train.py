@@ -104,6 +104,32 @@ def test_init_adapter_starts_from_its_weights(setup, tmp_path):
         run(base, data, tmp_path / "fourth", iters=1, init_adapter=str(tmp_path))
 
 
+def test_grad_clip_bounds_the_update(setup, tmp_path):
+    base, data = setup
+    one = dict(iters=1, steps_per_save=1, steps_per_report=1, weight_decay=0.0)  # AdamW's decay moves weights too
+
+    def weights(name):
+        return {k: np.array(v) for n in ("adapters.safetensors", "sbd.safetensors")
+                for k, v in mx.load(str(tmp_path / name / n)).items()}
+
+    run(base, data, tmp_path / "start", learning_rate=0.0, **one)
+    run(base, data, tmp_path / "free", **one)
+    norm = [json.loads(line) for line in open(tmp_path / "free" / "train_log.jsonl") if '"grad_norm"' in line][0]
+    assert 0 < norm["grad_norm"] < float("inf")
+    run(base, data, tmp_path / "loose", grad_clip=10 * norm["grad_norm"], **one)
+    run(base, data, tmp_path / "tight", grad_clip=1e-12, **one)
+    w0, free, loose, tight = (weights(n) for n in ("start", "free", "loose", "tight"))
+    for k in w0:
+        np.testing.assert_array_equal(loose[k], free[k])  # a bound above the norm changes nothing
+    # Adam's first update is lr * g / (|g| + eps) per weight: about lr unclipped, below lr * 1e-4 once the whole
+    # gradient is scaled to norm 1e-12 (eps = 1e-8). So clipping must all but freeze the weights.
+    moved = max(np.abs(free[k] - w0[k]).max() for k in w0)
+    assert moved > 1e-3
+    assert max(np.abs(tight[k] - w0[k]).max() for k in w0) < 1e-3 * moved
+    with pytest.raises(SBDError, match="grad-clip"):
+        run(base, data, tmp_path / "bad", grad_clip=0.0, **one)
+
+
 def test_cli_train_generate_fuse_generate(setup, tmp_path):
     base, data = setup
     adapters, fused = tmp_path / "ad", tmp_path / "fused"

@@ -25,6 +25,7 @@ LORA_FLAGS = {"lora_rank": "rank", "lora_scale": "scale", "lora_dropout": "dropo
 @click.option("--batch-size", default=None, type=int, help="Sequences per micro-batch (the global batch: split evenly over the processes under mlx.launch). Default: 4")
 @click.option("--iters", default=None, type=int, help="Optimizer steps. Default: 1000")
 @click.option("--learning-rate", default=None, type=float, help="Peak AdamW learning rate (warmup, then cosine). Default: 1e-4")
+@click.option("--grad-clip", default=None, type=float, help="Clip the global gradient norm to this before each update (the log's grad_norm is before clipping). Default: off")
 @click.option("--warmup", default=None, type=int, help="Warmup steps. Default: 100")
 @click.option("--block-size-max", default=None, type=int, help="Training block size k ~ U{2..this} per step. Default: 16")
 @click.option("--max-seq-length", default=None, type=int, help="Longer sequences are truncated. Default: 2048")
