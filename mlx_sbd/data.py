@@ -1,7 +1,9 @@
 """Training data: jsonl folders in mlx_lm's formats -> token sequences with a prompt offset.
 
 A data folder holds train.jsonl (required) and optional valid.jsonl / test.jsonl, one JSON object per line in
-one of mlx_lm's formats: {"text"}, {"prompt", "completion"}, {"messages"}. Every line is checked before any
+one of mlx_lm's formats: {"text"}, {"prompt", "completion"}, {"messages"}. Unlike mlx_lm (whose first line sets
+the format of the file), each line may use its own format, so plain text can be mixed into instruction data;
+with `mask_prompt`, lines without a prompt ({"text"}) are trained on whole. Every line is checked before any
 training starts; a bad line raises SBDError naming the file and line number.
 
 With a chat template the sequence is built exactly as mlx_lm builds it (mlx_lm.tuner.datasets); without one
@@ -40,10 +42,10 @@ def load_dataset(folder, tokenizer, max_seq_length: int, mask_prompt: bool = Fal
 
 def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool = False) -> List[Sequence]:
     rows = read_jsonl(path)
-    fmt = data_format(rows[0][1], path, rows[0][0])
-    if mask_prompt and fmt == ("text",):
-        raise SBDError(f"{path}: --mask-prompt needs prompt/completion or messages data, not text")
-    seqs = [encode(row, fmt, tokenizer, mask_prompt, path, line) for line, row in rows]
+    fmts = [data_format(row, path, line) for line, row in rows]
+    if mask_prompt and all(fmt == ("text",) for fmt in fmts):  # as mlx_lm: there is no prompt to mask
+        raise SBDError(f"{path}: --mask-prompt needs prompt/completion or messages data, not text only")
+    seqs = [encode(row, fmt, tokenizer, mask_prompt, path, line) for (line, row), fmt in zip(rows, fmts)]
     too_long = sum(len(s) > max_seq_length for s, _ in seqs)
     if too_long:
         warnings.warn(
@@ -77,6 +79,9 @@ def data_format(obj: dict, path: Path, line_no: int) -> Tuple[str, ...]:
     for keys in FORMATS:
         if all(k in obj for k in keys):
             return keys
+    if "prompt" in obj or "completion" in obj:
+        raise SBDError(f"{path}:{line_no}: missing key '{'completion' if 'prompt' in obj else 'prompt'}' "
+                       "(prompt and completion go together)")
     raise SBDError(
         f"{path}:{line_no}: no 'text', 'prompt'+'completion' or 'messages' key (found {sorted(obj)}); "
         "see mlx_lm's LORA.md data formats"
@@ -84,8 +89,6 @@ def data_format(obj: dict, path: Path, line_no: int) -> Tuple[str, ...]:
 
 
 def encode(obj: dict, fmt, tokenizer, mask_prompt: bool, path: Path, line_no: int) -> Sequence:
-    if not all(k in obj for k in fmt):
-        raise SBDError(f"{path}:{line_no}: missing key(s) {[k for k in fmt if k not in obj]} (line 1 sets the format)")
     if fmt == ("messages",) and not (isinstance(obj["messages"], list) and obj["messages"]):
         raise SBDError(f"{path}:{line_no}: 'messages' must be a non-empty list of {{role, content}} objects")
     if fmt != ("messages",) and not all(isinstance(obj[k], str) for k in fmt):

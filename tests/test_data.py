@@ -17,6 +17,10 @@ def tokenizer(tmp_path_factory):
     return load(folder)[1]
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
 def write(folder, name, lines):
     folder.mkdir(exist_ok=True)
     (folder / f"{name}.jsonl").write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
@@ -36,6 +40,30 @@ def test_prompt_completion_and_text(tmp_path, tokenizer):
     assert load_dataset(text, tokenizer, 100)[0] == [(list(encode(tokenizer, "hello")) + [eos], 0)]
     with pytest.raises(SBDError, match="--mask-prompt needs prompt/completion"):
         load_dataset(text, tokenizer, 100, mask_prompt=True)
+
+
+def test_formats_mix_line_by_line(tmp_path, tokenizer):
+    """Text lines mixed into prompt/completion data under a chat template: each line is encoded as mlx_lm's
+    TextDataset / CompletionsDataset encode a file of that format (plus the closing EOS), and --mask-prompt leaves
+    text lines whole."""
+    from mlx_lm.tuner.datasets import CompletionsDataset, TextDataset
+
+    rows = [{"prompt": "ab", "completion": "ba"}, {"text": "hello"}, {"prompt": "xy", "completion": "yx"}]
+    data = write(tmp_path / "d", "train", rows)
+    tokenizer._tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.has_chat_template = True
+    try:
+        train, _, _ = load_dataset(data, tokenizer, max_seq_length=100, mask_prompt=True)
+        refs = [CompletionsDataset([r], tokenizer, "prompt", "completion", mask_prompt=True) if "prompt" in r
+                else TextDataset([r], tokenizer) for r in rows]
+        expected = [(list(t), o) for t, o in (ref.process(r) for ref, r in zip(refs, rows))]
+    finally:
+        tokenizer._tokenizer.chat_template = None
+        tokenizer.has_chat_template = False
+    eos = tokenizer.eos_token_id
+    expected = [(t if t[-1] == eos else t + [eos], o) for t, o in expected]  # every sequence ends with EOS
+    assert train == expected
+    assert train[1][1] == 0 and train[0][1] > 0
 
 
 def test_truncation_warns(tmp_path, tokenizer):
@@ -75,8 +103,7 @@ def test_chat_template_as_mlx_lm(tmp_path, tokenizer):
     """With a chat template, sequences and prompt offsets are mlx_lm's own (CompletionsDataset/ChatDataset)."""
     from mlx_lm.tuner.datasets import ChatDataset
 
-    template = "{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}"
-    tokenizer._tokenizer.chat_template = template
+    tokenizer._tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.has_chat_template = True
     try:
         msgs = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "ba"}]
