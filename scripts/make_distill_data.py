@@ -6,7 +6,8 @@ seen in training. Answers come from the base model with greedy decoding (mlx_lm.
 throughput of one prompt at a time with OpenBLAS), written chunk by chunk so that an interrupted run keeps what it
 made: rerun the same command to continue. Fine-tuning on the model's own answers keeps its behaviour while it
 learns to predict blocks of its own future tokens. <out>/mix is the folder to train on: the distilled rows plus
-synthetic task rows (mlx_sbd.tasks), shuffled.
+synthetic task rows (mlx_sbd.tasks) and, with --n-text, plain-text rows of documentation (docstrings of the
+train/valid modules, never the test modules'), which keep ordinary text in the objective; shuffled.
 
     python scripts/make_distill_data.py --out data/smollm2-distill --n-train 320 --n-valid 24 --n-test 40
 """
@@ -72,6 +73,31 @@ def module_prompts(mod_name: str):
     return out
 
 
+def doc_texts(modules: list, n: int, rng: random.Random, limit: int = 1200) -> list:
+    """Up to n plain-text rows: whole docstrings (cut at a paragraph break before `limit` characters) of the
+    modules and of their public callables, in a seeded random order."""
+    texts = []
+    for mod_name in modules:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                mod = importlib.import_module(mod_name)
+            except Exception:
+                continue
+        objs = [mod] + [o for name, o in sorted(vars(mod).items()) if not name.startswith("_") and callable(o)
+                        and getattr(o, "__module__", None) == mod_name]
+        for obj in objs:
+            doc = inspect.getdoc(obj)
+            if not doc or len(doc) < 200:
+                continue
+            cut = doc[:limit]
+            if len(doc) > limit and "\n\n" in cut:
+                cut = cut[: cut.rindex("\n\n")]
+            texts.append(cut.strip())
+    rng.shuffle(texts)
+    return [{"text": t} for t in texts[:n]]
+
+
 def split_modules(rng: random.Random) -> dict:
     """{split: [stdlib module name]}: modules split 80/10/10 by a seeded shuffle."""
     names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in SKIP)
@@ -104,10 +130,11 @@ def build_prompts(seed: int):
 @click.option("--n-valid", default=24, show_default=True)
 @click.option("--n-test", default=40, show_default=True)
 @click.option("--n-synthetic", default=100, show_default=True, help="Synthetic task examples added to train (1/10 to valid).")
+@click.option("--n-text", default=0, show_default=True, help="Plain documentation-text rows added to train (1/10 to valid).")
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=16, show_default=True, help="Prompts answered together by mlx_lm.batch_generate.")
-def main(out, n_train, n_valid, n_test, n_synthetic, max_tokens, seed, batch_size):
+def main(out, n_train, n_valid, n_test, n_synthetic, n_text, max_tokens, seed, batch_size):
     model, tokenizer = mlx_sbd.load(adapter_path=False)  # the base model's own answers
     prompts = build_prompts(seed)
     out = Path(out)
@@ -127,9 +154,10 @@ def main(out, n_train, n_valid, n_test, n_synthetic, max_tokens, seed, batch_siz
                 f.flush()
                 bar.update(len(chunk))
         print(f"{split}: {n} distilled rows -> {path}")
-    # The folder to train on: distilled rows plus synthetic task rows (1/10 as many in valid), shuffled.
+    # The folder to train on: distilled rows plus synthetic task and text rows (1/10 as many in valid), shuffled.
     mix = out / "mix"
     mix.mkdir(exist_ok=True)
+    modules = split_modules(random.Random(seed))
     rng = random.Random(seed)
     for split in ("train", "valid", "test"):
         lines = (out / f"{split}.jsonl").read_text().splitlines()
@@ -139,6 +167,9 @@ def main(out, n_train, n_valid, n_test, n_synthetic, max_tokens, seed, batch_siz
                 for ex in make_examples(task, count // 2, seed=seed + (split == "valid")):
                     lines.append(json.dumps({"messages": [{"role": "user", "content": ex["prompt"]},
                                                           {"role": "assistant", "content": ex["completion"]}]}))
+            if n_text:
+                rows = doc_texts(modules[split], n_text if split == "train" else max(n_text // 10, 2), random.Random(seed))
+                lines += [json.dumps(row) for row in rows]
         rng.shuffle(lines)
         (mix / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
         print(f"{mix / split}.jsonl: {len(lines)} rows")
