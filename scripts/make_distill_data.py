@@ -78,16 +78,16 @@ def doc_texts(modules: list, n: int, rng: random.Random, limit: int = 1200) -> l
     modules and of their public callables, in a seeded random order."""
     texts = []
     for mod_name in modules:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # importing (and reading the docs of) deprecated modules warns
             warnings.simplefilter("ignore")
             try:
                 mod = importlib.import_module(mod_name)
             except Exception:
                 continue
-        objs = [mod] + [o for name, o in sorted(vars(mod).items()) if not name.startswith("_") and callable(o)
-                        and getattr(o, "__module__", None) == mod_name]
-        for obj in objs:
-            doc = inspect.getdoc(obj)
+            objs = [mod] + [o for name, o in sorted(vars(mod).items()) if not name.startswith("_") and callable(o)
+                            and getattr(o, "__module__", None) == mod_name]
+            docs = [inspect.getdoc(obj) for obj in objs]
+        for doc in docs:
             if not doc or len(doc) < 200:
                 continue
             cut = doc[:limit]
