@@ -4,6 +4,11 @@ The cache only ever holds causal K/V of finalised tokens. A block starts as k ma
 carries the previous block's k tokens (causal: their K/V are committed to the cache by this very forward)
 plus the k masks; later forwards carry the block only. After every forward the block's own K/V are trimmed
 off again (mlx_lm's KVCache.trim is O(1)), so nothing of a mask or a partly revealed block stays.
+
+Blocks sit where training puts them, at 0, k, 2k, ... of the sequence (masks.training_mask). The prompt's
+tail after its last multiple of k therefore opens the first block as already revealed tokens and stays out of
+the cache until that block is done (`split_prompt`): in training a block's tokens are seen by the rest of the
+block only through the block itself, never as clean (causal) keys.
 """
 
 from dataclasses import dataclass, field
@@ -44,6 +49,14 @@ def prefill(model: SBDModel, cache: SBDCache, tokens: Sequence[int], step: int =
         mx.eval([c.state for c in cache.layers])
 
 
+def split_prompt(cache: SBDCache, ids: Sequence[int], block_size: int) -> Tuple[List[int], List[int]]:
+    """(tokens to prefill, head): `head` is the tail of the prompt inside the first decode block, which ends at
+    the next multiple of block_size of the whole sequence (cache, pending tokens and prompt)."""
+    ids = list(ids)
+    h = min((cache.offset + len(cache.pending) + len(ids)) % block_size, len(ids))
+    return ids[: len(ids) - h], ids[len(ids) - h :]
+
+
 def block_forward(model: SBDModel, tokens: List[int], k: int, cache: SBDCache) -> mx.array:
     """One SBD forward over `tokens` = [committed-to-be prefix (causal)] + [block of k (sees everything)].
 
@@ -70,24 +83,25 @@ def sbd_steps(
     max_tokens: int,
     max_length: int,
     eos_ids: Sequence[int],
+    head: Sequence[int] = (),
 ) -> Iterator[Step]:
-    """SBD generation after the whole prompt is prefilled: yields each run of newly finalised tokens (the
-    block's revealed prefix) as it grows."""
+    """SBD generation after the prompt is prefilled but its `head` (split_prompt), which opens the first block:
+    yields each run of newly finalised tokens (the block's revealed prefix) as it grows."""
     eos = set(eos_ids)
     prev: List[int] = []  # the last finished block: finalised, K/V not yet in the cache
+    head = list(head)  # finalised tokens at the start of the current block, not in the cache
     produced = nfe = 0
     while True:
         start_pos = cache.offset + len(prev)  # absolute position of the block's first token
         # Blocks end at multiples of block_size, as in training (masks.training_mask aligns blocks at 0, k, 2k of
-        # the sequence), so the first block after the prompt may be shorter. Blocks that start right after the
-        # prompt instead put masks at offsets within a block the model never trained on: the tiny arithmetic
-        # model drops from 92% to 63% exact match at k=8, gamma=0.1 (BENCHMARKS.md).
-        k = min(block_size - start_pos % block_size, max_tokens - produced, max_length - start_pos)
-        if k <= 0:
-            cache.pending = prev
+        # the sequence). Masks at in-block offsets the model never trained on cost the tiny arithmetic model
+        # 92% -> 63% exact match at k=8, gamma=0.1 (BENCHMARKS.md).
+        k = min(block_size - start_pos % block_size, len(head) + max_tokens - produced, max_length - start_pos)
+        if k <= len(head):
+            cache.pending = prev + head
             yield [], nfe, "length"
             return
-        blk, done = [MASK_ID] * k, 0  # done: length of the block's finalised prefix
+        blk, done = head + [MASK_ID] * (k - len(head)), len(head)  # done: length of the block's finalised prefix
         while done < k:
             logprobs = block_forward(model, prev + blk, k, cache)
             prev = []  # committed by that forward
@@ -107,7 +121,7 @@ def sbd_steps(
                     return
             if done > start:
                 yield blk[start:done], nfe, None
-        prev, produced = blk, produced + k
+        prev, produced, head = blk, produced + k - len(head), []
 
 
 def ntp_steps(

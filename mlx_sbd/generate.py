@@ -10,7 +10,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .decode import SBDCache, make_prompt_cache, ntp_steps, prefill, sbd_steps
+from .decode import SBDCache, make_prompt_cache, ntp_steps, prefill, sbd_steps, split_prompt
 from .errors import SBDError
 from .model import SBDModel
 from .samplers import make_selector, make_token_sampler
@@ -87,15 +87,18 @@ def stream_generate(
     select = make_selector(sampler, gamma)
     common = dict(max_tokens=max_tokens, max_length=max_length, eos_ids=list(tokenizer.eos_token_ids))
 
-    # Prefill is timed on its own: SBD prefills the whole prompt, NTP all but the last token (which its
-    # first forward takes), so generation time counts exactly the forwards that produce tokens.
+    # Prefill is timed on its own: SBD prefills the prompt up to its first decode block (the tail opens that
+    # block), NTP all but the last token (which its first forward takes), so generation time counts exactly
+    # the forwards that produce tokens.
     tic = time.perf_counter()
-    prefill(model, cache, ids if block_size > 1 else ids[:-1], prefill_step_size)
+    head = split_prompt(cache, ids, block_size)[1] if block_size > 1 else ids[-1:]
+    prefill(model, cache, ids[: len(ids) - len(head)], prefill_step_size)
     prompt_tps = len(ids) / max(time.perf_counter() - tic, 1e-9)
     if block_size == 1:
         steps = ntp_steps(model, ids[-1], cache, sampler=token_sampler, **common)
     else:
-        steps = sbd_steps(model, cache, block_size=block_size, select=select, sample=token_sampler, **common)
+        steps = sbd_steps(model, cache, block_size=block_size, select=select, sample=token_sampler, head=head,
+                          **common)
 
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()

@@ -11,9 +11,10 @@ from mlx_lm.generate import generate_step
 
 import mlx_sbd
 from mlx_sbd import decode
-from mlx_sbd.decode import make_prompt_cache, prefill, sbd_steps
+from mlx_sbd.decode import make_prompt_cache, prefill, sbd_steps, split_prompt
 from mlx_sbd.errors import SBDError
 from mlx_sbd.loading import load_model
+from mlx_sbd.masks import training_mask
 from mlx_sbd.model import MASK_ID
 from mlx_sbd.samplers import make_selector, make_token_sampler
 from mlx_sbd.tiny import make_tiny_model
@@ -33,11 +34,12 @@ def tiny(request, tmp_path_factory):
 
 def run_sbd(model, k, gamma, max_tokens=40, eos=()):
     cache = make_prompt_cache(model)
-    prefill(model, cache, PROMPT)
+    ids, head = split_prompt(cache, PROMPT, k)
+    prefill(model, cache, ids)
     out, nfe = [], 0
     for tokens, nfe, _ in sbd_steps(model, cache, block_size=k, select=make_selector("entropy", gamma),
                                      sample=make_token_sampler(0.0), max_tokens=max_tokens, max_length=4096,
-                                     eos_ids=eos):
+                                     eos_ids=eos, head=head):
         out += tokens
     return out, nfe, cache
 
@@ -84,10 +86,39 @@ def test_each_step_equals_from_scratch_forward(tiny, monkeypatch):
     assert all(MASK_ID not in tokens[:-k] for _, tokens, k, _ in records)
 
 
+@pytest.mark.parametrize("k", [4, 8, 16])
+def test_first_block_sees_the_prompt_as_training_does(tiny, monkeypatch, k):
+    """The prompt's tail after its last multiple of k opens the first block as revealed tokens and is not in the
+    cache, as in training: the block's log-probabilities equal the noised half of a training forward
+    (masks.training_mask) whose noised copy masks every position after the prompt."""
+    _, model = tiny
+    first = []
+    real = decode.block_forward
+
+    def recording(model_, tokens, k_, cache):
+        logprobs = real(model_, tokens, k_, cache)
+        if not first:
+            first.append((cache.offset, list(tokens), k_, np.array(logprobs)))
+        return logprobs
+
+    monkeypatch.setattr(decode, "block_forward", recording)
+    run_sbd(model, k, 0.5, max_tokens=10)
+    offset, tokens, k_, logprobs = first[0]
+    start = len(PROMPT) // k * k
+    L = start + k
+    assert (offset, k_, tokens) == (start, k, PROMPT[start:] + [MASK_ID] * (L - len(PROMPT)))
+    clean = PROMPT + [0] * (L - len(PROMPT))  # after the prompt: positions no query of this block may see
+    noised = PROMPT + [MASK_ID] * (L - len(PROMPT))
+    logits = model.forward(mx.array(clean + noised)[None], positions=mx.array(list(range(L)) * 2),
+                           mask=training_mask(L, k))[0, L + start :]
+    ref = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    assert np.abs(ref - logprobs).max() <= 1e-5 * np.abs(ref).max()
+
+
 @pytest.mark.parametrize("k,max_tokens", [(4, 23), (8, 40)])
 def test_blocks_end_at_multiples_of_k_as_in_training(tiny, monkeypatch, k, max_tokens):
     """Training blocks sit at 0, k, 2k, ... of the sequence (masks.training_mask), so decode blocks must too: the
-    first block after the prompt is the rest of the prompt's last block, the last one is cut by max_tokens."""
+    first block is the prompt's last block (its tail revealed, the rest masked), the last one is cut by max_tokens."""
     _, model = tiny
     spans = []
     real = decode.block_forward
@@ -102,7 +133,7 @@ def test_blocks_end_at_multiples_of_k_as_in_training(tiny, monkeypatch, k, max_t
     out, _, _ = run_sbd(model, k, 0.5, max_tokens=max_tokens)
     assert len(out) == max_tokens
     end = len(PROMPT) + max_tokens
-    edges = [len(PROMPT)] + [p for p in range(len(PROMPT) + 1, end) if p % k == 0] + [end]
+    edges = [len(PROMPT) // k * k] + [p for p in range(len(PROMPT) + 1, end) if p % k == 0] + [end]
     assert spans == list(zip(edges[:-1], edges[1:]))
 
 
