@@ -91,8 +91,8 @@ def stream_generate(
     # block), NTP all but the last token (which its first forward takes), so generation time counts exactly
     # the forwards that produce tokens.
     tic = time.perf_counter()
-    head = split_prompt(cache, ids, block_size)[1] if block_size > 1 else ids[-1:]
-    prefill(model, cache, ids[: len(ids) - len(head)], prefill_step_size)
+    to_prefill, head = split_prompt(cache, ids, block_size) if block_size > 1 else (ids[:-1], ids[-1:])
+    prefill(model, cache, to_prefill, prefill_step_size)
     prompt_tps = len(ids) / max(time.perf_counter() - tic, 1e-9)
     if block_size == 1:
         steps = ntp_steps(model, ids[-1], cache, sampler=token_sampler, **common)

@@ -13,13 +13,11 @@ Measures, with the base model and the SBD model (base + adapter) loaded side by 
 Wall-clock tokens/s against mlx_lm.generate is scripts/bench_decode.py. Prints tables; saves raw JSON.
 """
 
-import importlib
 import inspect
 import math
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import click
@@ -29,7 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, save  # noqa: E402
-from make_distill_data import split_modules  # noqa: E402
+from make_distill_data import documented, split_modules  # noqa: E402
 
 import mlx_sbd  # noqa: E402
 from mlx_sbd.generate import encode_prompt  # noqa: E402
@@ -94,12 +92,8 @@ def raw_doc_texts(seed: int, n: int) -> list:
     """Documentation text of the held-out (test) modules, which the base model never wrote."""
     texts = []
     for name in split_modules(random.Random(seed))["test"]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                doc = inspect.getdoc(importlib.import_module(name))
-            except Exception:
-                continue
+        found = documented(name)
+        doc = inspect.getdoc(found[0]) if found else None
         if doc and len(doc) > 200:
             texts.append(doc[:2000])
     return texts[:n]

@@ -48,21 +48,29 @@ def first_paragraph(doc: str, limit: int = 320) -> str:
     return para[:limit]
 
 
-def module_prompts(mod_name: str):
-    """Prompts from one stdlib module: its docstring and its public functions' docstrings."""
+def documented(mod_name: str):
+    """(module, [(name, callable, docstring)] of its public callables defined there), or None when the module
+    cannot be imported here. Importing deprecated modules, and reading their docs, warns: silenced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             mod = importlib.import_module(mod_name)
         except Exception:
-            return []
+            return None
+        return mod, [(name, obj, inspect.getdoc(obj)) for name, obj in sorted(vars(mod).items())
+                     if not name.startswith("_") and callable(obj) and getattr(obj, "__module__", None) == mod_name]
+
+
+def module_prompts(mod_name: str):
+    """Prompts from one stdlib module: its docstring and its public functions' docstrings."""
+    found = documented(mod_name)
+    if found is None:
+        return []
+    mod, callables = found
     out = []
     if mod.__doc__ and len(mod.__doc__) > 40:
         out += [t.format(mod=mod_name, doc=first_paragraph(mod.__doc__)) for t in MODULE_TEMPLATES]
-    for name, obj in sorted(vars(mod).items()):
-        if name.startswith("_") or not callable(obj) or getattr(obj, "__module__", None) != mod_name:
-            continue
-        doc = inspect.getdoc(obj)
+    for name, obj, doc in callables:
         if not doc or len(doc) < 40:
             continue
         try:
@@ -78,16 +86,11 @@ def doc_texts(modules: list, n: int, rng: random.Random, limit: int = 1200) -> l
     modules and of their public callables, in a seeded random order."""
     texts = []
     for mod_name in modules:
-        with warnings.catch_warnings():  # importing (and reading the docs of) deprecated modules warns
-            warnings.simplefilter("ignore")
-            try:
-                mod = importlib.import_module(mod_name)
-            except Exception:
-                continue
-            objs = [mod] + [o for name, o in sorted(vars(mod).items()) if not name.startswith("_") and callable(o)
-                            and getattr(o, "__module__", None) == mod_name]
-            docs = [inspect.getdoc(obj) for obj in objs]
-        for doc in docs:
+        found = documented(mod_name)
+        if found is None:
+            continue
+        mod, callables = found
+        for doc in [inspect.getdoc(mod)] + [doc for _, _, doc in callables]:
             if not doc or len(doc) < 200:
                 continue
             cut = doc[:limit]

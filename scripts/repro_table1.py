@@ -81,10 +81,7 @@ def prepare(work: Path, args) -> tuple:
         valid_set += ex[args.n_train : args.n_train + 32]
         tests[task] = ex[args.n_train + 32 :]
     random.Random(args.seed).shuffle(train_set)
-    data = work / "data"
-    data.mkdir(exist_ok=True)
-    for name, rows in (("train", train_set), ("valid", valid_set)):
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_data(work / "data", train_set, valid_set)
 
     chars = "".join(sorted(set(alphabet("arithmetic") + alphabet("reverse"))))
     base = work / "base"
@@ -101,10 +98,16 @@ def prepare(work: Path, args) -> tuple:
             pre_train += ex[32:]
             pre_valid += ex[:32]
         random.Random(args.seed + 1).shuffle(pre_train)
-        for name, rows in (("train", pre_train), ("valid", pre_valid)):
-            (work / "pretrain_data").mkdir(exist_ok=True)
-            (work / "pretrain_data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_data(work / "pretrain_data", pre_train, pre_valid)
     return base, data, tests
+
+
+def write_data(folder: Path, train_set: list, valid_set: list) -> Path:
+    """A training data folder: train.jsonl and valid.jsonl."""
+    folder.mkdir(exist_ok=True)
+    for name, rows in (("train", train_set), ("valid", valid_set)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
 
 
 def fine_tune(base: Path, data: Path, adapter_path: Path, objective: str, args, iters: int, init=None):
