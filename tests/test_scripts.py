@@ -1,12 +1,16 @@
-"""The evidence scripts' data hygiene: nothing the adapter trains on comes from the held-out modules."""
+"""The evidence scripts: data hygiene (nothing the adapter trains on comes from the held-out modules) and
+repro_table1's split of training and evaluation."""
 
+import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import eval_adapter  # noqa: E402
 import make_distill_data  # noqa: E402
+import pytest  # noqa: E402
 
 
 def test_text_rows_never_come_from_held_out_modules():
@@ -20,3 +24,26 @@ def test_text_rows_never_come_from_held_out_modules():
     # A training row is a docstring cut at a paragraph break; none may start like a held-out module's docstring.
     assert not any(doc[:200] == text[:200] for doc in held_out for text in seen)
     assert set(modules["train"]).isdisjoint(modules["test"]) and set(modules["valid"]).isdisjoint(modules["test"])
+
+
+@pytest.mark.slow
+def test_repro_table1_trains_one_model_per_process_then_evaluates(tmp_path):
+    """`--train-only sbd` trains the pretrained base and the SBD model and nothing else; the plain command then
+    trains the NTP model, reuses the finished ones untouched and writes the table."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    script = Path(__file__).parents[1] / "scripts" / "repro_table1.py"
+    args = [sys.executable, str(script), "--work", str(work), "--out", str(out), "--n-train", "48", "--n-test", "2",
+            "--iters", "3", "--batch-size", "4", "--hidden-size", "32", "--layers", "1", "--pretrain-iters", "2",
+            "--ks", "8", "--gammas", "0,1"]
+    subprocess.run(args + ["--train-only", "sbd"], check=True, capture_output=True)
+    assert (work / "sbd" / "adapters.safetensors").is_file() and (work / "pretrained" / "adapters.safetensors").is_file()
+    assert not (work / "ntp").exists() and not (work / "rows.json").exists() and not out.exists()
+    # modification times, not bytes: a retrain with the same seed could write the same bytes again
+    trained = {m: (work / m / "adapters.safetensors").stat().st_mtime_ns for m in ("sbd", "pretrained")}
+
+    subprocess.run(args, check=True, capture_output=True)
+    assert {m: (work / m / "adapters.safetensors").stat().st_mtime_ns for m in ("sbd", "pretrained")} == trained
+    rows = json.loads((out / "table1.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["NTP model, NTP decoding", "SBD model, NTP decoding",
+                                         "SBD model, k=8, gamma=0", "SBD model, k=8, gamma=1"]
+    assert (out / "table1.png").is_file()
