@@ -20,6 +20,7 @@ for one process alone, so nearly twice the throughput); the command without it t
 """
 
 import argparse
+import importlib.util
 import json
 import random
 import time
@@ -190,6 +191,11 @@ def markdown(rows: list, tasks: list) -> str:
     return "\n".join(lines)
 
 
+def have_matplotlib() -> bool:
+    """The plot needs matplotlib, which is optional (the `bench` extra)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot(rows: list, tasks: list, path: Path) -> None:
     import matplotlib
 
@@ -223,6 +229,9 @@ def plot(rows: list, tasks: list, path: Path) -> None:
 def main():
     args = parse_args()
     work, out = Path(args.work), Path(args.out)
+    if not args.train_only and not have_matplotlib():  # said first, not after an hour of training
+        print("matplotlib is not installed: the table will be written without its plot "
+              "(pip install 'mlx-sbd[bench]' for it)")
     base, data, tests = prepare(work, args)
     init = None
     if args.pretrain_iters:
@@ -240,7 +249,8 @@ def main():
     (out / "table1.json").write_text(json.dumps({"settings": settings_of(args), "rows": rows, "markdown": table},
                                                 indent=2))
     print(f"raw results: {out / 'table1.json'}")
-    plot(rows, tasks, out / "table1.png")
+    if have_matplotlib():
+        plot(rows, tasks, out / "table1.png")
 
 
 if __name__ == "__main__":
