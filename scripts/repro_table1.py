@@ -237,10 +237,10 @@ def main():
     if args.pretrain_iters:
         init = work / "pretrained"  # resumes like the fine-tunes; a finished one returns at once
         fine_tune(base, work / "pretrain_data", init, "ntp", args, args.pretrain_iters)
+    names = [args.train_only] if args.train_only else ["ntp", "sbd"]
+    models = {name: fine_tune(base, data, work / name, name, args, args.iters, init) for name in names}
     if args.train_only:
-        fine_tune(base, data, work / args.train_only, args.train_only, args, args.iters, init)
         return
-    models = {name: fine_tune(base, data, work / name, name, args, args.iters, init) for name in ("ntp", "sbd")}
     rows = evaluate_rows(models, tests, work, args)
     tasks = list(tests)
     table = markdown(rows, tasks)

@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import eval_adapter  # noqa: E402
 import make_distill_data  # noqa: E402
 import repro_table1  # noqa: E402
-import pytest  # noqa: E402
 
 
 def test_text_rows_never_come_from_held_out_modules():
