@@ -1,5 +1,5 @@
-"""The evidence scripts: data hygiene (nothing the adapter trains on comes from the held-out modules) and
-repro_table1's split of training and evaluation."""
+"""The evidence scripts: data hygiene (nothing the adapter trains on comes from the held-out modules),
+repro_table1's split of training and evaluation, and learning_curve's teacher-forced decoding."""
 
 import json
 import random
@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
+import mlx_sbd
+from mlx_sbd.generate import encode_prompt
+from mlx_sbd.samplers import make_selector
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import eval_adapter  # noqa: E402
+import learning_curve  # noqa: E402
 import make_distill_data  # noqa: E402
 import repro_table1  # noqa: E402
 
@@ -52,3 +57,20 @@ def test_repro_table1_trains_one_model_per_process_then_evaluates(tmp_path):
                                          "SBD model, k=8, gamma=0", "SBD model, k=8, gamma=1"]
     # The plot needs the optional matplotlib (the `bench` extra); without it the table is still written.
     assert (out / "table1.png").is_file() == repro_table1.have_matplotlib()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k, gamma", [(4, 0.1), (8, 0.35)])
+def test_teacher_forcing_a_models_own_sbd_output_replays_its_decode(k, gamma):
+    """learning_curve scores checkpoints by teacher-forced block decoding in one batched layout. Fed the text the
+    real SBD decode loop (KV cache, aligned blocks, EB rule) produced, it must spend the same forwards on it and
+    never reveal a token other than the one written, or its numbers are not what decoding would do."""
+    model, tokenizer = mlx_sbd.load()
+    messages = [{"role": "user", "content": "What is the Python standard library module `sched` used for?"}]
+    ids = encode_prompt(tokenizer, messages)
+    out, last = [], None
+    for last in mlx_sbd.stream_generate(model, tokenizer, messages, max_tokens=40, block_size=k, gamma=gamma):
+        out += last.tokens
+    assert last.finish_reason == "length" and last.nfe < len(out)  # blocks of several tokens, no EOS block
+    replay = learning_curve.teacher_forced(model, ids + out, len(ids), k, make_selector("entropy", gamma))
+    assert replay == {"forwards": last.nfe, "tokens": len(out), "wrong": 0}
