@@ -94,7 +94,7 @@ def main(data, adapters, n_rows, block_size, gamma, out):
     select = make_selector("entropy", gamma)
     results = {"machine": machine(), "data": data, "n_rows": len(rows), "block_size": block_size, "gamma": gamma,
                "points": []}
-    print(f"| steps | adapter | tokens | forwards | tokens per forward | revealed tokens != reference |")
+    print("| steps | adapter | tokens | forwards | tokens per forward | revealed tokens != reference |")
     print("|---|---|---|---|---|---|")
     for spec in adapters:
         steps, path = spec.split(":", 1)
