@@ -81,6 +81,16 @@ def teacher_forced(model, seq: list, start: int, k: int, select) -> dict:
     return {"forwards": forwards, "tokens": L - start, "wrong": wrong}
 
 
+def parse_adapter(spec: str) -> tuple:
+    """"STEPS:PATH" -> (steps, path), or a usage error naming what is wrong."""
+    steps, _, path = spec.partition(":")
+    if not steps.isdigit() or not path:
+        raise click.BadParameter(f"'{spec}' is not STEPS:PATH (e.g. 100:adapters/stage1)", param_hint="--adapter")
+    if not Path(path).is_dir():
+        raise click.BadParameter(f"no adapter folder at {path}", param_hint="--adapter")
+    return int(steps), path
+
+
 @click.command()
 @click.option("--data", required=True, help="Folder from scripts/make_distill_data.py (test.jsonl is used).")
 @click.option("--adapter", "adapters", multiple=True, required=True,
@@ -90,21 +100,21 @@ def teacher_forced(model, seq: list, start: int, k: int, select) -> dict:
 @click.option("--gamma", default=0.1, show_default=True)
 @click.option("--out", default="results/learning_curve.json", show_default=True)
 def main(data, adapters, n_rows, block_size, gamma, out):
+    points = [parse_adapter(spec) for spec in adapters]  # all checked before the first (minutes-long) point
     rows = [row for _, row in read_jsonl(Path(data) / "test.jsonl")][:n_rows]
     select = make_selector("entropy", gamma)
     results = {"machine": machine(), "data": data, "n_rows": len(rows), "block_size": block_size, "gamma": gamma,
                "points": []}
     print("| steps | adapter | tokens | forwards | tokens per forward | revealed tokens != reference |")
     print("|---|---|---|---|---|---|")
-    for spec in adapters:
-        steps, path = spec.split(":", 1)
+    for steps, path in points:
         model, tokenizer = mlx_sbd.load(adapter_path=path)
         total = {"forwards": 0, "tokens": 0, "wrong": 0}
         for row in tqdm(rows, desc=f"step {steps}", leave=False):
             seq, start = reference(tokenizer, row)
             for key, v in teacher_forced(model, seq, start, block_size, select).items():
                 total[key] += v
-        point = {"steps": int(steps), "adapter": path, **total, "tokens_per_forward": total["tokens"] / total["forwards"],
+        point = {"steps": steps, "adapter": path, **total, "tokens_per_forward": total["tokens"] / total["forwards"],
                  "wrong_share": total["wrong"] / total["tokens"]}
         results["points"].append(point)
         print(f"| {steps} | {path} | {total['tokens']} | {total['forwards']} | {point['tokens_per_forward']:.3f} | "
