@@ -51,7 +51,8 @@ def teacher_forced(model, seq: list, start: int, k: int, select) -> dict:
     """
     L, s0 = len(seq), start // k * k
     clean = np.array(seq, np.int32)
-    noised = clean[s0:].copy()
+    target = clean[s0:]  # what the noised blocks must come to hold
+    noised = target.copy()
     noised[start - s0:] = MASK_ID
     cache = model.make_cache()
     model.forward(mx.array(clean)[None], cache=cache)
@@ -76,8 +77,8 @@ def teacher_forced(model, seq: list, start: int, k: int, select) -> dict:
                 continue
             forwards += 1
             reveal = np.array(select(logprobs[blk], mx.array(masked)))
-            wrong += int((argmax[blk][reveal] != clean[s0:][blk][reveal]).sum())
-            noised[blk][reveal] = clean[s0:][blk][reveal]
+            wrong += int((argmax[blk][reveal] != target[blk][reveal]).sum())
+            noised[blk][reveal] = target[blk][reveal]
     return {"forwards": forwards, "tokens": L - start, "wrong": wrong}
 
 
