@@ -29,6 +29,7 @@ from common import machine, save  # noqa: E402
 import mlx_sbd  # noqa: E402
 from mlx_sbd.data import read_jsonl  # noqa: E402
 from mlx_sbd.generate import encode_prompt  # noqa: E402
+from mlx_sbd.masks import training_mask  # noqa: E402
 from mlx_sbd.model import MASK_ID  # noqa: E402
 from mlx_sbd.samplers import make_selector  # noqa: E402
 
@@ -46,8 +47,8 @@ def teacher_forced(model, seq: list, start: int, k: int, select) -> dict:
     """Decode seq[start:] block by block with teacher forcing; -> forwards summed over blocks, tokens, wrong.
 
     The clean sequence goes into a KV cache once (its causal K/V are what every block attends to); each forward
-    then carries only the noised blocks from the one holding `start` on, with the training mask's noised rows:
-    a block sees the clean keys before it and its own block.
+    then carries only the noised blocks from the one holding `start` on, under masks.training_mask's rows for
+    them: a block sees the clean keys before it and its own block.
     """
     L, s0 = len(seq), start // k * k
     clean = np.array(seq, np.int32)
@@ -56,12 +57,11 @@ def teacher_forced(model, seq: list, start: int, k: int, select) -> dict:
     noised[start - s0:] = MASK_ID
     cache = model.make_cache()
     model.forward(mx.array(clean)[None], cache=cache)
-    pos = np.arange(s0, L)
-    block_start = pos // k * k
-    sees_clean = np.arange(L)[None, :] < block_start[:, None]  # [T, L]
-    sees_noised = block_start[:, None] == block_start[None, :]  # [T, T]
-    mask = mx.array(np.concatenate([sees_clean, sees_noised], axis=1))
-    positions = mx.array(pos.astype(np.int32))
+    # The training mask's rows of the noised queries from s0 on, over the clean keys (now in the cache) and the
+    # noised keys from s0 on (blocks before s0 are never seen by these rows: s0 starts a block).
+    both = training_mask(L, k)  # [2L, 2L]: clean half, then noised half
+    mask = mx.concatenate([both[L + s0:, :L], both[L + s0:, L + s0:]], axis=1)
+    positions = mx.arange(s0, L)
     forwards = wrong = 0
     while (noised == MASK_ID).any():
         h = model.forward(mx.array(noised)[None], positions=positions, mask=mask, cache=cache, return_hidden=True)
