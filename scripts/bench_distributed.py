@@ -1,6 +1,7 @@
 """Data-parallel training speed: `mlx-sbd train` on 1 vs N local processes (ring back-end on 127.0.0.1).
 
-Trains a tiny random llama on the reverse task with the same global batch in every run, and reports steps/s and
+Trains a tiny random llama on the reverse task (or, with --config, the model, data and settings of a training
+YAML such as the SmolLM2 adapter recipe's) with the same global batch in every run, and reports steps/s and
 tokens/s (real sequence tokens of the global batch, counted once) from rank 0's train_log.jsonl, leaving out
 the first report (warm-up). Prints a table and saves the raw numbers as JSON.
 
@@ -11,6 +12,8 @@ about one core busy while 2 ranks keep both busy; the speedup of N Macs has to b
 
     python scripts/bench_distributed.py                      # 1 vs 2 processes, tiny model, 20 steps
     python scripts/bench_distributed.py --processes 1,2,4 --batch-size 16 --hidden-size 256
+    python scripts/bench_distributed.py --config mlx_sbd/adapters/smollm2-135m-instruct-sbd/train.yaml \
+        --iters 6 --compile                                  # SmolLM2, the recipe's stage 1
 """
 
 import json
@@ -82,7 +85,9 @@ def run(n: int, train_args: list, adapter_path: Path, threads: int, timeout: int
 
 @click.command()
 @click.option("--processes", default="1,2", help="Comma-separated process counts to compare.")
-@click.option("--batch-size", default=8, help="Global batch (split over the processes).")
+@click.option("--config", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Train with this mlx-sbd train YAML (model, data, LoRA, batch) instead of the tiny model.")
+@click.option("--batch-size", default=None, type=int, help="Global batch (split over the processes). Default: 8, or the config's.")
 @click.option("--iters", default=20, help="Optimizer steps per run (the first is warm-up).")
 @click.option("--hidden-size", default=128)
 @click.option("--layers", default=4)
@@ -90,18 +95,24 @@ def run(n: int, train_args: list, adapter_path: Path, threads: int, timeout: int
 @click.option("--compile", "compiled", is_flag=True, help="mx.compile the step (CPU: ~30 s JIT per process first).")
 @click.option("--timeout", default=600, help="Seconds per run before giving up.")
 @click.option("--out", default="bench_distributed.json")
-def main(processes, batch_size, iters, hidden_size, layers, blas_threads, compiled, timeout, out):
+def main(config, processes, batch_size, iters, hidden_size, layers, blas_threads, compiled, timeout, out):
     counts = [int(n) for n in processes.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = make_tiny_model(tmp / "base", alphabet=alphabet("reverse"), hidden_size=hidden_size,
-                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                               intermediate_size=2 * hidden_size)
-        data = write_dataset(tmp / "data", "reverse", 40 * batch_size, batch_size, 1, seed=0)
-        train_args = ["--model", str(base), "--data", str(data), "--iters", str(iters), "--batch-size",
-                      str(batch_size), "--num-layers", "-1", "--steps-per-report", "1", "--save-every", str(10**9),
-                      "--warmup", "1", "--val-batches", "1", *([] if compiled else ["--no-compile"])]
+        common = ["--iters", str(iters), "--steps-per-report", "1", "--save-every", str(10**9), "--warmup", "1",
+                  "--val-batches", "1", *(["--batch-size", str(batch_size)] if batch_size else []),
+                  *([] if compiled else ["--no-compile"])]
+        if config:
+            train_args = ["--config", config, "--steps-per-eval", str(10**9), *common]
+        else:
+            batch_size = batch_size or 8
+            base = make_tiny_model(tmp / "base", alphabet=alphabet("reverse"), hidden_size=hidden_size,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=2 * hidden_size)
+            data = write_dataset(tmp / "data", "reverse", 40 * batch_size, batch_size, 1, seed=0)
+            train_args = ["--model", str(base), "--data", str(data), "--num-layers", "-1", "--batch-size",
+                          str(batch_size), *common]
         for n in counts:
             print(f"training on {n} process(es) ...", flush=True)
             threads = blas_threads or max(1, (os.cpu_count() or 1) // n)
@@ -113,8 +124,9 @@ def main(processes, batch_size, iters, hidden_size, layers, blas_threads, compil
             rows.append({"processes": n, "blas_threads": threads, "steps_per_s": 1 / s_per_step,
                          "tokens_per_s": tokens / s_per_step, "final_ntp": reports[-1]["ntp"], "reports": reports})
     one = rows[0]["steps_per_s"]
-    print(f"\ntiny llama: hidden {hidden_size}, {layers} layers, LoRA all layers; global batch {batch_size}; "
-          f"{'compiled' if compiled else 'eager'} step; {os.cpu_count()} CPU cores")
+    what = f"{config}" if config else f"tiny llama: hidden {hidden_size}, {layers} layers, LoRA all layers"
+    print(f"\n{what}; global batch {batch_size or 'of the config'}; {'compiled' if compiled else 'eager'} step; "
+          f"{os.cpu_count()} CPU cores")
     print("| processes | BLAS threads each | steps/s (median) | tokens/s | vs first row | final NTP |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -123,7 +135,7 @@ def main(processes, batch_size, iters, hidden_size, layers, blas_threads, compil
     print("\nCaveat: all processes share this one machine, so this is not a multi-Mac speedup: the ratio mixes the "
           "cost of sharding + all_sum over loopback with how many of the cores one process manages to keep busy.")
     save({"machine": machine(), "load_average": os.getloadavg(), "batch_size": batch_size, "iters": iters,
-          "model": {"hidden_size": hidden_size, "layers": layers}, "compiled": compiled, "runs": rows}, out)
+          "config": config, "model": None if config else {"hidden_size": hidden_size, "layers": layers}, "compiled": compiled, "runs": rows}, out)
 
 
 if __name__ == "__main__":

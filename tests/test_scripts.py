@@ -1,5 +1,6 @@
 """The evidence scripts: data hygiene (nothing the adapter trains on comes from the held-out modules),
-repro_table1's split of training and evaluation, and learning_curve's teacher-forced decoding."""
+repro_table1's split of training and evaluation, bench_distributed on a training config, and learning_curve's
+teacher-forced decoding."""
 
 import json
 import random
@@ -57,6 +58,30 @@ def test_repro_table1_trains_one_model_per_process_then_evaluates(tmp_path):
                                          "SBD model, k=8, gamma=0", "SBD model, k=8, gamma=1"]
     # The plot needs the optional matplotlib (the `bench` extra); without it the table is still written.
     assert (out / "table1.png").is_file() == repro_table1.have_matplotlib()
+
+
+@pytest.mark.slow
+def test_bench_distributed_trains_a_config_on_one_and_two_processes_alike(tmp_path):
+    """--config trains the YAML's model and data (not the built-in tiny model) with its settings, and the two
+    runs, one process and two data-parallel ranks over the same global batches, end at the same loss."""
+    from mlx_sbd.tasks import alphabet, write_dataset
+    from mlx_sbd.tiny import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "base", alphabet=alphabet("arithmetic"), hidden_size=48, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, intermediate_size=96)
+    data = write_dataset(tmp_path / "data", "arithmetic", 32, 4, 1, seed=0)
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: {base}\ndata: {data}\nbatch_size: 4\nblock_size_max: 4\n"
+                      "learning_rate: 3.0e-3\nlora_parameters: {rank: 4, scale: 10.0, dropout: 0.0}\n")
+    out = tmp_path / "bench.json"
+    script = Path(__file__).parents[1] / "scripts" / "bench_distributed.py"
+    subprocess.run([sys.executable, str(script), "--config", str(config), "--processes", "1,2", "--iters", "3",
+                    "--out", str(out)], check=True, capture_output=True)
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["processes"] for r in runs] == [1, 2]
+    assert all(len(r["reports"]) == 3 for r in runs)
+    assert [max(r["lr"] for r in run["reports"]) for run in runs] == pytest.approx([3e-3, 3e-3])  # the config's lr
+    assert [r["ntp"] for r in runs[0]["reports"]] == pytest.approx([r["ntp"] for r in runs[1]["reports"]], rel=1e-4)
 
 
 @pytest.mark.slow
