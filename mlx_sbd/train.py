@@ -138,6 +138,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         load_trained_weights(model, Path(cfg.init_adapter), f"--init-adapter {cfg.init_adapter}")
         tqdm.write(f"Starting from the weights of {cfg.init_adapter}")
     start = restore_checkpoint(adapter_path, model, optimizer) if cfg.resume and main else 0
+    if start:
+        prune_log(adapter_path, start)
     if size > 1:  # one starting point for all: rank 0's (its checkpoint's) weights, optimizer state and step
         model.update(broadcast(model.trainable_parameters(), world))
         optimizer.state = broadcast(optimizer.state, world)
@@ -265,6 +267,17 @@ def log(adapter_path: Path, record: dict) -> None:
     adapter_path.mkdir(parents=True, exist_ok=True)
     with open(adapter_path / "train_log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def prune_log(adapter_path: Path, step: int) -> None:
+    """Drop what a killed run logged after its checkpoint at `step` (training reports past it, validation from
+    it on): the resumed run logs those again, so the log reads like the uninterrupted run's."""
+    path = adapter_path / "train_log.jsonl"
+    if not path.is_file():
+        return
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keep = [r for r in records if r["step"] < step or (r["step"] == step and "val_ntp" not in r)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def evaluate(model, dataset, cfg: TrainConfig, world):

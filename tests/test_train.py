@@ -41,7 +41,7 @@ def run(base, data, adapter_path, **overrides):
 
 def test_kill_and_resume_matches_uninterrupted(setup, tmp_path, monkeypatch):
     base, data = setup
-    run(base, data, tmp_path / "straight")
+    run(base, data, tmp_path / "straight", steps_per_report=1)
 
     calls = {"n": 0}
     real_make_batch = train_module.make_batch
@@ -54,14 +54,21 @@ def test_kill_and_resume_matches_uninterrupted(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "make_batch", dying_make_batch)
     with pytest.raises(KeyboardInterrupt):
-        run(base, data, tmp_path / "killed")
+        run(base, data, tmp_path / "killed", steps_per_report=1)
     monkeypatch.setattr(train_module, "make_batch", real_make_batch)
     checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     assert checkpoints == ["step_0000003"]
     state = json.loads((tmp_path / "killed" / "checkpoints" / "step_0000003" / "state.json").read_text())
     assert state["step"] == 3 and state["batches_consumed"] == 6
 
-    run(base, data, tmp_path / "killed", resume=True)
+    run(base, data, tmp_path / "killed", resume=True, steps_per_report=1)
+    # The log reads like the uninterrupted run's: what the killed run logged from its checkpoint on (here the
+    # validation at step 3, which the resumed run repeats) is not there twice.
+    logs = {name: [json.loads(line) for line in open(tmp_path / name / "train_log.jsonl")] for name in ("straight", "killed")}
+    reports = {name: [(r["step"], round(r["ntp"], 4)) for r in log if "ntp" in r] for name, log in logs.items()}
+    assert [s for s, _ in reports["straight"]] == [1, 2, 3, 4, 5, 6]
+    assert reports["killed"] == reports["straight"]
+    assert [r["step"] for r in logs["killed"] if "val_ntp" in r] == [r["step"] for r in logs["straight"] if "val_ntp" in r]
     for name in ("adapters.safetensors", "sbd.safetensors"):
         a = mx.load(str(tmp_path / "straight" / name))
         b = mx.load(str(tmp_path / "killed" / name))
