@@ -135,7 +135,8 @@ def main(config, processes, batch_size, iters, hidden_size, layers, blas_threads
     print("\nCaveat: all processes share this one machine, so this is not a multi-Mac speedup: the ratio mixes the "
           "cost of sharding + all_sum over loopback with how many of the cores one process manages to keep busy.")
     save({"machine": machine(), "load_average": os.getloadavg(), "batch_size": batch_size, "iters": iters,
-          "config": config, "model": None if config else {"hidden_size": hidden_size, "layers": layers}, "compiled": compiled, "runs": rows}, out)
+          "config": config, "model": None if config else {"hidden_size": hidden_size, "layers": layers},
+          "compiled": compiled, "runs": rows}, out)
 
 
 if __name__ == "__main__":
