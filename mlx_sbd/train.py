@@ -46,6 +46,7 @@ from .loss import LOSSES
 from .model import SBDSettings
 
 CHECKPOINTS = "checkpoints"
+TRAIN_LOG = "train_log.jsonl"  # in the adapter folder: training reports and validation losses, one JSON per line
 
 
 @dataclass
@@ -265,14 +266,14 @@ def global_sum(values: np.ndarray, world) -> np.ndarray:
 def log(adapter_path: Path, record: dict) -> None:
     """Append one report to <adapter_path>/train_log.jsonl (train and validation losses, speed, memory)."""
     adapter_path.mkdir(parents=True, exist_ok=True)
-    with open(adapter_path / "train_log.jsonl", "a") as f:
+    with open(adapter_path / TRAIN_LOG, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def prune_log(adapter_path: Path, step: int) -> None:
     """Drop what a killed run logged after its checkpoint at `step` (training reports past it, validation from
     it on): the resumed run logs those again, so the log reads like the uninterrupted run's."""
-    path = adapter_path / "train_log.jsonl"
+    path = adapter_path / TRAIN_LOG
     if not path.is_file():
         return
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

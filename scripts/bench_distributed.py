@@ -87,7 +87,8 @@ def run(n: int, train_args: list, adapter_path: Path, threads: int, timeout: int
 @click.option("--processes", default="1,2", help="Comma-separated process counts to compare.")
 @click.option("--config", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Train with this mlx-sbd train YAML (model, data, LoRA, batch) instead of the tiny model.")
-@click.option("--batch-size", default=None, type=int, help="Global batch (split over the processes). Default: 8, or the config's.")
+@click.option("--batch-size", default=None, type=int,
+              help="Global batch (split over the processes). Default: 8, or the config's.")
 @click.option("--iters", default=20, help="Optimizer steps per run (the first is warm-up).")
 @click.option("--hidden-size", default=128)
 @click.option("--layers", default=4)
@@ -101,10 +102,10 @@ def main(config, processes, batch_size, iters, hidden_size, layers, blas_threads
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         common = ["--iters", str(iters), "--steps-per-report", "1", "--save-every", str(10**9), "--warmup", "1",
-                  "--val-batches", "1", *(["--batch-size", str(batch_size)] if batch_size else []),
-                  *([] if compiled else ["--no-compile"])]
+                  "--steps-per-eval", str(10**9), "--val-batches", "1",
+                  *(["--batch-size", str(batch_size)] if batch_size else []), *([] if compiled else ["--no-compile"])]
         if config:
-            train_args = ["--config", config, "--steps-per-eval", str(10**9), *common]
+            train_args = ["--config", config, *common]
         else:
             batch_size = batch_size or 8
             base = make_tiny_model(tmp / "base", alphabet=alphabet("reverse"), hidden_size=hidden_size,

@@ -13,6 +13,8 @@ import pytest
 import mlx_sbd
 from mlx_sbd.generate import encode_prompt
 from mlx_sbd.samplers import make_selector
+from mlx_sbd.tasks import alphabet, write_dataset
+from mlx_sbd.tiny import make_tiny_model
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import eval_adapter  # noqa: E402
@@ -64,9 +66,6 @@ def test_repro_table1_trains_one_model_per_process_then_evaluates(tmp_path):
 def test_bench_distributed_trains_a_config_on_one_and_two_processes_alike(tmp_path):
     """--config trains the YAML's model and data (not the built-in tiny model) with its settings, and the two
     runs, one process and two data-parallel ranks over the same global batches, end at the same loss."""
-    from mlx_sbd.tasks import alphabet, write_dataset
-    from mlx_sbd.tiny import make_tiny_model
-
     base = make_tiny_model(tmp_path / "base", alphabet=alphabet("arithmetic"), hidden_size=48, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=1, intermediate_size=96)
     data = write_dataset(tmp_path / "data", "arithmetic", 32, 4, 1, seed=0)
