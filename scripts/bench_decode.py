@@ -5,10 +5,16 @@ k in {1, 2, 4, 8, 16, 32} over a 256-token cache, and the paper's Eq. 16 predict
 speedup(l, k) = k*time(1) / (time(2k) + (l-1)*time(k)) next to the measured speedup over mlx_lm.
 Saves the raw numbers as JSON.
 
+Shared machines drift by 20% and more over minutes, so the settings are interleaved: each of --rounds rounds
+decodes every prompt with every setting in turn (mlx_lm first), and a setting's speedup is the median over rounds
+of its tokens/s over mlx_lm's in the same round (the range is printed beside it). time(k) is the median of its
+repetitions, taken the same way.
+
     python scripts/bench_decode.py                        # built-in SmolLM2 with its shipped SBD adapter
     python scripts/bench_decode.py --model M --adapter-path A --block-sizes 1,4,8,16 --gammas 0.1,0.35
 """
 
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,15 +40,17 @@ PROMPTS = [
 
 
 def time_forward(model, n_new: int, cache_len: int = 256, reps: int = 5) -> float:
-    """Seconds for one block forward over n_new tokens with cache_len tokens in the cache."""
+    """Median seconds of one block forward over n_new tokens with cache_len tokens in the cache."""
     cache = make_prompt_cache(model)
     prefill(model, cache, [(i * 7) % 1000 + 5 for i in range(cache_len)])
     tokens = [11] * n_new
     mx.eval(block_forward(model, tokens, n_new, cache))  # warm-up
-    tic = time.perf_counter()
+    times = []
     for _ in range(reps):
+        tic = time.perf_counter()
         mx.eval(block_forward(model, tokens, n_new, cache))
-    return (time.perf_counter() - tic) / reps
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
 
 
 def eq16_speedup(forward_times: dict, k: int, l: float) -> float:
@@ -76,7 +84,7 @@ def run_mlx_lm(model, tokenizer, ids, max_tokens):
     for last in mlx_lm_stream_generate(model.lm, tokenizer, mx.array(ids), max_tokens=max_tokens):
         pass
     return {"tokens": last.generation_tokens, "tps": last.generation_tps, "wall": time.perf_counter() - tic,
-            "nfe": last.generation_tokens}
+            "nfe": last.generation_tokens, "start": tic}
 
 
 def run_sbd(model, tokenizer, ids, max_tokens, k, gamma):
@@ -84,7 +92,24 @@ def run_sbd(model, tokenizer, ids, max_tokens, k, gamma):
     for last in mlx_sbd.stream_generate(model, tokenizer, ids, max_tokens=max_tokens, block_size=k, gamma=gamma):
         pass
     return {"tokens": last.generation_tokens, "tps": last.generation_tps, "wall": time.perf_counter() - tic,
-            "nfe": last.nfe}
+            "nfe": last.nfe, "start": tic}
+
+
+def summarize(name, k, gamma, rounds: list) -> dict:
+    """One table row from a setting's runs (rounds x prompts). Greedy decoding repeats itself, so tokens and
+    forwards are those of one round; tokens/s is per round (tps_rounds) and over all rounds (tps)."""
+    def gen_time(runs):  # generation time without prefill; a run may stop at once (EOS)
+        return sum(r["tokens"] / r["tps"] for r in runs if r["tokens"])
+
+    first = rounds[0]
+    tokens, nfe = sum(r["tokens"] for r in first), sum(r["nfe"] for r in first)
+    total_time = sum(gen_time(runs) for runs in rounds)
+    return {"engine": name, "block_size": k, "gamma": gamma, "tokens": tokens, "nfe": nfe,
+            "tokens_per_forward": tokens / nfe, "tps": len(rounds) * tokens / total_time if total_time else 0.0,
+            "tps_rounds": [sum(r["tokens"] for r in runs) / gen_time(runs) if gen_time(runs) else 0.0
+                           for runs in rounds],
+            "ms_per_forward": 1e3 * total_time / (len(rounds) * nfe),
+            "wall": sum(r["wall"] for runs in rounds for r in runs), "runs": rounds}
 
 
 @click.command()
@@ -93,9 +118,11 @@ def run_sbd(model, tokenizer, ids, max_tokens, k, gamma):
 @click.option("--block-sizes", default="1,4,8,16", show_default=True)
 @click.option("--gammas", default="0,0.1,0.35,0.6", show_default=True)
 @click.option("--max-tokens", default=128, show_default=True)
-@click.option("--prompts", "n_prompts", default=len(PROMPTS), show_default=True, help="How many of the built-in prompts.")
+@click.option("--prompts", "n_prompts", default=len(PROMPTS), show_default=True,
+              help="How many of the built-in prompts.")
+@click.option("--rounds", default=3, show_default=True, help="Interleaved rounds over all settings (see above).")
 @click.option("--out", default="results/bench_decode.json", show_default=True)
-def main(model, adapter_path, block_sizes, gammas, max_tokens, n_prompts, out):
+def main(model, adapter_path, block_sizes, gammas, max_tokens, n_prompts, rounds, out):
     sbd_model, tokenizer = mlx_sbd.load(model, adapter_path=adapter_path)
     prompts = [encode_prompt(tokenizer, p) for p in PROMPTS[:n_prompts]]
     ks = [int(k) for k in block_sizes.split(",")]
@@ -106,37 +133,42 @@ def main(model, adapter_path, block_sizes, gammas, max_tokens, n_prompts, out):
     forward_times = {n: time_forward(sbd_model, n) for n in tqdm([1, 2, 4, 8, 16, 32], desc="time(k)")}
     overhead = host_overhead()
 
-    rows = []
-    for name, k, g in tqdm(settings, desc="settings"):
-        runs = [run_mlx_lm(sbd_model, tokenizer, ids, max_tokens) if name == "mlx_lm"
-                else run_sbd(sbd_model, tokenizer, ids, max_tokens, k, g) for ids in prompts]
-        tokens, nfe, wall = (sum(r[key] for r in runs) for key in ("tokens", "nfe", "wall"))
-        gen_time = sum(r["tokens"] / r["tps"] for r in runs if r["tokens"])  # a run may stop at once (EOS)
-        rows.append({"engine": name, "block_size": k, "gamma": g, "tokens": tokens, "nfe": nfe,
-                     "tokens_per_forward": tokens / nfe, "tps": tokens / gen_time if gen_time else 0.0,
-                     "ms_per_forward": 1e3 * gen_time / nfe, "wall": wall, "runs": runs})
+    runs = {s: [[] for _ in range(rounds)] for s in settings}  # runs[setting][round] = one run per prompt
+    with tqdm(total=rounds * len(prompts) * len(settings), desc="decoding") as bar:
+        for rnd in range(rounds):
+            for ids in prompts:
+                for name, k, g in settings:
+                    run = (run_mlx_lm(sbd_model, tokenizer, ids, max_tokens) if name == "mlx_lm"
+                           else run_sbd(sbd_model, tokenizer, ids, max_tokens, k, g))
+                    runs[name, k, g][rnd].append(run)
+                    bar.update()
 
+    rows = [summarize(name, k, g, runs[name, k, g]) for name, k, g in settings]
     base = rows[0]
+    for r in rows:
+        r["speedup_rounds"] = [tps / base_tps for tps, base_tps in zip(r["tps_rounds"], base["tps_rounds"])]
+        r["speedup_vs_mlx_lm"] = statistics.median(r["speedup_rounds"])
     print(f"\nmachine: {machine()}\ndtype: {sbd_model.lm.model.embed_tokens.weight.dtype}")
     print("time(k) ms: " + ", ".join(f"k={n}: {t * 1e3:.1f}" for n, t in forward_times.items()))
     eq16 = {f"k={k},l={l}": eq16_speedup(forward_times, k, l) for k in (4, 8, 16) for l in (1, 2, 4) if l <= k}
     print("Eq. 16 prediction from time(k) (l = forwards per block): "
           + ", ".join(f"{key}: {v:.2f}x" for key, v in eq16.items()))
     print("host overhead per forward (tiny model), ms: " + ", ".join(f"{k}: {v:.2f}" for k, v in overhead.items()))
-    print(f"\n{'engine':8} {'k':>3} {'gamma':>5} {'tokens':>6} {'NFE':>5} {'tok/fwd':>7} {'ms/fwd':>7} {'tok/s':>7} "
-          f"{'speedup':>7} {'Eq.16':>6}")
+    print(f"\n{rounds} rounds; speedup = median over rounds of tok/s over mlx_lm's in the same round [min-max]")
+    print(f"{'engine':8} {'k':>3} {'gamma':>5} {'tokens':>6} {'NFE':>5} {'tok/fwd':>7} {'ms/fwd':>7} {'tok/s':>7} "
+          f"{'speedup':>7} {'range':>11} {'Eq.16':>6}")
     for r in rows:
         k = r["block_size"]
-        r["speedup_vs_mlx_lm"] = r["tps"] / base["tps"]
         if r["engine"] == "mlx-sbd" and k > 1 and 2 * k in forward_times and k in forward_times:
             r["eq16"] = eq16_speedup(forward_times, k, k / r["tokens_per_forward"])  # l = forwards per block
         predicted = f"{r['eq16']:6.2f}" if "eq16" in r else "     -"
         g = "-" if r["gamma"] is None else f"{r['gamma']:.2f}"
         print(f"{r['engine']:8} {k:>3} {g:>5} {r['tokens']:>6} {r['nfe']:>5} {r['tokens_per_forward']:>7.2f} "
-              f"{r['ms_per_forward']:>7.1f} {r['tps']:>7.2f} {r['speedup_vs_mlx_lm']:>6.2f}x {predicted}")
+              f"{r['ms_per_forward']:>7.1f} {r['tps']:>7.2f} {r['speedup_vs_mlx_lm']:>6.2f}x "
+              f"{min(r['speedup_rounds']):>5.2f}-{max(r['speedup_rounds']):.2f} {predicted}")
     save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
-          "max_tokens": max_tokens, "time_k": forward_times, "eq16": eq16, "host_overhead_ms": overhead,
-          "rows": rows}, out)
+          "max_tokens": max_tokens, "rounds": rounds, "time_k": forward_times, "eq16": eq16,
+          "host_overhead_ms": overhead, "rows": rows}, out)
 
 
 if __name__ == "__main__":
