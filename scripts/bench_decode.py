@@ -7,8 +7,8 @@ Saves the raw numbers as JSON.
 
 Shared machines drift by 20% and more over minutes, so the settings are interleaved: each of --rounds rounds
 decodes every prompt with every setting in turn (mlx_lm first), and a setting's speedup is the median over rounds
-of its tokens/s over mlx_lm's in the same round (the range is printed beside it). time(k) is the median of its
-repetitions, taken the same way.
+of its tokens/s over mlx_lm's in the same round (the range is printed beside it). time(k) is the median of 5
+repetitions.
 
     python scripts/bench_decode.py                        # built-in SmolLM2 with its shipped SBD adapter
     python scripts/bench_decode.py --model M --adapter-path A --block-sizes 1,4,8,16 --gammas 0.1,0.35
