@@ -101,14 +101,13 @@ def summarize(name, k, gamma, rounds: list) -> dict:
     def gen_time(runs):  # generation time without prefill; a run may stop at once (EOS)
         return sum(r["tokens"] / r["tps"] for r in runs if r["tokens"])
 
-    first = rounds[0]
-    tokens, nfe = sum(r["tokens"] for r in first), sum(r["nfe"] for r in first)
-    total_time = sum(gen_time(runs) for runs in rounds)
-    return {"engine": name, "block_size": k, "gamma": gamma, "tokens": tokens, "nfe": nfe,
-            "tokens_per_forward": tokens / nfe, "tps": len(rounds) * tokens / total_time if total_time else 0.0,
-            "tps_rounds": [sum(r["tokens"] for r in runs) / gen_time(runs) if gen_time(runs) else 0.0
-                           for runs in rounds],
-            "ms_per_forward": 1e3 * total_time / (len(rounds) * nfe),
+    tokens = [sum(r["tokens"] for r in runs) for runs in rounds]
+    nfe = [sum(r["nfe"] for r in runs) for runs in rounds]
+    times = [gen_time(runs) for runs in rounds]
+    return {"engine": name, "block_size": k, "gamma": gamma, "tokens": tokens[0], "nfe": nfe[0],
+            "tokens_per_forward": tokens[0] / nfe[0], "tps": sum(tokens) / sum(times) if sum(times) else 0.0,
+            "tps_rounds": [n / t if t else 0.0 for n, t in zip(tokens, times)],
+            "ms_per_forward": 1e3 * sum(times) / sum(nfe),
             "wall": sum(r["wall"] for runs in rounds for r in runs), "runs": rounds}
 
 
