@@ -33,6 +33,7 @@ from common import machine, save  # noqa: E402
 
 from mlx_sbd.tasks import alphabet, write_dataset  # noqa: E402
 from mlx_sbd.tiny import make_tiny_model  # noqa: E402
+from mlx_sbd.train import TRAIN_LOG  # noqa: E402
 
 
 def free_port(n: int) -> int:
@@ -77,7 +78,7 @@ def run(n: int, train_args: list, adapter_path: Path, threads: int, timeout: int
     rank0 = outputs[0].read()
     for out in outputs:
         out.close()
-    log = adapter_path / "train_log.jsonl"
+    log = adapter_path / TRAIN_LOG
     if any(codes) or not log.is_file():
         raise SystemExit(f"{n} process(es) failed or timed out (exit codes {codes}); rank 0 said:\n{rank0[-3000:]}")
     return [json.loads(line) for line in log.read_text().splitlines() if '"ntp"' in line]

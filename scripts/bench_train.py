@@ -17,7 +17,7 @@ from common import machine, save  # noqa: E402
 
 from mlx_sbd import load  # noqa: E402
 from mlx_sbd.tasks import make_examples  # noqa: E402
-from mlx_sbd.train import TrainConfig, train  # noqa: E402
+from mlx_sbd.train import TRAIN_LOG, TrainConfig, train  # noqa: E402
 
 
 def main():
@@ -51,7 +51,7 @@ def main():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the truncation warning is the point here
             train(cfg, model, tokenizer)
-        reports = [json.loads(l) for l in open(Path(tmp) / "adapters" / "train_log.jsonl") if '"ntp"' in l]
+        reports = [json.loads(l) for l in open(Path(tmp) / "adapters" / TRAIN_LOG) if '"ntp"' in l]
     steady = reports[1:] or reports
     mean = lambda key: sum(r[key] for r in steady) / len(steady)
     summary = {
