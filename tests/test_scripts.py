@@ -1,6 +1,6 @@
 """The evidence scripts: data hygiene (nothing the adapter trains on comes from the held-out modules),
 repro_table1's split of training and evaluation, bench_distributed on a training config, and learning_curve's
-teacher-forced decoding."""
+teacher-forced decoding, entropy_ceiling's EB count."""
 
 import json
 import random
@@ -8,15 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 import mlx_sbd
 from mlx_sbd.generate import encode_prompt
-from mlx_sbd.samplers import make_selector
+from mlx_sbd.samplers import budget_reveal, make_selector
 from mlx_sbd.tasks import alphabet, write_dataset
 from mlx_sbd.tiny import make_tiny_model
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+import entropy_ceiling  # noqa: E402
 import eval_adapter  # noqa: E402
 import learning_curve  # noqa: E402
 import make_distill_data  # noqa: E402
@@ -123,3 +126,27 @@ def test_bench_decode_interleaves_rounds_and_takes_each_rounds_ratio(tmp_path):
         assert r["speedup_vs_mlx_lm"] == pytest.approx(ratios[1])
         assert r["tokens"] == sum(run["tokens"] for run in r["runs"][0]) and r["nfe"] < 2 * r["tokens"]
     assert rows[0]["speedup_rounds"] == pytest.approx([1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("errors, gamma, forwards", [
+    ([0.01, 0.02, 0.5], 0.1, 1),  # SBD_METHOD.md §4: reveal all three at once
+    ([0.3, 0.5, 0.01], 0.1, 2),  # reveal the .01 and the .3, then the .5
+    ([0.2, 0.3, 0.4], 0.0, 3),  # gamma 0: one per forward
+    ([0.0, 0.0, 0.7, 0.9], 0.0, 2),  # zero-entropy ties cost nothing: both go with the .7, then the .9
+])
+def test_entropy_ceiling_counts_the_eb_rules_forwards(errors, gamma, forwards):
+    assert entropy_ceiling.eb_forwards(np.array(errors), gamma) == forwards
+
+
+def test_entropy_ceiling_agrees_with_the_decoders_selector_and_aligns_blocks():
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # the same count as running mlx_sbd's EB selector with fixed errors until no mask is left
+        errors, gamma = rng.exponential(0.1, size=int(rng.integers(1, 9))), float(rng.choice([0.0, 0.1, 0.35]))
+        masked, forwards = mx.ones(len(errors), dtype=mx.bool_), 0
+        while masked.any().item():
+            masked, forwards = masked & ~budget_reveal(mx.array(errors, dtype=mx.float32), masked, gamma), forwards + 1
+        assert entropy_ceiling.eb_forwards(errors, gamma) == forwards
+    # An answer at positions 6..11 with k=4: block 1 holds 6-7 (4-5 are prompt), block 2 holds 8-11.
+    assert entropy_ceiling.ceiling_forwards(np.zeros(6), 6, 4, 0.1) == 2
+    assert entropy_ceiling.ceiling_forwards(np.full(6, 1.0), 6, 4, 0.1) == 6
+    assert entropy_ceiling.ceiling_forwards(np.array([0, 0, 1, 1, 1, 1.0]), 6, 4, 1.0) == 1 + 2
