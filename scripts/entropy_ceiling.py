@@ -9,8 +9,10 @@ never from more than all of x_<j; the causal path predicts x_j from all of x_<j.
 entropy on average, so for a calibrated model the causal entropy H(x_j | x_<j) is the least its masked prediction
 of x_j can have. This script takes one causal forward over each answer, gives every masked position that entropy
 in every forward of its block, and runs the EB rule (SBD_METHOD.md §4) on it with blocks aligned as in decoding.
-The forwards it counts are the fewest an SBD model as calibrated as its causal path could spend; a real one spends
-more, since its masked positions also lack the tokens between the block start and themselves.
+The count estimates the fewest forwards an SBD model as calibrated as its causal path could spend. It is not a
+strict bound (conditioning lowers entropy on average, not in every context, and the EB count is not linear in the
+entropies), but a real model falls short of it wherever its masked positions miss the tokens between the block
+start and themselves.
 
 The answers: by default the base model's greedy answers to the held-out test prompts (the texts
 scripts/learning_curve.py teacher-forces); with `--answers own`, each model's own greedy answers (one token per
