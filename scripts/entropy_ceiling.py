@@ -74,28 +74,31 @@ def ceiling_forwards(entropies: np.ndarray, start: int, k: int, gamma: float) ->
 
 
 @click.command()
-@click.option("--data", required=True, help="Folder from scripts/make_distill_data.py (test.jsonl is used).")
+@click.option("--data", required=True, help="Folder with a test.jsonl of chat rows (scripts/make_distill_data.py); "
+              "with --answers own the user message of each row is enough.")
+@click.option("--model", default=None, help="Base model (default: built-in SmolLM2-135M-Instruct).")
 @click.option("--adapter", "adapters", multiple=True, default=("base",), show_default=True,
               help="Adapter folder whose causal path to measure, or 'base' for the plain model; repeatable.")
 @click.option("--answers", type=click.Choice(["base", "own"]), default="base", show_default=True,
               help="base: the base model's greedy answers in the data folder; own: each model's own greedy answers.")
-@click.option("--n-rows", default=20, show_default=True, help="Held-out prompts.")
+@click.option("--n-rows", default=20, show_default=True, help="Prompts: the first rows of test.jsonl.")
 @click.option("--max-tokens", default=128, show_default=True, help="Answer length limit with --answers own.")
 @click.option("--block-sizes", default="4,8,16", show_default=True)
 @click.option("--gammas", default="0.1,0.35", show_default=True)
 @click.option("--out", default="results/entropy_ceiling.json", show_default=True)
-def main(data, adapters, answers, n_rows, max_tokens, block_sizes, gammas, out):
+def main(data, model, adapters, answers, n_rows, max_tokens, block_sizes, gammas, out):
     for a in adapters:
         if a != "base" and not Path(a).is_dir():
             raise click.BadParameter(f"no adapter folder at {a}", param_hint="--adapter")
     rows = [row for _, row in read_jsonl(Path(data) / "test.jsonl")][:n_rows]
     ks, gs = [int(k) for k in block_sizes.split(",")], [float(g) for g in gammas.split(",")]
-    results = {"machine": machine(), "data": data, "answers": answers, "n_rows": len(rows), "models": []}
+    results = {"machine": machine(), "model": model or "SmolLM2-135M-Instruct (built-in)", "data": data,
+               "answers": answers, "n_rows": len(rows), "models": []}
     for a in adapters:
-        model, tokenizer = mlx_sbd.load(adapter_path=False if a == "base" else a)
-        texts = [own_answer(model, tokenizer, row, max_tokens) if answers == "own" else reference(tokenizer, row)
+        m, tokenizer = mlx_sbd.load(model, adapter_path=False if a == "base" else a)
+        texts = [own_answer(m, tokenizer, row, max_tokens) if answers == "own" else reference(tokenizer, row)
                  for row in tqdm(rows, desc=f"{a}: answers", leave=False)]
-        ents = [causal_entropies(model, seq, start) for seq, start in texts]
+        ents = [causal_entropies(m, seq, start) for seq, start in texts]
         flat = np.concatenate(ents)
         entry = {"adapter": a, "tokens": int(len(flat)), "mean_entropy": float(flat.mean()),
                  "share_below": {str(t): float((flat <= t).mean()) for t in (0.01, 0.1, 0.35)}, "ceiling": []}
@@ -105,8 +108,8 @@ def main(data, adapters, answers, n_rows, max_tokens, block_sizes, gammas, out):
                 entry["ceiling"].append({"block_size": k, "gamma": g, "forwards": nfe,
                                          "tokens_per_forward": len(flat) / nfe})
         results["models"].append(entry)
-    print(f"\n{'the base model' if answers == 'base' else 'each model'}'s greedy answers to {len(rows)} held-out "
-          f"prompts of {data}")
+    print(f"\n{'the base model' if answers == 'base' else 'each model'}'s greedy answers to {len(rows)} prompts "
+          f"of {Path(data) / 'test.jsonl'}")
     print("| causal path of | tokens | mean entropy (nats) | entropy <= 0.1 | "
           + " | ".join(f"k={c['block_size']}, gamma {c['gamma']}" for c in results["models"][0]["ceiling"]) + " |")
     print("|---" * (4 + len(ks) * len(gs)) + "|")
