@@ -41,12 +41,35 @@ def make_prompt_cache(model: SBDModel) -> SBDCache:
     return SBDCache(model.make_cache())
 
 
-def prefill(model: SBDModel, cache: SBDCache, tokens: Sequence[int], step: int = 512) -> None:
-    """Run the cache's pending tokens, then `tokens`, causally into the cache, `step` tokens per forward."""
+def prefill(model: SBDModel, cache: SBDCache, tokens: Sequence[int], step: int = 512) -> Optional[mx.array]:
+    """Run the cache's pending tokens, then `tokens`, causally into the cache, `step` tokens per forward.
+
+    Returns the causal path's log-probabilities [V] for the token after the last one (None if nothing ran)."""
     tokens, cache.pending = list(cache.pending) + list(tokens), []
+    h = None
     for i in range(0, len(tokens), step):
-        model(mx.array(tokens[i : i + step])[None], cache=cache.layers)
+        h = model.lm.model(mx.array(tokens[i : i + step])[None], cache=cache.layers)  # mlx_lm's own forward: hidden
         mx.eval([c.state for c in cache.layers])
+    return None if h is None else log_softmax(model.logits(h[0, -1:]))[0]
+
+
+def prefill_prompt(model: SBDModel, cache: SBDCache, ids: Sequence[int], block_size: int,
+                   step: int = 512) -> Tuple[List[int], mx.array]:
+    """Prefill a prompt for SBD decoding -> (head, causal log-probabilities [V] of the first answer token).
+
+    The head (split_prompt) opens the first decode block and must not stay in the cache, but the causal path's
+    prediction of the first answer token needs it: the whole prompt runs causally and the head's K/V are trimmed
+    off again (O(1)), the same forward that prefilling alone would cost plus the head's few tokens."""
+    to_prefill, head = split_prompt(cache, ids, block_size)
+    first = prefill(model, cache, to_prefill + head, step)
+    for c in cache.layers:
+        c.trim(len(head))
+    return head, first
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def split_prompt(cache: SBDCache, ids: Sequence[int], block_size: int) -> Tuple[List[int], List[int]]:
@@ -57,17 +80,17 @@ def split_prompt(cache: SBDCache, ids: Sequence[int], block_size: int) -> Tuple[
     return ids[: len(ids) - h], ids[len(ids) - h :]
 
 
-def block_forward(model: SBDModel, tokens: List[int], k: int, cache: SBDCache) -> mx.array:
+def block_forward(model: SBDModel, tokens: List[int], k: int, cache: SBDCache, causal: bool = False) -> mx.array:
     """One SBD forward over `tokens` = [committed-to-be prefix (causal)] + [block of k (sees everything)].
 
-    Returns the block's log-probabilities [k, vocab]; leaves only the prefix's K/V in the cache.
+    Returns the block's log-probabilities [k, vocab], led with `causal` by the prefix's last position (the causal
+    path's prediction of the block's first token): [k + 1, vocab]. Leaves only the prefix's K/V in the cache.
     """
     x = mx.array(tokens)[None]
     h = model.forward(x, mask=BlockMask(causal_point=len(tokens) - k), cache=cache.layers, return_hidden=True)
     for c in cache.layers:
         c.trim(k)
-    logits = model.logits(h[0, -k:]).astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return log_softmax(model.logits(h[0, -k - causal :]))
 
 
 Step = Tuple[List[int], int, Optional[str]]  # (newly finalised tokens, forwards so far, finish reason or None)
@@ -84,10 +107,20 @@ def sbd_steps(
     max_length: int,
     eos_ids: Sequence[int],
     head: Sequence[int] = (),
+    first: Optional[mx.array] = None,
 ) -> Iterator[Step]:
     """SBD generation after the prompt is prefilled but its `head` (split_prompt), which opens the first block:
-    yields each run of newly finalised tokens (the block's revealed prefix) as it grows."""
+    yields each run of newly finalised tokens (the block's revealed prefix) as it grows.
+
+    With `first`, the causal log-probabilities of the first answer token (prefill_prompt), every block's first
+    open position takes the causal path's prediction instead of its masked one (`ntp_first`): the two see the
+    same tokens and are trained on the same label, so they agree once training has converged, but an SBD
+    fine-tune gets the causal one right first, and the first token steers the whole answer. Later blocks get it
+    from their first forward, which carries the previous block causally anyway (one more row of logits). When
+    the causal token differs from the masked guess there, that forward reveals it alone.
+    """
     eos = set(eos_ids)
+    ntp_first, causal = first is not None, first
     prev: List[int] = []  # the last finished block: finalised, K/V not yet in the cache
     head = list(head)  # finalised tokens at the start of the current block, not in the cache
     produced = nfe = 0
@@ -102,11 +135,22 @@ def sbd_steps(
             yield [], nfe, "length"
             return
         blk, done = head + [MASK_ID] * (k - len(head)), len(head)  # done: length of the block's finalised prefix
+        c = done  # the block's first open position
         while done < k:
-            logprobs = block_forward(model, prev + blk, k, cache)
+            logprobs = block_forward(model, prev + blk, k, cache, causal=ntp_first and bool(prev))
+            if len(logprobs) > k:
+                causal, logprobs = logprobs[0], logprobs[1:]
             prev = []  # committed by that forward
             masked = mx.array([t == MASK_ID for t in blk])
-            reveal, values = select(logprobs, masked), sample(logprobs)
+            if ntp_first and blk[c] == MASK_ID:
+                guess = logprobs[c].argmax()
+                logprobs[c] = causal  # the same tokens seen, the same label trained: the causal path knows it best
+                values = sample(logprobs)
+                # The masked guesses at the other positions assume the masked guess at c: when the causal token
+                # differs, they describe another answer, so only c is revealed this forward.
+                reveal = mx.where(guess == values[c], select(logprobs, masked), mx.arange(k) == c)
+            else:
+                reveal, values = select(logprobs, masked), sample(logprobs)
             reveal, values = reveal.tolist(), values.tolist()  # the one host sync per forward
             nfe += 1
             for i in range(k):

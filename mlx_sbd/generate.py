@@ -10,7 +10,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .decode import SBDCache, make_prompt_cache, ntp_steps, prefill, sbd_steps, split_prompt
+from .decode import SBDCache, make_prompt_cache, ntp_steps, prefill, prefill_prompt, sbd_steps, split_prompt
 from .errors import SBDError
 from .model import SBDModel
 from .samplers import make_selector, make_token_sampler
@@ -68,9 +68,12 @@ def stream_generate(
     system_prompt: Optional[str] = None,
     prompt_cache: Optional[SBDCache] = None,
     prefill_step_size: int = 512,
+    ntp_first: bool = True,
 ) -> Iterator[GenerationResponse]:
     """Yield GenerationResponse chunks as tokens are finalised (several per forward with SBD).
-    block_size / gamma default to the model's SBD training (model.sbd); see default_settings."""
+    block_size / gamma default to the model's SBD training (model.sbd); see default_settings.
+    ntp_first: every block's first open position takes the causal (next-token) prediction rather than the masked
+    one (decode.sbd_steps); False decodes every position of a block from its mask, as the paper's loop does."""
     block_size, gamma = default_settings(model, block_size, gamma)
     check_settings(max_tokens, block_size, gamma)
     ids = encode_prompt(tokenizer, prompt, chat_template, system_prompt)
@@ -88,17 +91,24 @@ def stream_generate(
     common = dict(max_tokens=max_tokens, max_length=max_length, eos_ids=list(tokenizer.eos_token_ids))
 
     # Prefill is timed on its own: SBD prefills the prompt up to its first decode block (the tail opens that
-    # block), NTP all but the last token (which its first forward takes), so generation time counts exactly
-    # the forwards that produce tokens.
-    tic = time.perf_counter()
-    to_prefill, head = split_prompt(cache, ids, block_size) if block_size > 1 else (ids[:-1], ids[-1:])
-    prefill(model, cache, to_prefill, prefill_step_size)
+    # block; with ntp_first the tail runs too, for the causal prediction of the first answer token, and is
+    # trimmed off again), NTP all but the last token (which its first forward takes), so generation time counts
+    # exactly the forwards that produce tokens.
+    tic, first = time.perf_counter(), None
+    if block_size == 1:
+        prefill(model, cache, ids[:-1], prefill_step_size)
+    elif ntp_first:
+        head, first = prefill_prompt(model, cache, ids, block_size, prefill_step_size)
+        mx.eval(first)
+    else:
+        to_prefill, head = split_prompt(cache, ids, block_size)
+        prefill(model, cache, to_prefill, prefill_step_size)
     prompt_tps = len(ids) / max(time.perf_counter() - tic, 1e-9)
     if block_size == 1:
         steps = ntp_steps(model, ids[-1], cache, sampler=token_sampler, **common)
     else:
         steps = sbd_steps(model, cache, block_size=block_size, select=select, sample=token_sampler, head=head,
-                          **common)
+                          first=first, **common)
 
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()

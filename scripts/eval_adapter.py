@@ -62,13 +62,36 @@ def _nll(model, ids: list, start: int) -> tuple:
     return nll.item(), len(ids) - start
 
 
-def decode(model, tokenizer, prompts: list, max_tokens: int, k: int, gamma: float, chat: bool = True) -> dict:
+# Short factual questions the base model answers correctly about 70% of the time one token per forward: a task whose
+# accuracy SBD decoding can keep or lose (the synthetic tasks are beyond a 135M model). Any accepted name counts.
+CAPITALS = [
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+    ("China", "Beijing"), ("Russia", "Moscow"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Australia", "Canberra"),
+    ("Brazil", "Brasilia|Brasília"), ("India", "New Delhi"), ("Mexico", "Mexico City"), ("Greece", "Athens"),
+    ("Portugal", "Lisbon"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"), ("Poland", "Warsaw"), ("Austria", "Vienna"), ("Ireland", "Dublin"),
+    ("Turkey", "Ankara"), ("Kenya", "Nairobi"), ("Argentina", "Buenos Aires"), ("Peru", "Lima"),
+    ("Chile", "Santiago"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("South Korea", "Seoul"),
+    ("Hungary", "Budapest"), ("Belgium", "Brussels"), ("Netherlands", "Amsterdam"), ("Switzerland", "Bern"),
+    ("Cuba", "Havana"), ("Iran", "Tehran"), ("Iraq", "Baghdad"), ("Ukraine", "Kyiv|Kiev"), ("Indonesia", "Jakarta"),
+    ("Nigeria", "Abuja"),
+]
+
+
+def capitals_accuracy(texts: list) -> float:
+    """Share of answers that name the capital asked for (any accepted spelling, case-insensitive)."""
+    return sum(any(n.lower() in t.lower() for n in names.split("|")) for t, (_, names) in zip(texts, CAPITALS)) / len(
+        CAPITALS)
+
+
+def decode(model, tokenizer, prompts: list, max_tokens: int, k: int, gamma: float, chat: bool = True,
+           ntp_first: bool = True) -> dict:
     """Greedy decoding of every prompt -> texts, token ids, total NFE, generated tokens, seconds."""
     texts, ids, nfe, tokens, tic = [], [], 0, 0, time.perf_counter()
     for p in prompts:
         text, toks, last = "", [], None
         for last in mlx_sbd.stream_generate(model, tokenizer, p, max_tokens=max_tokens, block_size=k, gamma=gamma,
-                                            chat_template=chat):
+                                            chat_template=chat, ntp_first=ntp_first):
             text += last.text
             toks += last.tokens
         texts.append(text)
@@ -108,9 +131,12 @@ def raw_doc_texts(seed: int, n: int) -> list:
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--block-sizes", default="8,16", show_default=True)
 @click.option("--gammas", default="0.1,0.35,0.6", show_default=True)
+@click.option("--first", type=click.Choice(["ntp", "masked", "both"]), default="ntp", show_default=True,
+              help="SBD rows with each block's first open token from the causal prediction (ntp_first, the default "
+                   "decoding), from its mask (the paper's loop), or both.")
 @click.option("--seed", default=0, show_default=True, help="Seed the data was made with (held-out module split).")
 @click.option("--out", default="results/eval_adapter.json", show_default=True)
-def main(data, model, adapter_path, n_prompts, n_task, max_tokens, block_sizes, gammas, seed, out):
+def main(data, model, adapter_path, n_prompts, n_task, max_tokens, block_sizes, gammas, first, seed, out):
     base, tokenizer = mlx_sbd.load(model, adapter_path=False)
     sbd, _ = mlx_sbd.load(model, adapter_path=adapter_path)
     test = [row for _, row in read_jsonl(Path(data) / "test.jsonl")]
@@ -125,22 +151,29 @@ def main(data, model, adapter_path, n_prompts, n_task, max_tokens, block_sizes, 
     # (b), (c) decoding: chat prompts and synthetic tasks, NTP and SBD
     prompts = [r["messages"][:1] for r in test[:n_prompts]]
     tasks = {t: make_examples(t, 1000 + n_task, seed=seed + 7)[1000:] for t in ("arithmetic", "reverse")}
-    settings = [("base", 1, 0.0), ("sbd", 1, 0.0)] + [("sbd", int(k), float(g)) for k in block_sizes.split(",")
-                                                    for g in gammas.split(",")]
+    questions = [[{"role": "user", "content": f"What is the capital of {c}?"}] for c, _ in CAPITALS]
+    firsts = {"ntp": [True], "masked": [False], "both": [True, False]}[first]
+    settings = [("base", 1, 0.0, True), ("sbd", 1, 0.0, True)] + [
+        ("sbd", int(k), float(g), f) for k in block_sizes.split(",") for g in gammas.split(",") for f in firsts]
     rows = []
-    for name, k, g in tqdm(settings, desc="decoding settings"):
+    for name, k, g, f in tqdm(settings, desc="decoding settings"):
         m = base if name == "base" else sbd
-        chat = decode(m, tokenizer, prompts, max_tokens, k, g)
-        row = {"model": name, "block_size": k, "gamma": g if k > 1 else None, "chat": chat, "tasks": {}}
+        chat = decode(m, tokenizer, prompts, max_tokens, k, g, ntp_first=f)
+        row = {"model": name, "block_size": k, "gamma": g if k > 1 else None, "ntp_first": f if k > 1 else None,
+               "chat": chat, "tasks": {}}
         for t, ex in tasks.items():
-            out_t = decode(m, tokenizer, [e["prompt"] for e in ex], 2 * max(len(e["completion"]) for e in ex), k, g)
+            out_t = decode(m, tokenizer, [e["prompt"] for e in ex], 2 * max(len(e["completion"]) for e in ex), k, g,
+                           ntp_first=f)
             out_t["accuracy"] = score(out_t["texts"], ex)
             row["tasks"][t] = out_t
+        row["capitals"] = decode(m, tokenizer, questions, 32, k, g, ntp_first=f)
+        row["capitals"]["accuracy"] = capitals_accuracy(row["capitals"]["texts"])
         rows.append(row)
-    ref = rows[0]["chat"]["ids"]
+    ref, own = rows[0]["chat"]["ids"], rows[1]["chat"]["ids"]
     ntp_nfe = rows[1]["chat"]["nfe"]
     for r in rows:
         r["agreement"] = agreement(ref, r["chat"]["ids"])
+        r["agreement_own_ntp"] = agreement(own, r["chat"]["ids"])  # with the SBD model's own one-token decoding
         r["speedup"] = ntp_nfe / r["chat"]["nfe"]
         r["tokens_per_forward"] = r["chat"]["tokens"] / r["chat"]["nfe"]
     results["rows"] = rows
@@ -154,14 +187,18 @@ def main(data, model, adapter_path, n_prompts, n_task, max_tokens, block_sizes, 
               f"{100 * (s['loss'] / b['loss'] - 1):+6.1f}%")
     print(f"\n(b, c) decoding {len(prompts)} held-out chat prompts (agreement with base greedy) and "
           f"{n_task} examples per synthetic task")
-    print(f"{'model':5} {'k':>3} {'gamma':>5} {'tokens':>6} {'NFE':>5} {'tok/fwd':>7} {'speedup':>7} {'same':>5} "
-          f"{'prefix':>6} " + " ".join(f"{t[:10]:>10}" for t in tasks))
+    print("same / prefix: vs the base's greedy answers; own prefix: vs the SBD model's own one-token decoding")
+    print(f"{'model':5} {'k':>3} {'gamma':>5} {'first':>6} {'tokens':>6} {'NFE':>5} {'tok/fwd':>7} {'speedup':>7} "
+          f"{'same':>5} {'prefix':>6} {'own prefix':>10} " + " ".join(f"{t[:10]:>10}" for t in tasks)
+          + f" {'capitals':>8}")
     for r in rows:
         g = "-" if r["gamma"] is None else f"{r['gamma']:.2f}"
-        print(f"{r['model']:5} {r['block_size']:>3} {g:>5} {r['chat']['tokens']:>6} {r['chat']['nfe']:>5} "
+        f = "-" if r["ntp_first"] is None else ("ntp" if r["ntp_first"] else "masked")
+        print(f"{r['model']:5} {r['block_size']:>3} {g:>5} {f:>6} {r['chat']['tokens']:>6} {r['chat']['nfe']:>5} "
               f"{r['tokens_per_forward']:>7.2f} {r['speedup']:>6.2f}x {100 * r['agreement']['exact']:>4.0f}% "
-              f"{100 * r['agreement']['prefix_share']:>5.0f}% "
-              + " ".join(f"{100 * r['tasks'][t]['accuracy']:>9.0f}%" for t in tasks))
+              f"{100 * r['agreement']['prefix_share']:>5.0f}% {100 * r['agreement_own_ntp']['prefix_share']:>9.0f}% "
+              + " ".join(f"{100 * r['tasks'][t]['accuracy']:>9.0f}%" for t in tasks)
+              + f" {100 * r['capitals']['accuracy']:>7.0f}%")
     save(results, out)
 
 

@@ -11,7 +11,7 @@ from mlx_lm.generate import generate_step
 
 import mlx_sbd
 from mlx_sbd import decode
-from mlx_sbd.decode import make_prompt_cache, prefill, sbd_steps, split_prompt
+from mlx_sbd.decode import make_prompt_cache, prefill, prefill_prompt, sbd_steps, split_prompt
 from mlx_sbd.errors import SBDError
 from mlx_sbd.loading import load_model
 from mlx_sbd.masks import training_mask
@@ -32,14 +32,18 @@ def tiny(request, tmp_path_factory):
     return folder, model
 
 
-def run_sbd(model, k, gamma, max_tokens=40, eos=()):
+def run_sbd(model, k, gamma, max_tokens=40, eos=(), ntp_first=False):
     cache = make_prompt_cache(model)
-    ids, head = split_prompt(cache, PROMPT, k)
-    prefill(model, cache, ids)
+    if ntp_first:
+        head, first = prefill_prompt(model, cache, PROMPT, k)
+    else:
+        ids, head = split_prompt(cache, PROMPT, k)
+        prefill(model, cache, ids)
+        first = None
     out, nfe = [], 0
     for tokens, nfe, _ in sbd_steps(model, cache, block_size=k, select=make_selector("entropy", gamma),
                                      sample=make_token_sampler(0.0), max_tokens=max_tokens, max_length=4096,
-                                     eos_ids=eos, head=head):
+                                     eos_ids=eos, head=head, first=first):
         out += tokens
     return out, nfe, cache
 
@@ -64,9 +68,9 @@ def test_each_step_equals_from_scratch_forward(tiny, monkeypatch):
     k, records = 4, []
     real = decode.block_forward
 
-    def recording(model_, tokens, k_, cache):
+    def recording(model_, tokens, k_, cache, causal=False):
         offset = cache.offset
-        logprobs = real(model_, tokens, k_, cache)
+        logprobs = real(model_, tokens, k_, cache, causal)
         records.append((offset, list(tokens), k_, np.array(logprobs)))
         return logprobs
 
@@ -95,8 +99,8 @@ def test_first_block_sees_the_prompt_as_training_does(tiny, monkeypatch, k):
     first = []
     real = decode.block_forward
 
-    def recording(model_, tokens, k_, cache):
-        logprobs = real(model_, tokens, k_, cache)
+    def recording(model_, tokens, k_, cache, causal=False):
+        logprobs = real(model_, tokens, k_, cache, causal)
         if not first:
             first.append((cache.offset, list(tokens), k_, np.array(logprobs)))
         return logprobs
@@ -123,11 +127,11 @@ def test_blocks_end_at_multiples_of_k_as_in_training(tiny, monkeypatch, k, max_t
     spans = []
     real = decode.block_forward
 
-    def recording(model_, tokens, k_, cache):
+    def recording(model_, tokens, k_, cache, causal=False):
         start = cache.offset + len(tokens) - k_  # absolute position of the block's first token
         if not spans or spans[-1] != (start, start + k_):  # a block takes one or more forwards
             spans.append((start, start + k_))
-        return real(model_, tokens, k_, cache)
+        return real(model_, tokens, k_, cache, causal)
 
     monkeypatch.setattr(decode, "block_forward", recording)
     out, _, _ = run_sbd(model, k, 0.5, max_tokens=max_tokens)
@@ -135,6 +139,52 @@ def test_blocks_end_at_multiples_of_k_as_in_training(tiny, monkeypatch, k, max_t
     end = len(PROMPT) + max_tokens
     edges = [len(PROMPT) // k * k] + [p for p in range(len(PROMPT) + 1, end) if p % k == 0] + [end]
     assert spans == list(zip(edges[:-1], edges[1:]))
+
+
+def causal_argmax(model, history):
+    """The plain causal model's (mlx_lm's own forward) greedy next token after `history`."""
+    return model.lm(mx.array(history)[None])[0, -1].argmax().item()
+
+
+@pytest.mark.parametrize("k,gamma", [(4, 0.5), (8, 2.0)])
+def test_ntp_first_takes_every_blocks_first_token_from_the_causal_path(tiny, monkeypatch, k, gamma):
+    """With ntp_first, the first open position of every block gets the causal path's greedy token given all the
+    tokens before it; a forward whose masked guess there differs reveals that token alone; the cache stays exact."""
+    _, model = tiny
+    records = []  # per forward: (absolute start of the block, block input, masked-path argmax per block position)
+    real = decode.block_forward
+
+    def recording(model_, tokens, k_, cache, causal=False):
+        start = cache.offset + len(tokens) - k_
+        logprobs = real(model_, tokens, k_, cache, causal)
+        records.append((start, list(tokens[-k_:]), np.array(logprobs[-k_:]).argmax(axis=-1)))
+        return logprobs
+
+    monkeypatch.setattr(decode, "block_forward", recording)
+    out, nfe, cache = run_sbd(model, k, gamma, max_tokens=40, ntp_first=True)
+    assert nfe < len(out), "test needs several tokens per forward to be meaningful"
+    history, agree, disagree = PROMPT + out, 0, 0
+    for i, (start, blk, guess) in enumerate(records):
+        same_block_next = i + 1 < len(records) and records[i + 1][0] == start
+        after = records[i + 1][1] if same_block_next else history[start : start + len(blk)]
+        c = max(len(PROMPT) - start, 0)  # the block's first open position
+        if blk[c] != MASK_ID:
+            continue
+        if after[c] != MASK_ID:
+            assert after[c] == causal_argmax(model, history[: start + c])
+        if guess[c] != causal_argmax(model, history[: start + c]):
+            disagree += 1
+            assert [j for j in range(len(blk)) if blk[j] == MASK_ID and after[j] != MASK_ID] == [c]
+        else:
+            agree += 1
+    assert agree and disagree, "test needs forwards where the two paths agree and where they differ"
+    prefill(model, cache, [])  # commit the last block: the cache must equal a fresh causal forward's
+    fresh = model.make_cache()
+    model(mx.array(history)[None], cache=fresh)
+    n = len(history)
+    for got, ref in zip(cache.layers, fresh):
+        for a, b in ((got.keys, ref.keys), (got.values, ref.values)):
+            assert np.abs(np.array(a[..., :n, :]) - np.array(b[..., :n, :])).max() <= 1e-5
 
 
 def test_gamma_zero_reveals_one_token_per_forward(tiny):

@@ -19,6 +19,7 @@ from ..samplers import SELECTORS
 )
 @click.option("--gamma", default=None, type=float, help="EB-Sampler error budget (0 = one token per forward). Default: the adapter's, else 0.1.")
 @click.option("--sampler", default="entropy", show_default=True, type=click.Choice(sorted(SELECTORS)), help="Which masked positions to reveal each forward.")
+@click.option("--ntp-first/--masked-first", default=True, show_default=True, help="Each block's first open token from the causal (next-token) prediction, or from its mask as in the paper.")
 @click.option("--temp", default=0.0, show_default=True, type=float, help="Sampling temperature (0 = argmax).")
 @click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling threshold.")
 @click.option("--top-k", default=0, show_default=True, type=int, help="Top-k sampling (0 = off).")
@@ -28,7 +29,7 @@ from ..samplers import SELECTORS
 @click.option("--ignore-chat-template", is_flag=True, help="Feed the prompt as raw text.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute dtype. Default: float32 on CPU, the checkpoint's on Metal.")
 @click.option("--verbose/--quiet", default=True, show_default=True, help="Print statistics after the text.")
-def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gamma, sampler, temp, top_p, top_k, seed,
+def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gamma, sampler, ntp_first, temp, top_p, top_k, seed,
             stop, system_prompt, ignore_chat_template, dtype, verbose):
     """Generate text several tokens per forward pass with Set Block Decoding."""
     import mlx.core as mx
@@ -50,7 +51,7 @@ def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gam
     for last in stream_generate(
         sbd_model, tokenizer, prompt, max_tokens=max_tokens, block_size=block_size, gamma=gamma, sampler=sampler,
         temp=temp, top_p=top_p, top_k=top_k, stop=stop, system_prompt=system_prompt,
-        chat_template=False if ignore_chat_template else None,
+        chat_template=False if ignore_chat_template else None, ntp_first=ntp_first,
     ):
         click.echo(last.text, nl=False)
     click.echo()
