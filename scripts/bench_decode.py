@@ -87,9 +87,10 @@ def run_mlx_lm(model, tokenizer, ids, max_tokens):
             "nfe": last.generation_tokens, "start": tic}
 
 
-def run_sbd(model, tokenizer, ids, max_tokens, k, gamma):
+def run_sbd(model, tokenizer, ids, max_tokens, k, gamma, ntp_first=True):
     tic, last = time.perf_counter(), None
-    for last in mlx_sbd.stream_generate(model, tokenizer, ids, max_tokens=max_tokens, block_size=k, gamma=gamma):
+    for last in mlx_sbd.stream_generate(model, tokenizer, ids, max_tokens=max_tokens, block_size=k, gamma=gamma,
+                                        ntp_first=ntp_first):
         pass
     return {"tokens": last.generation_tokens, "tps": last.generation_tps, "wall": time.perf_counter() - tic,
             "nfe": last.nfe, "start": tic}
@@ -120,8 +121,10 @@ def summarize(name, k, gamma, rounds: list) -> dict:
 @click.option("--prompts", "n_prompts", default=len(PROMPTS), show_default=True,
               help="How many of the built-in prompts.")
 @click.option("--rounds", default=3, show_default=True, help="Interleaved rounds over all settings (see above).")
+@click.option("--ntp-first/--masked-first", default=True, show_default=True,
+              help="Each block's first open token from the causal prediction (the default decoding) or its mask.")
 @click.option("--out", default="results/bench_decode.json", show_default=True)
-def main(model, adapter_path, block_sizes, gammas, max_tokens, n_prompts, rounds, out):
+def main(model, adapter_path, block_sizes, gammas, max_tokens, n_prompts, rounds, ntp_first, out):
     sbd_model, tokenizer = mlx_sbd.load(model, adapter_path=adapter_path)
     prompts = [encode_prompt(tokenizer, p) for p in PROMPTS[:n_prompts]]
     ks = [int(k) for k in block_sizes.split(",")]
@@ -138,7 +141,7 @@ def main(model, adapter_path, block_sizes, gammas, max_tokens, n_prompts, rounds
             for ids in prompts:
                 for name, k, g in settings:
                     run = (run_mlx_lm(sbd_model, tokenizer, ids, max_tokens) if name == "mlx_lm"
-                           else run_sbd(sbd_model, tokenizer, ids, max_tokens, k, g))
+                           else run_sbd(sbd_model, tokenizer, ids, max_tokens, k, g, ntp_first))
                     runs[name, k, g][rnd].append(run)
                     bar.update()
 
@@ -166,7 +169,7 @@ def main(model, adapter_path, block_sizes, gammas, max_tokens, n_prompts, rounds
               f"{r['ms_per_forward']:>7.1f} {r['tps']:>7.2f} {r['speedup_vs_mlx_lm']:>6.2f}x "
               f"{min(r['speedup_rounds']):>5.2f}-{max(r['speedup_rounds']):.2f} {predicted}")
     save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
-          "max_tokens": max_tokens, "rounds": rounds, "time_k": forward_times, "eq16": eq16,
+          "max_tokens": max_tokens, "rounds": rounds, "ntp_first": ntp_first, "time_k": forward_times, "eq16": eq16,
           "host_overhead_ms": overhead, "rows": rows}, out)
 
 

@@ -135,13 +135,14 @@ def fine_tune(base: Path, data: Path, adapter_path: Path, objective: str, args, 
 
 
 def decode_all(model, tokenizer, examples: list, block_size: int, gamma: float) -> dict:
-    """Greedy decoding of every test prompt -> exact-match accuracy and total NFE."""
+    """Greedy decoding of every test prompt -> exact-match accuracy and total NFE, with the paper's decode loop
+    (every block position from its mask: ntp_first=False), which the table reproduces."""
     budget = max(len(e["completion"]) for e in examples) + 8  # room for EOS and a little overrun
     correct = nfe = 0
     for ex in examples:
         text, last = "", None
         for last in stream_generate(model, tokenizer, ex["prompt"], max_tokens=budget, block_size=block_size,
-                                    gamma=gamma, chat_template=False):
+                                    gamma=gamma, chat_template=False, ntp_first=False):
             text += last.text
         correct += exact_match(text, ex["completion"])
         nfe += last.nfe
