@@ -7,8 +7,10 @@ Measures, with the base model and the SBD model (base + adapter) loaded side by 
       prompts (what the adapter was distilled on, for unseen modules) and raw documentation text the base never
       wrote (module docstrings of the test modules, scored as plain text),
   (b) agreement of the SBD model's outputs with the base model's greedy outputs on the test prompts (exact
-      answer match and the share of answer tokens before the first difference), and exact-match accuracy on
-      held-out synthetic tasks (mlx_sbd.tasks) for the base, the SBD model decoded as NTP, and SBD decoding,
+      answer match and the share of answer tokens before the first difference), exact-match accuracy on held-out
+      synthetic tasks (mlx_sbd.tasks) and the share of 40 capital-city questions answered with the right capital
+      (CAPITALS), for the base, the SBD model decoded as NTP, and SBD decoding (with ntp_first, the paper's loop,
+      or both: --first),
   (c) forwards (NFE) of SBD decoding per k and gamma against NTP decoding of the same model on the same prompts.
 Wall-clock tokens/s against mlx_lm.generate is scripts/bench_decode.py. Prints tables; saves raw JSON.
 """
@@ -80,8 +82,8 @@ CAPITALS = [
 
 def capitals_accuracy(texts: list) -> float:
     """Share of answers that name the capital asked for (any accepted spelling, case-insensitive)."""
-    return sum(any(n.lower() in t.lower() for n in names.split("|")) for t, (_, names) in zip(texts, CAPITALS)) / len(
-        CAPITALS)
+    right = [any(n.lower() in t.lower() for n in names.split("|")) for t, (_, names) in zip(texts, CAPITALS)]
+    return sum(right) / len(CAPITALS)
 
 
 def decode(model, tokenizer, prompts: list, max_tokens: int, k: int, gamma: float, chat: bool = True,

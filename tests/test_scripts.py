@@ -150,3 +150,13 @@ def test_entropy_ceiling_agrees_with_the_decoders_selector_and_aligns_blocks():
     assert entropy_ceiling.ceiling_forwards(np.zeros(6), 6, 4, 0.1) == 2
     assert entropy_ceiling.ceiling_forwards(np.full(6, 1.0), 6, 4, 0.1) == 6
     assert entropy_ceiling.ceiling_forwards(np.array([0, 0, 1, 1, 1, 1.0]), 6, 4, 1.0) == 1 + 2
+
+
+def test_capitals_accuracy_counts_any_accepted_name_in_order():
+    n = len(eval_adapter.CAPITALS)
+    ukraine = [c for c, _ in eval_adapter.CAPITALS].index("Ukraine")
+    texts = ["no idea"] * n
+    texts[0] = "The capital of France is PARIS."  # case-insensitive
+    texts[ukraine] = "It is Kiev."  # either accepted spelling
+    texts[1] = "The capital of Germany is Paris."  # another country's capital does not count
+    assert eval_adapter.capitals_accuracy(texts) == 2 / n
