@@ -68,6 +68,7 @@ def prefill_prompt(model: SBDModel, cache: SBDCache, ids: Sequence[int], block_s
 
 
 def log_softmax(logits: mx.array) -> mx.array:
+    """Float32 log-probabilities over the last axis (decoding, and the scripts that score what it would do)."""
     logits = logits.astype(mx.float32)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
@@ -137,8 +138,9 @@ def sbd_steps(
         blk, done = head + [MASK_ID] * (k - len(head)), len(head)  # done: length of the block's finalised prefix
         c = done  # the block's first open position
         while done < k:
-            logprobs = block_forward(model, prev + blk, k, cache, causal=ntp_first and bool(prev))
-            if len(logprobs) > k:
+            with_causal = ntp_first and bool(prev)  # a block's first forward: the previous block runs causally
+            logprobs = block_forward(model, prev + blk, k, cache, causal=with_causal)
+            if with_causal:
                 causal, logprobs = logprobs[0], logprobs[1:]
             prev = []  # committed by that forward
             masked = mx.array([t == MASK_ID for t in blk])

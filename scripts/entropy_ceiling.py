@@ -34,20 +34,20 @@ from learning_curve import reference  # noqa: E402
 
 import mlx_sbd  # noqa: E402
 from mlx_sbd.data import read_jsonl  # noqa: E402
+from mlx_sbd.decode import log_softmax  # noqa: E402
 from mlx_sbd.generate import encode_prompt  # noqa: E402
+from mlx_sbd.samplers import entropy  # noqa: E402
 
 
 def causal_entropies(model, seq: list, start: int) -> np.ndarray:
     """Entropy (nats) of the causal prediction of each of seq[start:], given every token before it."""
-    logits = model(mx.array(seq[:-1])[None])[0, start - 1 :].astype(mx.float32)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return np.maximum(-np.array((mx.exp(logprobs) * logprobs).sum(axis=-1)), 0.0)
+    return np.array(entropy(log_softmax(model(mx.array(seq[:-1])[None])[0, start - 1 :])))
 
 
 def own_answer(model, tokenizer, row: dict, max_tokens: int) -> tuple:
     """(prompt + the model's greedy one-token-per-forward answer, EOS included if reached; prompt length)."""
     prompt, answer = encode_prompt(tokenizer, row["messages"][:1]), []
-    for r in mlx_sbd.stream_generate(model, tokenizer, row["messages"][:1], max_tokens=max_tokens, block_size=1):
+    for r in mlx_sbd.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, block_size=1):
         answer += r.tokens + ([next(iter(tokenizer.eos_token_ids))] if r.finish_reason == "stop" else [])
     return prompt + answer, len(prompt)
 

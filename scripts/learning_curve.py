@@ -28,6 +28,7 @@ from common import machine, save  # noqa: E402
 
 import mlx_sbd  # noqa: E402
 from mlx_sbd.data import read_jsonl  # noqa: E402
+from mlx_sbd.decode import log_softmax  # noqa: E402
 from mlx_sbd.generate import encode_prompt  # noqa: E402
 from mlx_sbd.masks import training_mask  # noqa: E402
 from mlx_sbd.model import MASK_ID  # noqa: E402
@@ -67,8 +68,7 @@ def teacher_forced(model, seq: list, start: int, k: int, select) -> dict:
         h = model.forward(mx.array(noised)[None], positions=positions, mask=mask, cache=cache, return_hidden=True)
         for c in cache:
             c.trim(len(noised))
-        logits = model.logits(h[0]).astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = log_softmax(model.logits(h[0]))
         argmax = np.array(logprobs.argmax(axis=-1))
         for b in range(0, len(noised), k):
             blk = slice(b, b + k)
