@@ -32,8 +32,12 @@ PAD_TO = 32  # pad L to a multiple of this: few distinct shapes, so the compiled
 Batch = Dict[str, mx.array]
 
 
-def make_batch(seqs: Sequence[Tuple[List[int], int]], k: int, rng: np.random.Generator, eta=None) -> Batch:
-    """seqs: [(tokens, prompt offset)]. `eta` ([B]) overrides η ~ U(0,1) (tests use 0 and 1).
+def make_batch(seqs: Sequence[Tuple[List[int], int]], k: int, rng: np.random.Generator, eta=None,
+               shift_blocks: bool = False) -> Batch:
+    """seqs: [(tokens, prompt offset)]. `eta` ([B]) overrides η ~ U(0,1) (tests use 0 and 1). `shift_blocks` moves
+    each sequence's block grid by a random o ~ U{0..k-1} (masks.training_mask): verified decoding starts a mask block
+    right after the last accepted token, at any offset, and drafts at offsets never trained are poor
+    (VERIFIED_SBD.md trap 4). Drawn after the noise, so runs without it keep their random streams.
 
     Returns tokens/positions [B, 2L] int32, mask [B, 1, 2L, 2L] bool, and [B, L] float32 targets/weights
     for NTP (clean half) and MATP (noised half).
@@ -54,11 +58,13 @@ def make_batch(seqs: Sequence[Tuple[List[int], int]], k: int, rng: np.random.Gen
     ntp_targets = np.zeros((B, L), np.int32)
     ntp_targets[:, :-1] = clean[:, 1:]
     ntp_weights = (pos + 1 < lengths[:, None]) & (pos + 1 >= offsets[:, None])
+    shifts = rng.integers(0, k, size=B).astype(np.int32) if shift_blocks else np.zeros(B, np.int32)
 
     return {
         "tokens": mx.array(np.concatenate([clean, noised], axis=1)),  # [B, 2L]
         "positions": mx.array(np.broadcast_to(np.tile(np.arange(L), 2), (B, 2 * L)).astype(np.int32)),
-        "mask": training_mask(L, k, mx.array(lengths.astype(np.int32))),  # [B, 1, 2L, 2L]
+        "mask": training_mask(L, k, mx.array(lengths.astype(np.int32)), mx.array(shifts)),  # [B, 1, 2L, 2L]
+        "block_shifts": mx.array(shifts),  # [B]: each sequence's grid shift o (0 unless shift_blocks)
         "ntp_targets": mx.array(ntp_targets),
         "ntp_weights": mx.array(ntp_weights.astype(np.float32)),
         "matp_targets": mx.array(clean),

@@ -1,76 +1,271 @@
-"""The SBD decode loop over an exact KV cache (SBD_METHOD.md §3), and the plain next-token path.
+"""The SBD decode protocol over an exact KV cache: prefill, verified decoding (the default), the paper's lossy loop
+(SBD_METHOD.md §3) and the plain next-token path. generate.py calls `decode_steps` and knows nothing else of it.
 
-The cache only ever holds causal K/V of finalised tokens. A block starts as k masks. Its first forward
-carries the previous block's k tokens (causal: their K/V are committed to the cache by this very forward)
-plus the k masks; later forwards carry the block only. After every forward the block's own K/V are trimmed
-off again (mlx_lm's KVCache.trim is O(1)), so nothing of a mask or a partly revealed block stays.
+Verified decoding (VERIFIED_SBD.md §2). Every forward carries, causally, the tokens not yet in the cache (the last
+committed token x, and after a prompt or an earlier turn any others) and the drafts d1..dm, then a block of k masks
+that sees every row (masks.inference_mask, the lossy loop's first-forward mask):
+    rows = [.. x d1 .. dm] + [M1 .. Mk]
+The causal rows verify: the row at x predicts d1, the row at d_j predicts d_{j+1}; the agreeing prefix d1..da is
+accepted and the row after it supplies one more token, which is always the causal path's own. The mask rows after
+M1 supply the next drafts (M1 predicts the same position as that last causal row); they assumed d1..dm, so they
+are used only when every draft was accepted. K/V of the rejected drafts and of the masks are trimmed off (mlx_lm's
+trim_prompt_cache, O(1)). So greedy output is token for token the causal path's greedy output, and with a gated
+adapter the causal path is the base model. Sampling uses the speculative-sampling rule (Leviathan et al.; Chen et
+al.): draft d ~ q (the masked marginal), accepted with probability min(1, p(d)/q(d)), else the token is drawn from
+norm(max(0, p - q)); p and q are filtered by the same temperature / top-p / top-k, so the output keeps the
+distribution of plain sampling from p.
 
-Blocks sit where training puts them, at 0, k, 2k, ... of the sequence (masks.training_mask). The prompt's
-tail after its last multiple of k therefore opens the first block as already revealed tokens and stays out of
-the cache until that block is done (`split_prompt`): in training a block's tokens are seen by the rest of the
-block only through the block itself, never as clean (causal) keys.
+The lossy loop writes the mask block's reveals straight into the answer, on blocks aligned to multiples of k of
+the sequence as in the paper's training; its docstring has the details.
+
+SBDCache.tokens is the conversation the cache holds (prompt and generated tokens of every call): K/V of all but
+its `pending` tail are in the cache; the next call runs the pending tokens first.
 """
 
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, generation_stream
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from .attention import BlockMask
+from .errors import SBDError
 from .model import MASK_ID, SBDModel
+from .samplers import entropy
 
 
 @dataclass
 class SBDCache:
-    """Per-layer mlx_lm KV caches plus the finalised tokens whose K/V are not in them yet.
-
-    A finished block's K/V ride along in the next block's first forward, so at the end of a generation the
-    last tokens are `pending`; the next call that reuses this cache (multi-turn chat) prefills them first.
-    """
+    """Per-layer mlx_lm KV caches, the conversation they hold, and its tail whose K/V are not in them yet."""
 
     layers: list
     pending: List[int] = field(default_factory=list)
+    tokens: List[int] = field(default_factory=list)
 
     @property
     def offset(self) -> int:
         return self.layers[0].offset
+
+    def can_trim(self) -> bool:
+        return can_trim_prompt_cache(self.layers)
+
+    def trim_to(self, n: int) -> None:
+        """Keep only the first n tokens of the conversation (a server reusing the prefix two requests share)."""
+        n = max(0, min(n, len(self.tokens)))
+        cached = len(self.tokens) - len(self.pending)
+        if n < cached:
+            if not self.can_trim():
+                raise SBDError("this prompt cache cannot be trimmed (a rotating or quantized cache past its size)")
+            trim_prompt_cache(self.layers, cached - n)
+        self.tokens, self.pending = self.tokens[:n], self.tokens[min(n, cached) : n]
 
 
 def make_prompt_cache(model: SBDModel) -> SBDCache:
     return SBDCache(model.make_cache())
 
 
-def prefill(model: SBDModel, cache: SBDCache, tokens: Sequence[int], step: int = 512) -> Optional[mx.array]:
-    """Run the cache's pending tokens, then `tokens`, causally into the cache, `step` tokens per forward.
+@dataclass
+class Step:
+    """What one decoding forward (or a stop) finalised, and the counts so far."""
 
-    Returns the causal path's log-probabilities [V] for the token after the last one (None if nothing ran)."""
-    tokens, cache.pending = list(cache.pending) + list(tokens), []
-    h = None
-    for i in range(0, len(tokens), step):
-        h = model.lm.model(mx.array(tokens[i : i + step])[None], cache=cache.layers)  # mlx_lm's own forward: hidden
-        mx.eval([c.state for c in cache.layers])
-    return None if h is None else log_softmax(model.logits(h[0, -1:]))[0]
-
-
-def prefill_prompt(model: SBDModel, cache: SBDCache, ids: Sequence[int], block_size: int,
-                   step: int = 512) -> Tuple[List[int], mx.array]:
-    """Prefill a prompt for SBD decoding -> (head, causal log-probabilities [V] of the first answer token).
-
-    The head (split_prompt) opens the first decode block and must not stay in the cache, but the causal path's
-    prediction of the first answer token needs it: the whole prompt runs causally and the head's K/V are trimmed
-    off again (O(1)), the same forward that prefilling alone would cost plus the head's few tokens."""
-    to_prefill, head = split_prompt(cache, ids, block_size)
-    first = prefill(model, cache, to_prefill + head, step)
-    for c in cache.layers:
-        c.trim(len(head))
-    return head, first
+    tokens: List[int]
+    nfe: int  # forward passes so far (prefill not counted)
+    drafted: int = 0  # drafts verified so far
+    accepted: int = 0  # of which accepted
+    finish: Optional[str] = None  # "stop" (EOS), "length" or None
 
 
 def log_softmax(logits: mx.array) -> mx.array:
     """Float32 log-probabilities over the last axis (decoding, and the scripts that score what it would do)."""
     logits = logits.astype(mx.float32)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def prefill(model: SBDModel, cache: SBDCache, tokens: Sequence[int], step: int = 512, keep: int = 0) -> Optional[mx.array]:
+    """Add `tokens` to the conversation and run its pending tokens but the last `keep` causally into the cache,
+    `step` per forward. Returns the causal log-probabilities [V] after the last token run (None if none ran)."""
+    cache.tokens += list(tokens)
+    cache.pending += list(tokens)
+    run, cache.pending = cache.pending[: len(cache.pending) - keep], cache.pending[len(cache.pending) - keep :]
+    h = None
+    for i in range(0, len(run), step):
+        h = model.lm.model(mx.array(run[i : i + step])[None], cache=cache.layers)  # mlx_lm's own forward: hidden
+        mx.eval([c.state for c in cache.layers])
+    return None if h is None else log_softmax(model.logits(h[0, -1:]))[0]
+
+
+def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_size: int, verify: bool = True,
+                 gamma: float, select: Callable, temp: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 ntp_first: bool = True, max_tokens: int, max_length: int, eos_ids: Sequence[int],
+                 prefill_step_size: int = 512) -> Iterator[Step]:
+    """Prefill the prompt `ids` now (the caller times it), then return the decoding's steps: plain next-token
+    decoding for block_size 1, else verified decoding or (verify=False) the paper's lossy loop."""
+    common = dict(max_tokens=max_tokens, max_length=max_length, eos_ids=set(eos_ids))
+    if block_size == 1:
+        prefill(model, cache, ids, prefill_step_size, keep=1)
+        return ntp_steps(model, cache, sampler=token_sampler(temp, top_p, top_k), **common)
+    if verify:
+        if not cache.can_trim():
+            raise SBDError("verified decoding trims rejected drafts from the KV cache, but this prompt cache cannot be "
+                           "trimmed (a rotating or quantized cache past its size); use a cache from make_prompt_cache")
+        prefill(model, cache, ids, prefill_step_size, keep=1)
+        return verified_steps(model, cache, block_size=block_size, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k,
+                              **common)
+    if ntp_first:
+        head, first = prefill_prompt(model, cache, ids, block_size, prefill_step_size)
+        mx.eval(first)
+    else:
+        to_prefill, head = split_prompt(cache, ids, block_size)
+        prefill(model, cache, to_prefill, prefill_step_size)
+        cache.tokens += head
+        first = None
+    return sbd_steps(model, cache, block_size=block_size, select=select, sample=token_sampler(temp, top_p, top_k),
+                     head=head, first=first, **common)
+
+
+# --- verified decoding ---------------------------------------------------------------------------------------
+def filtered_probs(logits: mx.array, temp: float, top_p: float, top_k: int) -> mx.array:
+    """The distribution plain sampling draws from (mlx_lm's make_sampler: top-p then top-k on the log-probabilities,
+    then temperature), as probabilities [..., V]. Verified sampling needs it explicitly for p and q alike."""
+    logprobs = log_softmax(logits)
+    if 0 < top_p < 1:
+        logprobs = apply_top_p(logprobs, top_p)
+    if 0 < top_k < logprobs.shape[-1]:
+        logprobs = apply_top_k(logprobs, top_k)
+    return mx.softmax(logprobs / temp, axis=-1)
+
+
+def draft_length(logits: mx.array, gamma: float) -> mx.array:
+    """How many leading drafts to propose: the EB rule on a prefix, i.e. drafts while the entropies (nats) of the
+    drafts before them sum to <= gamma; at least one. gamma = inf proposes them all without computing entropies
+    (an exp over the vocabulary per row, which MLX's x86 CPU back-end runs scalar)."""
+    n = logits.shape[0]
+    if gamma == float("inf") or n == 0:
+        return mx.array(n)
+    h = entropy(log_softmax(logits))
+    return ((mx.cumsum(h) - h) <= gamma).sum()
+
+
+def verify_step(model: SBDModel, cache: SBDCache, inputs: mx.array, m: int, k: int, q: Optional[mx.array], *,
+                gamma: float, temp: float, top_p: float, top_k: int):
+    """One verified forward over `inputs` = [tokens not in the cache (x last)] + m drafts + k masks.
+
+    Returns (result, q_next), all lazy: result = [a, n, d1..dm, t, e1..e(k-1)] int32, with a the accepted drafts,
+    t the token after them, e the next drafts of which n are proposed; q_next [k-1, V] the probabilities the e were
+    drawn from (None when greedy). q [m, V]: what the drafts were drawn from (None when greedy: one-hot). The cache
+    grows by every row; the caller trims what was not accepted."""
+    rows = inputs.shape[0]
+    mask = BlockMask(causal_point=rows - k) if k else "causal"
+    h = model.forward(inputs[None], mask=mask, cache=cache.layers, return_hidden=True, mask_rows=k)[0]
+    c = rows - k  # first mask row
+    logits = model.logits(mx.concatenate([h[c - m - 1 : c], h[c + 1 :]]))  # rows x, d1..dm and M2..Mk only
+    causal, masked = logits[: m + 1], logits[m + 1 :]
+    drafts = inputs[c - m : c]
+    if temp == 0:
+        targets = causal.argmax(axis=-1).astype(mx.int32)  # [m+1]: the causal path's token at each position
+        a = mx.cumprod(targets[:m] == drafts).sum() if m else mx.array(0)
+        t = targets[a]
+        e = masked.argmax(axis=-1).astype(mx.int32) if k else mx.zeros((0,), mx.int32)
+        q_next = None
+    else:
+        p = filtered_probs(causal, temp, top_p, top_k)  # [m+1, V]
+        if m:
+            pd = mx.take_along_axis(p[:m], drafts[:, None], axis=-1)[:, 0]
+            qd = mx.take_along_axis(q, drafts[:, None], axis=-1)[:, 0]
+            a = mx.cumprod(mx.random.uniform(shape=(m,)) * qd < pd).sum()  # accept with probability min(1, p/q)
+            residual = mx.concatenate([mx.maximum(p[:m] - q, 0.0), p[m:]])  # after all m: plain p
+        else:
+            a, residual = mx.array(0), p
+        t = mx.random.categorical(mx.log(residual[a]))  # categorical normalises norm(max(0, p - q)) itself
+        if k:
+            q_next = filtered_probs(masked, temp, top_p, top_k)
+            e = mx.random.categorical(mx.log(q_next)).astype(mx.int32)
+        else:  # no mask block in this forward: no next drafts
+            q_next, e = None, mx.zeros((0,), mx.int32)
+    n = draft_length(masked, gamma)
+    result = mx.concatenate([mx.stack([a, n]).astype(mx.int32), drafts, t.reshape(1).astype(mx.int32), e])
+    return result, q_next
+
+
+def verified_steps(model: SBDModel, cache: SBDCache, *, block_size: int, gamma: float, temp: float, top_p: float,
+                   top_k: int, max_tokens: int, max_length: int, eos_ids: set) -> Iterator[Step]:
+    """Verified decoding after prefill (cache.pending holds at least the prompt's last token): one Step per forward."""
+    drafts, q = mx.zeros((0,), mx.int32), None
+    produced = nfe = drafted = accepted = 0
+    while True:
+        left, room = max_tokens - produced, max_length - cache.offset - len(cache.pending)
+        if left <= 0 or room <= 0:
+            yield Step([], nfe, drafted, accepted, "length")
+            return
+        m = min(drafts.shape[0], left - 1, room - 1)  # drafts past the budget or the context are never needed
+        k = min(block_size, room - m)
+        k = k if k >= 2 and left - m > 1 else 0  # no mask block when its drafts could not be used
+        inputs = mx.concatenate([mx.array(cache.pending, mx.int32), drafts[:m], mx.full((k,), MASK_ID, mx.int32)])
+        with mx.stream(generation_stream):
+            result, q_next = verify_step(model, cache, inputs, m, k, None if q is None else q[:m], gamma=gamma,
+                                         temp=temp, top_p=top_p, top_k=top_k)
+        r = result.tolist()  # the one host sync per forward
+        a, n, t, e = r[0], r[1], r[2 + m], r[3 + m :]
+        nfe, drafted, accepted = nfe + 1, drafted + m, accepted + a
+        new = r[2 : 2 + a] + [t]  # the accepted drafts (their K/V are in the cache) and t (not yet)
+        stop = next((i for i, tok in enumerate(new) if tok in eos_ids), None)
+        end = len(new) if stop is None else stop + 1  # EOS ends the conversation: nothing after it is kept
+        if end > left:  # max_tokens inside the accepted drafts comes first: drop what follows
+            end, stop = left, None
+        new = new[:end]
+        # Keep K/V of the accepted drafts up to `end`; drop the rejected drafts, the mask block and the rest.
+        trim_prompt_cache(cache.layers, (m - a) + k + (a - min(end, a)))
+        cache.pending = [t] if end == a + 1 else []  # t is committed; its K/V come with the next forward
+        cache.tokens += new
+        produced += len(new)
+        if stop is not None:
+            yield Step(new[:-1], nfe, drafted, accepted, "stop")
+            return
+        full = a == m and k > 0  # the mask block assumed every draft: its guesses are drafts only then
+        drafts = mx.array(e[:n] if full else [], mx.int32)
+        q = q_next if full else None
+        yield Step(new, nfe, drafted, accepted)
+
+
+def token_sampler(temp: float, top_p: float, top_k: int):
+    from mlx_lm.sample_utils import make_sampler
+
+    return make_sampler(temp=temp, top_p=top_p, top_k=top_k)
+
+
+# --- plain next-token decoding -------------------------------------------------------------------------------
+def ntp_steps(model: SBDModel, cache: SBDCache, *, sampler, max_tokens: int, max_length: int,
+              eos_ids: set) -> Iterator[Step]:
+    """block_size=1: plain next-token decoding with mlx_lm's own generate_step, after prefill of all but
+    cache.pending (which generate_step takes as its prompt)."""
+    prompt, cache.pending = cache.pending, []
+    budget = min(max_tokens, max_length - cache.offset - len(prompt))
+    nfe = 0
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=budget, sampler=sampler,
+                                  prompt_cache=cache.layers):
+        nfe += 1  # generate_step has already fed `token` into the cache (it pipelines one step ahead)
+        cache.tokens.append(token)
+        if token in eos_ids:
+            yield Step([], nfe, finish="stop")
+            return
+        yield Step([token], nfe)
+    yield Step([], nfe, finish="length")
+
+
+# --- the paper's loop (lossy) --------------------------------------------------------------------------------
+def prefill_prompt(model: SBDModel, cache: SBDCache, ids: Sequence[int], block_size: int,
+                   step: int = 512) -> Tuple[List[int], mx.array]:
+    """Prefill a prompt for the lossy loop -> (head, causal log-probabilities [V] of the first answer token).
+
+    The head (split_prompt) opens the first decode block and must not stay in the cache, but the causal path's
+    prediction of the first answer token needs it: the whole prompt runs causally and the head's K/V are trimmed
+    off again (O(1)), the same forward that prefilling alone would cost plus the head's few tokens."""
+    to_prefill, head = split_prompt(cache, ids, block_size)
+    first = prefill(model, cache, to_prefill + head, step)
+    trim_prompt_cache(cache.layers, len(head))
+    return head, first
 
 
 def split_prompt(cache: SBDCache, ids: Sequence[int], block_size: int) -> Tuple[List[int], List[int]]:
@@ -82,19 +277,16 @@ def split_prompt(cache: SBDCache, ids: Sequence[int], block_size: int) -> Tuple[
 
 
 def block_forward(model: SBDModel, tokens: List[int], k: int, cache: SBDCache, causal: bool = False) -> mx.array:
-    """One SBD forward over `tokens` = [committed-to-be prefix (causal)] + [block of k (sees everything)].
+    """One lossy SBD forward over `tokens` = [committed-to-be prefix (causal)] + [block of k (sees everything)].
 
     Returns the block's log-probabilities [k, vocab], led with `causal` by the prefix's last position (the causal
     path's prediction of the block's first token): [k + 1, vocab]. Leaves only the prefix's K/V in the cache.
     """
     x = mx.array(tokens)[None]
-    h = model.forward(x, mask=BlockMask(causal_point=len(tokens) - k), cache=cache.layers, return_hidden=True)
-    for c in cache.layers:
-        c.trim(k)
+    h = model.forward(x, mask=BlockMask(causal_point=len(tokens) - k), cache=cache.layers, return_hidden=True,
+                      mask_rows=k)
+    trim_prompt_cache(cache.layers, k)
     return log_softmax(model.logits(h[0, -k - causal :]))
-
-
-Step = Tuple[List[int], int, Optional[str]]  # (newly finalised tokens, forwards so far, finish reason or None)
 
 
 def sbd_steps(
@@ -110,13 +302,17 @@ def sbd_steps(
     head: Sequence[int] = (),
     first: Optional[mx.array] = None,
 ) -> Iterator[Step]:
-    """SBD generation after the prompt is prefilled but its `head` (split_prompt), which opens the first block:
-    yields each run of newly finalised tokens (the block's revealed prefix) as it grows.
+    """The paper's loop (lossy), after the prompt is prefilled but its `head` (split_prompt), which opens the first
+    block: yields each run of newly finalised tokens (the block's revealed prefix) as it grows.
+
+    The cache only ever holds causal K/V of finalised tokens. A block starts as k masks. Its first forward carries
+    the previous block's k tokens (causal: their K/V are committed by this very forward) plus the k masks; later
+    forwards carry the block only. After every forward the block's own K/V are trimmed off again. Blocks sit where
+    training puts them, at 0, k, 2k, ... of the sequence (masks.training_mask); the prompt's tail after its last
+    multiple of k opens the first block as already revealed tokens.
 
     With `first`, the causal log-probabilities of the first answer token (prefill_prompt), every block's first
-    open position takes the causal path's prediction instead of its masked one (`ntp_first`): the two see the
-    same tokens and are trained on the same label, so they agree once training has converged, but an SBD
-    fine-tune gets the causal one right first, and the first token steers the whole answer. Later blocks get it
+    open position takes the causal path's prediction instead of its masked one (`ntp_first`); later blocks get it
     from their first forward, which carries the previous block causally anyway (one more row of logits). When
     the causal token differs from the masked guess there, that forward reveals it alone.
     """
@@ -127,13 +323,12 @@ def sbd_steps(
     produced = nfe = 0
     while True:
         start_pos = cache.offset + len(prev)  # absolute position of the block's first token
-        # Blocks end at multiples of block_size, as in training (masks.training_mask aligns blocks at 0, k, 2k of
-        # the sequence). Masks at in-block offsets the model never trained on cost the tiny arithmetic model
-        # 92% -> 63% exact match at k=8, gamma=0.1 (BENCHMARKS.md).
+        # Blocks end at multiples of block_size, as in training. Masks at in-block offsets the model never trained
+        # on cost the tiny arithmetic model 92% -> 63% exact match at k=8, gamma=0.1 (BENCHMARKS.md).
         k = min(block_size - start_pos % block_size, len(head) + max_tokens - produced, max_length - start_pos)
         if k <= len(head):
             cache.pending = prev + head
-            yield [], nfe, "length"
+            yield Step([], nfe, finish="length")
             return
         blk, done = head + [MASK_ID] * (k - len(head)), len(head)  # done: length of the block's finalised prefix
         c = done  # the block's first open position
@@ -153,7 +348,8 @@ def sbd_steps(
                 reveal = mx.where(guess == values[c], select(logprobs, masked), mx.arange(k) == c)
             else:
                 reveal, values = select(logprobs, masked), sample(logprobs)
-            reveal, values = reveal.tolist(), values.tolist()  # the one host sync per forward
+            mx.eval(reveal, values)  # the one host sync per forward
+            reveal, values = reveal.tolist(), values.tolist()
             nfe += 1
             for i in range(k):
                 if reveal[i] and blk[i] == MASK_ID:
@@ -163,33 +359,10 @@ def sbd_steps(
                 done += 1
                 if blk[done - 1] in eos:
                     cache.pending = blk[:done]
-                    yield blk[start : done - 1], nfe, "stop"
+                    cache.tokens += blk[start:done]
+                    yield Step(blk[start : done - 1], nfe, finish="stop")
                     return
             if done > start:
-                yield blk[start:done], nfe, None
+                cache.tokens += blk[start:done]
+                yield Step(blk[start:done], nfe)
         prev, produced, head = blk, produced + k - len(head), []
-
-
-def ntp_steps(
-    model: SBDModel,
-    last_token: int,
-    cache: SBDCache,
-    *,
-    sampler: Callable[[mx.array], mx.array],
-    max_tokens: int,
-    max_length: int,
-    eos_ids: Sequence[int],
-) -> Iterator[Step]:
-    """block_size=1: plain next-token decoding with mlx_lm's own generate_step, after the prompt but its last
-    token is prefilled."""
-    budget = min(max_tokens, max_length - cache.offset - 1)
-    nfe = 0
-    for token, _ in generate_step(
-        mx.array([last_token]), model, max_tokens=budget, sampler=sampler, prompt_cache=cache.layers
-    ):
-        nfe += 1  # generate_step has already fed `token` into the cache (it pipelines one step ahead)
-        if token in eos_ids:
-            yield [], nfe, "stop"
-            return
-        yield [token], nfe, None
-    yield [], nfe, "length"

@@ -4,13 +4,16 @@
 selection rule `sampler` ("entropy" = the paper's EB-Sampler) and budget `gamma`.
 """
 
+import math
+import operator
 import time
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
+from mlx_lm.generate import generation_stream, wired_limit
 
-from .decode import SBDCache, make_prompt_cache, ntp_steps, prefill, prefill_prompt, sbd_steps, split_prompt
+from .decode import SBDCache, decode_steps, make_prompt_cache
 from .errors import SBDError
 from .model import SBDModel
 from .samplers import make_selector, make_token_sampler
@@ -29,17 +32,26 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     finish_reason: Optional[str] = None  # "stop", "length" or None
+    drafted: int = 0  # drafts verified so far (verified decoding)
+    accepted: int = 0  # of which the causal path accepted
 
     @property
     def tokens_per_forward(self) -> float:
         return self.generation_tokens / max(self.nfe, 1)
 
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
 
 def encode_prompt(tokenizer, prompt: Prompt, chat_template: Optional[bool] = None, system_prompt=None) -> List[int]:
     """str / chat messages / token ids -> ids. Chat models get their template (as mlx_lm's CLI does) unless
-    chat_template=False; messages always do."""
+    chat_template=False; messages always do. Token ids must be vocabulary rows."""
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], dict)):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict) or not isinstance(msg.get("content"), str) or not isinstance(msg.get("role"), str):
+                raise SBDError(f"chat message {i} must be a dict with string 'role' and 'content' (got {msg!r:.80})")
         use_template = tokenizer.has_chat_template if chat_template is None else chat_template
         if isinstance(prompt, list) and not tokenizer.has_chat_template:
             raise SBDError("chat messages need a tokenizer with a chat template; pass a string prompt instead")
@@ -49,7 +61,17 @@ def encode_prompt(tokenizer, prompt: Prompt, chat_template: Optional[bool] = Non
             return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
         add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
         return list(tokenizer.encode(prompt, add_special_tokens=add_special))
-    return [int(t) for t in prompt]
+    try:
+        return [operator.index(t) for t in prompt]  # ints and numpy integers; floats and strings are refused
+    except TypeError:
+        raise SBDError("a prompt must be a string, a list of chat messages or a list of integer token ids") from None
+
+
+def check_ids(ids: List[int], vocab_size: int) -> None:
+    """Ids outside [0, vocab) would index past the embedding (a crash for ids >= 2**31, garbage below)."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise SBDError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 def stream_generate(
@@ -59,26 +81,35 @@ def stream_generate(
     max_tokens: int = 256,
     block_size: Optional[int] = None,
     gamma: Optional[float] = None,
-    sampler: str = "entropy",
+    selector: str = "entropy",
     temp: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    seed: Optional[int] = None,
     stop: Sequence[str] = (),
     chat_template: Optional[bool] = None,
     system_prompt: Optional[str] = None,
     prompt_cache: Optional[SBDCache] = None,
     prefill_step_size: int = 512,
     ntp_first: bool = True,
+    verify: bool = True,
 ) -> Iterator[GenerationResponse]:
     """Yield GenerationResponse chunks as tokens are finalised (several per forward with SBD).
-    block_size / gamma default to the model's SBD training (model.sbd); see default_settings.
-    ntp_first: every block's first open position takes the causal (next-token) prediction rather than the masked
-    one (decode.sbd_steps); False decodes every position of a block from its mask, as the paper's loop does."""
+
+    verify=True (default): verified decoding, lossless: greedy output equals one-token decoding of the causal path
+    (the base model's with a gated adapter), sampling keeps its distribution; `gamma` bounds the summed entropy of
+    the drafts proposed per forward (inf: all block_size - 1). verify=False: the paper's loop, where `selector`
+    ("entropy" = EB-Sampler) and `gamma` choose what a forward reveals and ntp_first gives every block's first open
+    position the causal prediction (decode.sbd_steps). block_size / gamma default to the model's SBD training
+    (model.sbd); see default_settings. `seed` seeds MLX's generator (reproducible sampling)."""
     block_size, gamma = default_settings(model, block_size, gamma)
     check_settings(max_tokens, block_size, gamma)
+    select = make_selector(selector, gamma if not verify else 0.0)  # verified decoding drafts by gamma, selects nothing
+    make_token_sampler(temp, top_p, top_k)  # checks the sampling arguments
     ids = encode_prompt(tokenizer, prompt, chat_template, system_prompt)
     if not ids:
         raise SBDError("the prompt is empty")
+    check_ids(ids, model.args.vocab_size)
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     max_length = getattr(model.args, "max_position_embeddings", None) or 1 << 30
     if cache.offset + len(cache.pending) + len(ids) >= max_length:
@@ -86,57 +117,48 @@ def stream_generate(
             f"the prompt has {len(ids)} tokens (+{cache.offset + len(cache.pending)} cached) but the model's context "
             f"is {max_length}; shorten the prompt"
         )
-    token_sampler = make_token_sampler(temp, top_p, top_k)
-    select = make_selector(sampler, gamma)
-    common = dict(max_tokens=max_tokens, max_length=max_length, eos_ids=list(tokenizer.eos_token_ids))
+    if seed is not None:
+        mx.random.seed(seed)
 
-    # Prefill is timed on its own: SBD prefills the prompt up to its first decode block (the tail opens that
-    # block; with ntp_first the tail runs too, for the causal prediction of the first answer token, and is
-    # trimmed off again), NTP all but the last token (which its first forward takes), so generation time counts
-    # exactly the forwards that produce tokens.
-    tic, first = time.perf_counter(), None
-    if block_size == 1:
-        prefill(model, cache, ids[:-1], prefill_step_size)
-    elif ntp_first:
-        head, first = prefill_prompt(model, cache, ids, block_size, prefill_step_size)
-        mx.eval(first)
-    else:
-        to_prefill, head = split_prompt(cache, ids, block_size)
-        prefill(model, cache, to_prefill, prefill_step_size)
-    prompt_tps = len(ids) / max(time.perf_counter() - tic, 1e-9)
-    if block_size == 1:
-        steps = ntp_steps(model, ids[-1], cache, sampler=token_sampler, **common)
-    else:
-        steps = sbd_steps(model, cache, block_size=block_size, select=select, sample=token_sampler, head=head,
-                          first=first, **common)
+    with wired_limit(model.lm, [generation_stream]):
+        # Prefill is timed on its own, so generation time counts exactly the forwards that produce tokens.
+        tic = time.perf_counter()
+        steps = decode_steps(model, cache, ids, block_size=block_size, verify=verify, gamma=gamma, select=select,
+                             temp=temp, top_p=top_p, top_k=top_k, ntp_first=ntp_first, max_tokens=max_tokens,
+                             max_length=max_length, eos_ids=list(tokenizer.eos_token_ids),
+                             prefill_step_size=prefill_step_size)
+        prompt_tps = len(ids) / max(time.perf_counter() - tic, 1e-9)
 
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    stops = StopStrings(stop)
-    tic, n = time.perf_counter(), 0
-    for tokens, nfe, reason in steps:
-        for t in tokens:
-            detokenizer.add_token(t)
-        if reason is not None:
-            detokenizer.finalize()
-        n += len(tokens)
-        text, hit = stops.feed(detokenizer.last_segment, final=reason is not None)
-        if hit:
-            reason = "stop"
-        elapsed = max(time.perf_counter() - tic, 1e-9)
-        yield GenerationResponse(
-            text=text,
-            tokens=tokens,
-            nfe=nfe,
-            prompt_tokens=len(ids),
-            prompt_tps=prompt_tps,
-            generation_tokens=n,
-            generation_tps=n / elapsed,
-            peak_memory=mx.get_peak_memory() / 1e9,
-            finish_reason=reason,
-        )
-        if reason is not None:
-            return
+        detokenizer = tokenizer.detokenizer
+        detokenizer.reset()
+        stops = StopStrings(stop)
+        tic, n = time.perf_counter(), 0
+        for step in steps:
+            for t in step.tokens:
+                detokenizer.add_token(t)
+            reason = step.finish
+            if reason is not None:
+                detokenizer.finalize()
+            n += len(step.tokens)
+            text, hit = stops.feed(detokenizer.last_segment, final=reason is not None)
+            if hit:
+                reason = "stop"
+            elapsed = max(time.perf_counter() - tic, 1e-9)
+            yield GenerationResponse(
+                text=text,
+                tokens=step.tokens,
+                nfe=step.nfe,
+                prompt_tokens=len(ids),
+                prompt_tps=prompt_tps,
+                generation_tokens=n,
+                generation_tps=n / elapsed,
+                peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=reason,
+                drafted=step.drafted,
+                accepted=step.accepted,
+            )
+            if reason is not None:
+                return
 
 
 def generate(model: SBDModel, tokenizer, prompt: Prompt, verbose: bool = False, **kwargs) -> str:
@@ -157,8 +179,9 @@ def format_stats(r: GenerationResponse) -> str:
         "==========\n"
         f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec\n"
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec\n"
-        f"Forward passes: {r.nfe}, {r.tokens_per_forward:.2f} tokens per forward\n"
-        f"Peak memory: {r.peak_memory:.3f} GB"
+        f"Forward passes: {r.nfe}, {r.tokens_per_forward:.2f} tokens per forward"
+        + (f", {r.accepted}/{r.drafted} drafts accepted ({100 * r.acceptance_rate:.0f}%)" if r.drafted else "")
+        + f"\nPeak memory: {r.peak_memory:.3f} GB"
     )
 
 
@@ -173,12 +196,12 @@ def default_settings(model: SBDModel, block_size: Optional[int], gamma: Optional
 
 
 def check_settings(max_tokens: int, block_size: int, gamma: float) -> None:
-    if not isinstance(block_size, int) or block_size < 1:
-        raise SBDError(f"block_size must be an integer >= 1 (got {block_size}); 1 means plain next-token decoding")
-    if gamma < 0:
-        raise SBDError(f"gamma must be >= 0 (got {gamma}); 0 reveals one token per forward")
-    if max_tokens < 1:
-        raise SBDError(f"max_tokens must be >= 1 (got {max_tokens})")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise SBDError(f"block_size must be an integer >= 1 (got {block_size!r}); 1 means plain next-token decoding")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or math.isnan(gamma) or gamma < 0:
+        raise SBDError(f"gamma must be a number >= 0 (got {gamma!r}); 0 reveals one token per forward")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise SBDError(f"max_tokens must be an integer >= 1 (got {max_tokens!r})")
 
 
 class StopStrings:

@@ -7,6 +7,11 @@ Normalisation (the paper leaves it open):
 Each term is a per-token mean over the batch, so neither drowns the other whatever η is drawn; no 1/η weight.
 With η = 0 the loss is exactly mlx_lm's default_loss (tested).
 
+`gated_sbd_loss` is the objective of a gated adapter (adapter.py): the clean half runs the base weights whatever
+the adapter holds, so it runs first, once, without gradient (its keys and values stored per layer, model.PrefixKV),
+and only the noised half runs with the LoRA and backpropagates, attending to those stored keys. The NTP term is a
+constant then and is computed only to be logged.
+
 `ntp_loss` is the baseline objective (an NTP fine-tune on the same data): the clean half alone, whose causal
 block of the training mask makes it an ordinary forward, so it costs half the doubled input and trains no MATP.
 """
@@ -31,6 +36,26 @@ def sbd_loss(model, batch: Batch):
     return ntp + matp, ntp, matp, n_ntp
 
 
+def gated_sbd_loss(model, batch: Batch):
+    """sbd_loss for a gated adapter, in two passes (see above): same masks, same normalisation, same tuple."""
+    from .model import PrefixKV
+
+    L = batch["ntp_targets"].shape[1]
+    tokens, positions, mask = batch["tokens"], batch["positions"], batch["mask"]
+    kv = [PrefixKV() for _ in model.layers]
+    h = model.forward(tokens[:, :L], positions=positions[:, :L], mask="causal", cache=kv, return_hidden=True,
+                      checkpoint=False)  # base weights (mask_rows=0): padding sits at the end, causal suffices
+    ntp_logits = mx.stop_gradient(model.logits(h)).astype(mx.float32)
+    logits = model.forward(tokens[:, L:], positions=positions[:, L:], mask=mask[..., L:, :], cache=kv,
+                           mask_rows=L, checkpoint=model.grad_checkpoint).astype(mx.float32)  # [B, L, V]
+    ntp_ce = nn.losses.cross_entropy(ntp_logits, batch["ntp_targets"]) * batch["ntp_weights"]
+    matp_ce = nn.losses.cross_entropy(logits, batch["matp_targets"]) * batch["matp_weights"]
+    n_ntp = batch["ntp_weights"].sum()
+    ntp = ntp_ce.sum() / mx.maximum(n_ntp, 1)
+    matp = matp_ce.sum() / mx.maximum(batch["matp_weights"].sum(), 1)
+    return ntp + matp, ntp, matp, n_ntp
+
+
 def ntp_loss(model, batch: Batch):
     """NTP only, on the clean half [B, L] -> (loss, ntp, matp = 0, ntokens), the tuple of sbd_loss."""
     L = batch["ntp_targets"].shape[1]
@@ -43,3 +68,7 @@ def ntp_loss(model, batch: Batch):
 
 
 LOSSES = {"sbd": sbd_loss, "ntp": ntp_loss}
+
+
+def loss_for(objective: str, gated: bool):
+    return gated_sbd_loss if gated and objective == "sbd" else LOSSES[objective]

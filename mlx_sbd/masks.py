@@ -12,27 +12,28 @@ from typing import Optional
 import mlx.core as mx
 
 
-def training_mask(L: int, k: int, lengths: Optional[mx.array] = None) -> mx.array:
+def training_mask(L: int, k: int, lengths: Optional[mx.array] = None, offsets: Optional[mx.array] = None) -> mx.array:
     """Mask for the doubled sequence: [2L, 2L], or [B, 1, 2L, 2L] when `lengths` ([B]) marks padding.
 
-    Padding (position >= length) is never attended to. A padding query attends only to itself, so no row
+    Blocks cover positions [b*k - o, (b+1)*k - o) for a grid shift o per sequence (`offsets` [B], default 0): verified
+    decoding starts a block right after the last accepted token, anywhere, so gated training shifts the grid at
+    random. Padding (position >= length) is never attended to. A padding query attends only to itself, so no row
     is all-False (such rows are undefined in MLX, SBD_METHOD.md trap 9); its outputs are dropped by the loss.
     """
     idx = mx.arange(2 * L)
     q, kv = idx[:, None], idx[None, :]
     q_clean, kv_clean = q < L, kv < L
     q_pos, kv_pos = q % L, kv % L  # both halves share positions 0..L-1
-    q_block_start = (q_pos // k) * k
+    shift = 0 if offsets is None else offsets.reshape(-1, 1, 1)  # [B, 1, 1]
+    q_blk, kv_blk = (q_pos + shift) // k, (kv_pos + shift) // k  # block ids on the (shifted) grid
     clean_rows = q_clean & kv_clean & (kv_pos <= q_pos)
-    noised_rows = ~q_clean & (
-        (kv_clean & (kv_pos < q_block_start)) | (~kv_clean & (kv_pos // k == q_pos // k))
-    )
-    mask = clean_rows | noised_rows
+    noised_rows = ~q_clean & ((kv_clean & (kv_blk < q_blk)) | (~kv_clean & (kv_blk == q_blk)))
+    mask = clean_rows | noised_rows  # [2L, 2L], or [B, 2L, 2L] with offsets
     if lengths is None:
-        return mask
+        return mask if offsets is None else mask[:, None]
     n = lengths.reshape(-1, 1, 1)
-    q_valid, kv_valid = q_pos[None] < n, kv_pos[None] < n  # [B, 2L, 1], [B, 1, 2L]
-    mask = (mask[None] & q_valid & kv_valid) | ((q == kv)[None] & ~q_valid)
+    q_valid, kv_valid = q_pos < n, kv_pos < n  # [B, 2L, 1], [B, 1, 2L]
+    mask = (mask & q_valid & kv_valid) | ((q == kv) & ~q_valid)
     return mask[:, None]
 
 

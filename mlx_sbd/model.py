@@ -23,6 +23,13 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+class Gate:
+    """How many trailing rows of the forward now running are mask-block rows (0: none, the plain causal call).
+    One per model, shared by its gated LoRA layers (adapter.py); SBDModel.forward sets it."""
+
+    rows = 0
+
+
 @dataclass(frozen=True)
 class SBDSettings:
     """What an SBD adapter or fused model was trained with, and the decode settings it recommends.
@@ -50,6 +57,7 @@ class SBDModel(nn.Module):
         self.lm = lm
         self.sbd = sbd  # None: not trained for SBD
         self.grad_checkpoint = False  # training: recompute each block's activations in the backward pass
+        self.gate = Gate()  # gated LoRA layers read how many trailing rows are mask rows (adapter.py)
         args = lm.args
         if getattr(args, "sliding_window", None) and "sliding_attention" in (args.layer_types or []):
             raise ValueError("Sliding-window attention layers are not supported by mlx-sbd.")
@@ -91,18 +99,26 @@ class SBDModel(nn.Module):
         mask: Mask = "causal",
         cache: Optional[List[Any]] = None,
         return_hidden: bool = False,
+        mask_rows: int = 0,
+        checkpoint: Optional[bool] = None,
     ) -> mx.array:
         """tokens [B, T]; absolute positions [B, T] or [T] (None: cache offset + 0..T-1); mask over (cache + new) keys:
-        None, "causal", a boolean array broadcastable to [B, H, T, S], or a BlockMask. Returns logits
-        [B, T, vocab] (or the final hidden states [B, T, hidden] with return_hidden)."""
+        None, "causal", a boolean array broadcastable to [B, H, T, S], or a BlockMask. `mask_rows`: how many trailing
+        rows are mask-block rows, the only ones a gated adapter's LoRA reaches (ignored by ungated weights).
+        `checkpoint` (default: grad_checkpoint, when there is no cache) recomputes each block in the backward pass.
+        Returns logits [B, T, vocab] (or the final hidden states [B, T, hidden] with return_hidden)."""
         h = self.embed(tokens)
         if positions is not None and positions.ndim == 1:
             positions = mx.broadcast_to(positions, tokens.shape)
-        for i, layer in enumerate(self.lm.layers):
-            if self.grad_checkpoint and cache is None:
-                h = checkpointed_block(layer, h, positions, mask)
-            else:
-                h = block(layer, h, positions, mask, cache[i] if cache is not None else None)
+        if checkpoint is None:
+            checkpoint = self.grad_checkpoint and cache is None
+        self.gate.rows = mask_rows
+        try:
+            for i, layer in enumerate(self.lm.layers):
+                c = cache[i] if cache is not None else None
+                h = checkpointed_block(layer, h, positions, mask, c) if checkpoint else block(layer, h, positions, mask, c)
+        finally:
+            self.gate.rows = 0  # the plain causal call (model(tokens), mlx_lm's generate) is always the base
         h = self.lm.model.norm(h)
         return h if return_hidden else self.logits(h)
 
@@ -118,14 +134,31 @@ def block(layer: nn.Module, h: mx.array, positions, mask: Mask, cache) -> mx.arr
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
-def checkpointed_block(layer: nn.Module, h: mx.array, positions, mask: Mask) -> mx.array:
-    """block() under mx.checkpoint: parameters go in explicitly so their gradients flow (as mlx_lm does)."""
+def checkpointed_block(layer: nn.Module, h: mx.array, positions, mask: Mask, cache=None) -> mx.array:
+    """block() under mx.checkpoint: parameters go in explicitly so their gradients flow (as mlx_lm does). A cache
+    here can only be read (PrefixKV of a gated training forward's noised pass)."""
 
     def inner(params, h):
         layer.update(params)
-        return block(layer, h, positions, mask, None)
+        return block(layer, h, positions, mask, cache)
 
     return mx.checkpoint(inner)(layer.trainable_parameters(), h)
+
+
+class PrefixKV:
+    """A layer's keys and values of one pass, attended to by the next: in gated training the clean half runs first
+    (base weights, no gradient) and stores here, then the noised half runs with keys = clean + its own."""
+
+    offset = 0  # positions are always explicit in training
+
+    def __init__(self):
+        self.kv = None
+
+    def update_and_fetch(self, k: mx.array, v: mx.array):
+        if self.kv is None:
+            self.kv = (mx.stop_gradient(k), mx.stop_gradient(v))
+            return k, v
+        return mx.concatenate([self.kv[0], k], axis=2), mx.concatenate([self.kv[1], v], axis=2)
 
 
 def self_attention(attn: nn.Module, x: mx.array, positions, mask: Mask, cache) -> mx.array:

@@ -16,7 +16,7 @@ import click
 import mlx.core as mx
 import yaml
 
-from mlx_sbd.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SBD_WEIGHTS
+from mlx_sbd.adapter import ADAPTER_CONFIG, copy_adapter
 from mlx_sbd.loading import DEFAULT_ADAPTER
 
 
@@ -38,12 +38,8 @@ def main(adapter, block_size, gamma, dest, recipe):
                 training[key] = recipe_settings[key]
     if block_size > config["sbd"]["block_size_max"]:
         sys.exit(f"--block-size {block_size} exceeds the trained block_size_max {config['sbd']['block_size_max']}")
-    config["sbd"].update(block_size=block_size, gamma=gamma)
-    dest.mkdir(parents=True, exist_ok=True)
-    weights = mx.load(str(adapter / ADAPTER_WEIGHTS))
-    mx.save_safetensors(str(dest / ADAPTER_WEIGHTS), {k: v.astype(mx.float16) for k, v in weights.items()})
-    mx.save_safetensors(str(dest / SBD_WEIGHTS), mx.load(str(adapter / SBD_WEIGHTS)))
-    (dest / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    sbd = {**config["sbd"], "block_size": block_size, "gamma": gamma}
+    copy_adapter(adapter, dest, dtype=mx.float16, sbd=sbd)
     size = sum(f.stat().st_size for f in dest.iterdir()) / 1e6
     print(f"{dest}: block_size={block_size}, gamma={gamma}, {size:.1f} MB")
 

@@ -92,15 +92,13 @@ def test_fuse(trained, tmp_path):
 def test_adapter_stored_in_float16_takes_the_model_dtype(trained, tmp_path):
     """A half-precision copy (how the default adapter ships) loads as float32 LoRA weights into a float32 model
     and gives the float32 adapter's logits up to float16 rounding of the weights."""
-    import shutil
-
-    from mlx_sbd.adapter import ADAPTER_WEIGHTS
+    from mlx_sbd.adapter import ADAPTER_WEIGHTS, copy_adapter
 
     base, adapter, trained_model = trained
     half = tmp_path / "half"
-    shutil.copytree(adapter, half)
+    copy_adapter(adapter, half, dtype=mx.float16)
     weights = mx.load(str(adapter / ADAPTER_WEIGHTS))
-    mx.save_safetensors(str(half / ADAPTER_WEIGHTS), {k: v.astype(mx.float16) for k, v in weights.items()})
+    assert {v.dtype for v in mx.load(str(half / ADAPTER_WEIGHTS)).values()} == {mx.float16}
     model, _ = load(base, adapter_path=False)
     load_adapter(model, half)
     lora = {k: v for k, v in tree_flatten(model.lm.parameters()) if k in weights}

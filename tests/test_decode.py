@@ -41,10 +41,10 @@ def run_sbd(model, k, gamma, max_tokens=40, eos=(), ntp_first=False):
         prefill(model, cache, ids)
         first = None
     out, nfe = [], 0
-    for tokens, nfe, _ in sbd_steps(model, cache, block_size=k, select=make_selector("entropy", gamma),
-                                     sample=make_token_sampler(0.0), max_tokens=max_tokens, max_length=4096,
-                                     eos_ids=eos, head=head, first=first):
-        out += tokens
+    for step in sbd_steps(model, cache, block_size=k, select=make_selector("entropy", gamma),
+                          sample=make_token_sampler(0.0), max_tokens=max_tokens, max_length=4096,
+                          eos_ids=eos, head=head, first=first):
+        out, nfe = out + step.tokens, step.nfe
     return out, nfe, cache
 
 
@@ -258,7 +258,7 @@ def test_stop_strings_cut_the_text(tiny):
     (dict(block_size=0), "block_size"),
     (dict(gamma=-0.1), "gamma"),
     (dict(max_tokens=0), "max_tokens"),
-    (dict(sampler="nope"), "sampler|nope"),
+    (dict(selector="nope"), "sampler|selector|nope"),
 ])
 def test_bad_settings(tiny, kwargs, match):
     folder, model = tiny

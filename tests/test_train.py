@@ -147,7 +147,8 @@ def test_cli_train_generate_fuse_generate(setup, tmp_path):
                                       "num_layers": -1, "learning_rate": 5e-3, "warmup": 1, "block_size_max": 4}))
     runner = CliRunner()
     result = runner.invoke(cli, ["train", "--model", str(base), "--data", str(data), "--adapter-path", str(adapters),
-                                 "--iters", "3", "--batch-size", "4", "-c", str(config), "--lora-rank", "2"])
+                                 "--iters", "3", "--batch-size", "4", "-c", str(config), "--lora-rank", "2",
+                                 "--ungated"])  # an ungated adapter can be fused
     assert result.exit_code == 0, result.output
     written = json.loads((adapters / "adapter_config.json").read_text())
     assert written["lora_parameters"]["rank"] == 2 and written["lora_parameters"]["scale"] == 4.0  # flag beats file

@@ -1,0 +1,287 @@
+"""Verified (lossless) decoding on tiny models: gated adapters leave the causal path the base model, and verified
+decoding's output is the causal path's own.
+
+References: mlx_lm's generate_step on the *base* weights loaded by mlx_lm itself (greedy identity), a fresh causal
+forward (cache exactness), the exact distribution of the first tokens enumerated by causal forwards (sampling).
+A gated adapter with random LoRA weights must pass: it drafts badly, which exercises rejection on every forward.
+"""
+
+import functools
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+
+import mlx_sbd
+from mlx_sbd import decode
+from mlx_sbd.adapter import load_adapter, make_trainable, save_adapter
+from mlx_sbd.errors import SBDError
+from mlx_sbd.loading import load_model
+from mlx_sbd.model import SBDSettings
+from mlx_sbd.tiny import make_tiny_model
+
+PROMPTS = [[10, 20, 30, 11, 21], [5, 6, 7, 8, 9, 10, 11, 12, 13], [40], [33, 34, 33, 34, 33, 34, 33]]
+LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+
+
+def randomize_lora(model, seed=0):
+    """LoRA B starts at zero (a no-op): give every LoRA leaf random values so the adapter really changes rows."""
+    mx.random.seed(seed)
+    leaves = [(k, mx.random.normal(v.shape) * 0.3) for k, v in tree_flatten(model.lm.trainable_parameters())
+              if k.endswith(("lora_a", "lora_b"))]
+    model.lm.load_weights(leaves, strict=False)
+    model.mask_embedding = mx.random.normal(model.mask_embedding.shape)
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory):
+    """(base folder, gated adapter folder, model with the adapter, tokenizer)."""
+    root = tmp_path_factory.mktemp("verified")
+    base = make_tiny_model(root / "base", hidden_size=64, num_hidden_layers=2, intermediate_size=128, seed=3)
+    model = load_model(base)
+    # Sharpen the random base so that greedy continuations are not all ties (near-uniform logits).
+    make_trainable(model, "lora", -1, LORA, gated=True)
+    randomize_lora(model)
+    save_adapter(model, root / "adapter", {"fine_tune_type": "lora", "gated": True, "num_layers": 2,
+                                           "lora_parameters": LORA, "sbd": SBDSettings(8, 4, 1.0).to_dict()})
+    model, tokenizer = mlx_sbd.load(base, adapter_path=root / "adapter")
+    return base, root / "adapter", model, tokenizer
+
+
+@functools.lru_cache(maxsize=4)
+def mlx_lm_model(base: str):
+    return mlx_lm.load(base)[0]
+
+
+def mlx_lm_greedy(base, ids, n, eos=()):
+    """mlx_lm on the base weights, loaded by mlx_lm itself: the reference for anything called lossless."""
+    lm = mlx_lm_model(str(base))
+    out = []
+    for tok, _ in generate_step(mx.array(ids), lm, max_tokens=n):
+        if tok in eos:
+            break
+        out.append(tok)
+    return out
+
+
+def ours(model, tokenizer, ids, **kw):
+    out, last = [], None
+    for last in mlx_sbd.stream_generate(model, tokenizer, ids, **kw):
+        out += last.tokens
+    return out, last
+
+
+def test_gated_adapter_is_gated_and_changes_only_mask_rows(gated):
+    base, _, model, _ = gated
+    plain = load_model(base)
+    ids = mx.array([PROMPTS[1]])
+    assert np.array_equal(np.array(model(ids)), np.array(plain(ids)))  # plain call: the base model exactly
+    full = model.forward(ids, mask_rows=4)
+    ref = plain.forward(ids)
+    # The causal rows before the mask rows see only base K/V and base weights; the mask rows differ.
+    assert np.abs(np.array(full[0, :-4]) - np.array(ref[0, :-4])).max() <= 1e-5
+    assert np.abs(np.array(full[0, -4:]) - np.array(ref[0, -4:])).max() > 1e-2
+    assert '"gated": true' in (gated[1] / "adapter_config.json").read_text()
+
+
+@pytest.mark.parametrize("k,gamma", [(2, 0.0), (4, 1.0), (8, float("inf")), (16, 3.0)])
+def test_greedy_equals_mlx_lm_on_the_base(gated, k, gamma):
+    base, _, model, tokenizer = gated
+    for ids in PROMPTS:
+        got, last = ours(model, tokenizer, ids, max_tokens=40, block_size=k, gamma=gamma)
+        assert got == mlx_lm_greedy(base, ids, 40, tokenizer.eos_token_ids)
+        assert last.drafted > 0
+
+
+def test_every_max_tokens_and_eos_cut_is_exact(gated):
+    """max_tokens anywhere (inside a block of drafts too) and EOS: output is the reference cut there."""
+    base, _, model, tokenizer = gated
+    ids = PROMPTS[0]
+    ref = mlx_lm_greedy(base, ids, 30)
+    for n in range(1, 14):
+        assert ours(model, tokenizer, ids, max_tokens=n, block_size=8, gamma=float("inf"))[0] == ref[:n]
+    eos = ref[6]
+    tokenizer_eos = tokenizer.eos_token_ids
+    try:
+        tokenizer.eos_token_ids = {eos}
+        got, last = ours(model, tokenizer, ids, max_tokens=30, block_size=8, gamma=float("inf"))
+    finally:
+        tokenizer.eos_token_ids = tokenizer_eos
+    assert got == ref[: ref.index(eos)] and last.finish_reason == "stop"
+
+
+def test_cache_holds_exactly_the_conversation(gated):
+    """After verified decoding the cache equals a fresh causal forward over the conversation (prompt + output):
+    no K/V of a rejected draft or a mask row stays behind."""
+    base, _, model, tokenizer = gated
+    cache = mlx_sbd.make_prompt_cache(model)
+    got, last = ours(model, tokenizer, PROMPTS[1], max_tokens=25, block_size=8, gamma=float("inf"), prompt_cache=cache)
+    assert last.drafted > last.accepted  # rejections happened
+    assert cache.tokens == PROMPTS[1] + got
+    decode.prefill(model, cache, [])  # commit the pending tail, as the next turn would
+    fresh = load_model(base).make_cache()
+    load_model(base)(mx.array(cache.tokens)[None], cache=fresh)
+    n = len(cache.tokens)
+    assert cache.offset == n
+    for a, b in zip(cache.layers, fresh):
+        assert np.abs(np.array(a.keys[..., :n, :]) - np.array(b.keys[..., :n, :])).max() <= 1e-4
+
+
+def test_multi_turn_equals_mlx_lm_on_the_whole_conversation(gated):
+    base, _, model, tokenizer = gated
+    cache = mlx_sbd.make_prompt_cache(model)
+    ours(model, tokenizer, PROMPTS[0], max_tokens=9, block_size=4, gamma=2.0, prompt_cache=cache)
+    history = list(cache.tokens)
+    second, _ = ours(model, tokenizer, [40, 41, 42], max_tokens=20, block_size=4, gamma=2.0, prompt_cache=cache)
+    assert second == mlx_lm_greedy(base, history + [40, 41, 42], 20, tokenizer.eos_token_ids)
+
+
+def test_trim_to_reuses_a_shared_prefix(gated):
+    base, _, model, tokenizer = gated
+    cache = mlx_sbd.make_prompt_cache(model)
+    ours(model, tokenizer, PROMPTS[1], max_tokens=10, block_size=4, prompt_cache=cache)
+    cache.trim_to(6)
+    assert cache.tokens == PROMPTS[1][:6] and cache.offset + len(cache.pending) == 6
+    got, last = ours(model, tokenizer, PROMPTS[1][6:], max_tokens=12, block_size=4, prompt_cache=cache)
+    assert last.prompt_tokens == len(PROMPTS[1]) - 6
+    assert got == mlx_lm_greedy(base, PROMPTS[1], 12, tokenizer.eos_token_ids)
+
+
+def test_stop_strings_cut_verified_text(gated):
+    _, _, model, tokenizer = gated
+    text = mlx_sbd.generate(model, tokenizer, PROMPTS[0], max_tokens=30, block_size=8)
+    stop = text[5:7]
+    assert mlx_sbd.generate(model, tokenizer, PROMPTS[0], max_tokens=30, block_size=8, stop=[stop]) == text[: text.find(stop)]
+
+
+def test_ungated_adapter_equals_its_own_one_token_decoding(gated, tmp_path):
+    """An ungated adapter changes the causal path: verified decoding then reproduces its own block_size=1 output."""
+    base = gated[0]
+    model = load_model(base)
+    make_trainable(model, "lora", -1, LORA, gated=False)
+    randomize_lora(model, seed=5)
+    save_adapter(model, tmp_path / "a", {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": LORA,
+                                         "sbd": SBDSettings(8, 4, 1.0).to_dict()})
+    model, tokenizer = mlx_sbd.load(base, adapter_path=tmp_path / "a")
+    for ids in PROMPTS[:2]:
+        one, _ = ours(model, tokenizer, ids, max_tokens=30, block_size=1)
+        assert ours(model, tokenizer, ids, max_tokens=30, block_size=8, gamma=float("inf"))[0] == one
+        assert one != mlx_lm_greedy(base, ids, 30, tokenizer.eos_token_ids)  # the adapter does change the path
+
+
+def test_cache_that_cannot_trim_is_refused(gated):
+    from mlx_lm.models.cache import RotatingKVCache
+
+    _, _, model, tokenizer = gated
+    cache = mlx_sbd.make_prompt_cache(model)
+    cache.layers = [RotatingKVCache(max_size=4) for _ in cache.layers]
+    model(mx.array([PROMPTS[1]]), cache=cache.layers)  # past its size: no longer trimmable
+    with pytest.raises(SBDError, match="cannot be trimmed"):
+        mlx_sbd.generate(model, tokenizer, [5, 6], prompt_cache=cache, block_size=4)
+
+
+def test_gated_adapter_on_the_wrong_base_is_refused(gated, tmp_path):
+    other = make_tiny_model(tmp_path / "other", hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+    with pytest.raises(SBDError, match="different base model"):
+        mlx_sbd.load(other, adapter_path=gated[1])
+
+
+def test_gated_adapter_cannot_be_fused(gated, tmp_path):
+    from mlx_sbd.fuse import fuse
+
+    with pytest.raises(SBDError, match="gated"):
+        fuse(gated[0], gated[1], tmp_path / "fused")
+
+
+def test_interrupted_adapter_write_is_refused(gated, tmp_path):
+    """The weight files and the config carry one save id: a write killed between files is refused, not mixed."""
+    import shutil
+
+    folder = tmp_path / "a"
+    shutil.copytree(gated[1], folder)
+    model, _ = mlx_sbd.load(gated[0], adapter_path=False), None
+    model = model[0]
+    make_trainable(model, "lora", -1, LORA, gated=True)
+    save_adapter(model, tmp_path / "b", {"fine_tune_type": "lora", "gated": True, "num_layers": 2,
+                                         "lora_parameters": LORA})
+    shutil.copy(tmp_path / "b" / "adapters.safetensors", folder / "adapters.safetensors")  # one file of another save
+    with pytest.raises(SBDError, match="another save"):
+        mlx_sbd.load(gated[0], adapter_path=folder)
+
+
+# --- sampling --------------------------------------------------------------------------------------------------
+def exact_first_tokens(lm, ids, n, temp):
+    """P(t1..tn) for every sequence, by causal forwards on the base (mlx_lm's sampling distribution at `temp`)."""
+    probs = {(): 1.0}
+    for _ in range(n):
+        seqs = list(probs)
+        logits = mx.stack([lm(mx.array([ids + list(s)]))[0, -1] for s in seqs])
+        p = np.array(mx.softmax(logits.astype(mx.float32) / temp, axis=-1))
+        probs = {s + (t,): probs[s] * p[i, t] for i, s in enumerate(seqs) for t in range(p.shape[1])}
+    return probs
+
+
+def sampled_first_tokens(model, tokenizer, ids, n, draws, temp, **kw):
+    counts = {}
+    for i in range(draws):
+        out, _ = ours(model, tokenizer, ids, max_tokens=n + 1, temp=temp, seed=i, **kw)
+        key = tuple(out[:n])
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def chi_square_p(counts, probs, draws):
+    """Pearson chi-square test of counts against probs, cells with expected count < 5 pooled; returns the p-value."""
+    import torch
+
+    keys = sorted(probs, key=lambda s: -probs[s])
+    exp, obs, pool_e, pool_o = [], [], 0.0, 0
+    for s in keys:
+        e = probs[s] * draws
+        if e >= 5:
+            exp.append(e), obs.append(counts.get(s, 0))
+        else:
+            pool_e, pool_o = pool_e + e, pool_o + counts.get(s, 0)
+    exp.append(pool_e), obs.append(pool_o + sum(c for s, c in counts.items() if s not in probs))
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(obs, exp) if e > 0)
+    dof = len(exp) - 1  # chi-square survival function = the upper regularised incomplete gamma Q(dof/2, chi2/2)
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(chi2 / 2, dtype=torch.float64))), chi2
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory):
+    """A 1-layer model over 3 letters (vocab 7) with a random gated adapter: q (the drafter) differs from p a lot."""
+    root = tmp_path_factory.mktemp("sampling")
+    base = make_tiny_model(root / "base", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                           num_attention_heads=2, num_key_value_heads=1, alphabet="abc", seed=2)
+    model = load_model(base)
+    model.lm.model.norm.weight = model.lm.model.norm.weight * 4  # p far from uniform
+    make_trainable(model, "lora", -1, LORA, gated=True)
+    randomize_lora(model, seed=1)
+    _, tokenizer = mlx_sbd.load(base)
+    tokenizer.eos_token_ids = set()
+    return model, tokenizer
+
+
+def run_sampling_test(small_vocab, draws, monkeypatch=None):
+    model, tokenizer = small_vocab
+    ids = [4, 5, 6]
+    probs = exact_first_tokens(model, ids, 3, temp=1.0)
+    counts = sampled_first_tokens(model, tokenizer, ids, 3, draws, 1.0, block_size=4, gamma=float("inf"))
+    return chi_square_p(counts, probs, draws)
+
+
+@pytest.mark.slow
+def test_verified_sampling_keeps_the_distribution(small_vocab):
+    """20k draws of the first 3 tokens under verified sampling against the exact NTP distribution of the base."""
+    p, chi2 = run_sampling_test(small_vocab, 20000)
+    assert p > 1e-3, f"chi2 {chi2:.1f}, p {p:.2g}"
+
+
+def test_verified_sampling_keeps_the_distribution_fast(small_vocab):
+    p, chi2 = run_sampling_test(small_vocab, 3000)
+    assert p > 1e-3, f"chi2 {chi2:.1f}, p {p:.2g}"
