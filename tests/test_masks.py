@@ -7,7 +7,7 @@ import pytest
 from mlx_sbd.masks import inference_mask, training_mask
 
 
-def table_mask(L: int, k: int, length: int) -> np.ndarray:
+def table_mask(L: int, k: int, length: int, shift: int = 0) -> np.ndarray:
     """[2L, 2L] straight from the §2 table, one (query, key) pair at a time. Positions >= length are
     padding: never attended by valid queries; a padding query attends only to itself."""
     M = np.zeros((2 * L, 2 * L), bool)
@@ -22,8 +22,8 @@ def table_mask(L: int, k: int, length: int) -> np.ndarray:
             if q < L:  # clean query: causal over clean keys, never a noised key
                 M[q, kv] = kv < L and j <= i
             else:  # noised query in block b: clean keys strictly before the block, its own noised block
-                b = i // k
-                M[q, kv] = (kv < L and j < b * k) or (kv >= L and j // k == b)
+                start = (i + shift) // k * k - shift  # the grid shifted by `shift`: blocks [b*k - shift, ...)
+                M[q, kv] = (kv < L and j < start) or (kv >= L and start <= j < start + k)
     return M
 
 
@@ -109,3 +109,12 @@ def test_inference_mask_edge_cases():
         np.array(inference_mask(4, 1, 2)),
         np.array([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]], bool),
     )
+
+
+@pytest.mark.parametrize("L,k", [(8, 4), (13, 3), (16, 5)])
+def test_shifted_grid_matches_the_table(L, k):
+    """Random grid shifts per sequence (gated training): sequence b's blocks start at multiples of k minus its shift."""
+    lengths, shifts = [L, L - 3, 5], [1, k - 1, 0]
+    got = np.array(training_mask(L, k, mx.array(lengths), mx.array(shifts)))
+    for b, (n, o) in enumerate(zip(lengths, shifts)):
+        assert np.array_equal(got[b, 0], table_mask(L, k, n, o)), (b, n, o)

@@ -237,3 +237,56 @@ def test_sbd_training_learns_block_decoding(tmp_path):
     assert ntp_acc >= 0.8  # the baseline learned the task: the 2-point comparison below is against a strong model
     assert ntp_nfe / sbd_nfe >= 2.5
     assert sbd_acc >= ntp_acc - 0.02
+
+
+def test_gated_loss_equals_the_doubled_forward_with_lora_on_the_noised_half(setup):
+    """gated_sbd_loss runs the clean half first without gradient and the noised half over its stored K/V. The
+    reference is the paper's single doubled forward with the LoRA applied to the noised half's rows only
+    (mask_rows = L): same losses, same gradients, with random grid shifts."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_sbd.adapter import make_trainable
+    from mlx_sbd.batches import make_batch
+    from mlx_sbd.loss import gated_sbd_loss
+
+    base, data = setup
+    model, tokenizer = load(base, adapter_path=False)
+    make_trainable(model, "lora", -1, {"rank": 4, "scale": 10.0, "dropout": 0.0}, gated=True)
+    mx.random.seed(0)
+    model.lm.load_weights([(k, mx.random.normal(v.shape) * 0.2) for k, v in
+                           tree_flatten(model.lm.trainable_parameters()) if "lora" in k], strict=False)
+    seqs = [(tokenizer.encode(t, add_special_tokens=False), 2) for t in ("R: abcd=dcba", "R: xyz=zyx", "R: hello=olleh")]
+    batch = make_batch(seqs, 4, np.random.default_rng(0), shift_blocks=True)
+    assert batch["block_shifts"].tolist() != [0, 0, 0]
+
+    def reference(model, batch):
+        L = batch["ntp_targets"].shape[1]
+        logits = model.forward(batch["tokens"], positions=batch["positions"], mask=batch["mask"], mask_rows=L)
+        logits = logits.astype(mx.float32)
+        ntp = (nn.losses.cross_entropy(logits[:, :L], batch["ntp_targets"]) * batch["ntp_weights"]).sum()
+        matp = (nn.losses.cross_entropy(logits[:, L:], batch["matp_targets"]) * batch["matp_weights"]).sum()
+        ntp, matp = ntp / batch["ntp_weights"].sum(), matp / batch["matp_weights"].sum()
+        return ntp + matp, ntp, matp, None
+
+    (loss, ntp, matp, _), grads = nn.value_and_grad(model, lambda m, b: gated_sbd_loss(m, b)[0:3] + (0,))(model, batch)
+    (rloss, rntp, rmatp, _), rgrads = nn.value_and_grad(model, lambda m, b: reference(m, b)[0:3] + (0,))(model, batch)
+    assert abs(ntp.item() - rntp.item()) < 1e-4 and abs(matp.item() - rmatp.item()) < 1e-4
+    g, r = dict(tree_flatten(grads)), dict(tree_flatten(rgrads))
+    assert g.keys() == r.keys() and any(np.abs(np.array(v)).max() > 0 for v in g.values())
+    for key in g:
+        assert np.abs(np.array(g[key]) - np.array(r[key])).max() <= 1e-4 * (np.abs(np.array(r[key])).max() + 1e-6), key
+
+
+def test_gated_training_leaves_the_causal_path_the_base(setup, tmp_path):
+    base, data = setup
+    run(base, data, tmp_path / "g", iters=4, learning_rate=1e-2)
+    config = json.loads((tmp_path / "g" / "adapter_config.json").read_text())
+    assert config["gated"] is True and config["sbd"]["training"]["shift_blocks"] is True
+    log = [json.loads(line) for line in (tmp_path / "g" / "train_log.jsonl").read_text().splitlines()]
+    assert any("matp" in r for r in log)
+    model, _ = load(base, adapter_path=tmp_path / "g")
+    plain, _ = load(base, adapter_path=False)
+    ids = mx.array([[5, 6, 7, 8, 9, 10]])
+    assert np.array_equal(np.array(model(ids)), np.array(plain(ids)))
+    assert np.abs(np.array(model.forward(ids, mask_rows=3)[0, -3:]) - np.array(plain(ids)[0, -3:])).max() > 1e-3

@@ -1,0 +1,129 @@
+"""Verified decoding on the real built-in SmolLM2-135M (slow): lossless against mlx_lm.generate on the base weights.
+
+- A gated adapter (random LoRA weights: any gated adapter must pass) gives token for token what mlx_lm.generate
+  gives on the base weights loaded by mlx_lm itself, on 8 prompts, with stop strings and a multi-turn cache.
+- The shipped ungated adapter gives its own block_size=1 output; its drafts are good enough that EOS and
+  max_tokens fall inside accepted drafts, which the test checks happened.
+"""
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+
+import mlx_sbd
+from mlx_sbd.adapter import make_trainable, save_adapter
+from mlx_sbd.generate import encode_prompt
+from mlx_sbd.gguf import default_model_path
+from mlx_sbd.loading import load_model
+from mlx_sbd.model import SBDSettings
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three uses of a paperclip.",
+    "Write a haiku about tea.",
+    "Explain what a Python list comprehension is, in one sentence.",
+    "What is 12 times 12?",
+    "Translate 'good morning' into French.",
+    "Give me a one-line definition of entropy.",
+    "List the first five prime numbers.",
+]
+N = 40
+
+
+@pytest.fixture(scope="module")
+def base():
+    folder = default_model_path()
+    lm, tokenizer = mlx_lm.load(str(folder))  # the reference: mlx_lm on the base weights
+    return folder, lm, tokenizer
+
+
+@pytest.fixture(scope="module")
+def gated(base, tmp_path_factory):
+    folder = base[0]
+    model = load_model(folder)
+    make_trainable(model, "lora", 8, {"rank": 4, "scale": 10.0, "dropout": 0.0}, gated=True)
+    mx.random.seed(0)
+    model.lm.load_weights([(k, mx.random.normal(v.shape) * 0.05) for k, v in
+                           tree_flatten(model.lm.trainable_parameters())], strict=False)
+    path = tmp_path_factory.mktemp("gated") / "adapter"
+    save_adapter(model, path, {"fine_tune_type": "lora", "gated": True, "num_layers": 8,
+                               "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0},
+                               "sbd": SBDSettings(8, 8, 0.35).to_dict()})
+    return mlx_sbd.load(folder, adapter_path=path)
+
+
+def reference(lm, tokenizer, ids, n=N):
+    out = [r.token for r in mlx_lm_stream_generate(lm, tokenizer, mx.array(ids), max_tokens=n)]
+    return out[:-1] if out and out[-1] in tokenizer.eos_token_ids else out  # mlx_lm's last response carries EOS
+
+
+def verified(model, tokenizer, prompt, **kw):
+    out, steps = [], []
+    for r in mlx_sbd.stream_generate(model, tokenizer, prompt, **kw):
+        out += r.tokens
+        steps.append(r)
+    return out, steps
+
+
+def test_gated_adapter_output_is_mlx_lm_on_the_base(base, gated):
+    _, lm, ref_tok = base
+    model, tokenizer = gated
+    for p in PROMPTS:
+        ids = encode_prompt(tokenizer, p)
+        got, steps = verified(model, tokenizer, ids, max_tokens=N, block_size=8, gamma=float("inf"))
+        assert got == reference(lm, ref_tok, ids), p
+        assert steps[-1].drafted > 0
+
+
+def test_stop_strings_and_multi_turn_cache(base, gated):
+    _, lm, ref_tok = base
+    model, tokenizer = gated
+    text = mlx_sbd.generate(model, tokenizer, PROMPTS[1], max_tokens=N, block_size=8)
+    stop = text.split()[3]
+    cut = mlx_sbd.generate(model, tokenizer, PROMPTS[1], max_tokens=N, block_size=8, stop=[stop])
+    assert cut == text[: text.find(stop)]
+    cache = mlx_sbd.make_prompt_cache(model)
+    turn1 = [{"role": "user", "content": PROMPTS[0]}]
+    verified(model, tokenizer, turn1, max_tokens=24, block_size=8, prompt_cache=cache)
+    history = list(cache.tokens)
+    follow = tokenizer.encode("<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n",
+                              add_special_tokens=False)
+    got, _ = verified(model, tokenizer, follow, max_tokens=24, block_size=8, prompt_cache=cache)
+    assert got == reference(lm, ref_tok, history + follow, 24)
+
+
+def test_shipped_ungated_adapter_equals_its_own_one_token_output():
+    """With the shipped (ungated) adapter verified decoding reproduces the SBD model's own block_size=1 output,
+    including where EOS or max_tokens fall inside accepted drafts."""
+    model, tokenizer = mlx_sbd.load()
+    eos_in_drafts = cut_in_drafts = False
+    for i, p in enumerate(PROMPTS[:5]):
+        ids = encode_prompt(tokenizer, p)
+        one, _ = verified(model, tokenizer, ids, max_tokens=N, block_size=1)
+        got, steps = verified(model, tokenizer, ids, max_tokens=N)
+        assert got == one, p
+        last, before = steps[-1], steps[-2] if len(steps) > 1 else None
+        # The last forward accepted more drafts than it showed tokens: the EOS was one of them.
+        gained = last.accepted - (before.accepted if before else 0)
+        eos_in_drafts |= last.finish_reason == "stop" and gained > len(last.tokens)
+        for n in (5, 9) if i < 2 else ():  # max_tokens reached by a forward's accepted drafts
+            cut, cut_steps = verified(model, tokenizer, ids, max_tokens=n)
+            assert cut == one[:n]
+            cut_in_drafts |= len([s for s in cut_steps if s.tokens][-1].tokens) > 1
+    assert eos_in_drafts and cut_in_drafts
+
+
+def test_readme_first_command_prints_what_block_size_one_prints():
+    from click.testing import CliRunner
+
+    from mlx_sbd.cli import cli
+
+    runner = CliRunner()
+    default = runner.invoke(cli, ["generate", "-p", "What is the capital of France?", "--quiet"])
+    one = runner.invoke(cli, ["generate", "-p", "What is the capital of France?", "--quiet", "--block-size", "1"])
+    assert default.exit_code == one.exit_code == 0
+    assert default.output == one.output and "Paris" in default.output
