@@ -3,6 +3,10 @@
 Trains a few steps on synthetic text cut to exactly T tokens (the doubled SBD input is 2T wide), then prints a
 table of seconds per step, tokens/s (real sequence tokens, counted once) and peak memory, and writes the raw
 per-report numbers to --out. The first step (mx.compile tracing) is excluded from the averages.
+
+--compare trains, in interleaved rounds of --iters steps each, an NTP LoRA, a gated SBD LoRA (the default: the
+clean half once without backprop, the noised half with it) and an ungated SBD LoRA on the same batches, and
+prints each one's median s/step and peak memory with its ratio to the NTP step of the same round.
 """
 
 import argparse
@@ -30,9 +34,48 @@ def main():
     p.add_argument("--num-layers", type=int, default=-1)
     p.add_argument("--grad-checkpoint", action="store_true")
     p.add_argument("--objective", default="sbd", choices=["sbd", "ntp"], help="ntp: the NTP-only baseline (no doubled input)")
+    p.add_argument("--ungated", action="store_true", help="SBD the paper's way (LoRA on every row)")
+    p.add_argument("--compare", action="store_true", help="NTP vs gated vs ungated SBD in interleaved rounds")
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default="results/bench_train.json")
     args = p.parse_args()
+    if args.compare:
+        return compare(args)
 
+    summary = run(args, args.objective, gated=not args.ungated)
+    print("\n| machine | batch | s/step | tokens/s | peak GB |\n|---|---|---|---|---|")
+    print(f"| {summary['machine']['processor']} x{summary['machine']['cpus']}, {summary['machine']['blas']} | {summary['batch']} | {summary['s_per_step']:.2f} | "
+          f"{summary['tokens_per_s']:.0f} | {summary['peak_memory_gb']:.2f} |")
+    save(summary, args.out)
+
+
+def compare(args):
+    import statistics
+
+    settings = {"ntp lora": ("ntp", False), "sbd gated lora": ("sbd", True), "sbd ungated lora": ("sbd", False)}
+    runs = {name: [] for name in settings}
+    for _ in range(args.rounds):
+        for name, (objective, gated) in settings.items():
+            runs[name].append(run(args, objective, gated))
+    print(f"\nmachine: {machine()}\nbatch {args.batch_size} x {args.seq_len} tokens, LoRA rank {args.lora_rank}, "
+          f"layers {args.num_layers}, {args.rounds} interleaved rounds of {args.iters} steps (first step of each excluded)")
+    print("| setting | s/step (median) | range | x NTP step | peak GB | x NTP peak |\n|---|---|---|---|---|---|")
+    rows = []
+    for name, rs in runs.items():
+        steps = [r["s_per_step"] for r in rs]
+        ratio = [r["s_per_step"] / b["s_per_step"] for r, b in zip(rs, runs["ntp lora"])]
+        peak = max(r["peak_memory_gb"] for r in rs)
+        base_peak = max(r["peak_memory_gb"] for r in runs["ntp lora"])
+        rows.append({"setting": name, "s_per_step": steps, "ratio_to_ntp": ratio, "peak_memory_gb": peak})
+        print(f"| {name} | {statistics.median(steps):.2f} | {min(steps):.2f}-{max(steps):.2f} | "
+              f"{statistics.median(ratio):.2f}x | {peak:.2f} | {peak / base_peak:.2f}x |")
+    save({"machine": machine(), "batch": [args.batch_size, args.seq_len], "rows": rows, "runs": runs}, args.out)
+
+
+def run(args, objective: str, gated: bool) -> dict:
+    import mlx.core as mx
+
+    mx.reset_peak_memory()
     model, tokenizer = load(args.model, adapter_path=False)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
@@ -46,7 +89,7 @@ def main():
             batch_size=args.batch_size, max_seq_length=args.seq_len, num_layers=args.num_layers,
             lora_parameters={"rank": args.lora_rank, "scale": 20.0, "dropout": 0.0}, steps_per_report=1,
             steps_per_save=10**9, steps_per_eval=10**9, grad_checkpoint=args.grad_checkpoint, warmup=1,
-            objective=args.objective,
+            objective=objective, gated=gated,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the truncation warning is the point here
@@ -57,17 +100,14 @@ def main():
     summary = {
         "machine": machine(),
         "model": args.model or "SmolLM2-135M-Instruct (built-in)",
-        "objective": args.objective,
+        "objective": objective, "gated": gated,
         "batch": f"{args.batch_size} x {args.seq_len} tokens"
-        + (f" (doubled input {2 * args.seq_len})" if args.objective == "sbd" else ""),
+        + (f" (doubled input {2 * args.seq_len})" if objective == "sbd" else ""),
         "lora": f"rank {args.lora_rank}, layers {args.num_layers}", "grad_checkpoint": args.grad_checkpoint,
         "s_per_step": mean("s_per_step"), "tokens_per_s": mean("tokens_per_s"),
         "peak_memory_gb": max(r["peak_memory_gb"] for r in reports), "reports": reports,
     }
-    print("\n| machine | batch | s/step | tokens/s | peak GB |\n|---|---|---|---|---|")
-    print(f"| {summary['machine']['processor']} x{summary['machine']['cpus']}, {summary['machine']['blas']} | {summary['batch']} | {summary['s_per_step']:.2f} | "
-          f"{summary['tokens_per_s']:.0f} | {summary['peak_memory_gb']:.2f} |")
-    save(summary, args.out)
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""Per-forward host overhead of the decode loops on a model so small that compute is negligible (1 layer, hidden 32):
+what remains is Python, graph building and the host syncs. mlx_lm's generate_step (one token per forward, pipelined
+with async_eval) against mlx-sbd's verified loop (a gated adapter with random weights, block of 4 and 8), its
+block_size=1 path and the lossy loop. Rounds are interleaved; the table gives the median and range over rounds of
+ms per forward, and the difference to mlx_lm's in the same round. Saves JSON.
+
+    python scripts/bench_overhead.py --rounds 7
+"""
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, save  # noqa: E402
+
+import mlx_sbd  # noqa: E402
+from mlx_sbd.adapter import make_trainable, save_adapter  # noqa: E402
+from mlx_sbd.loading import load_model  # noqa: E402
+from mlx_sbd.tiny import make_tiny_model  # noqa: E402
+
+
+def tiny_gated(folder: Path):
+    base = make_tiny_model(folder / "base", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                           num_attention_heads=2, num_key_value_heads=1)
+    model = load_model(base)
+    make_trainable(model, "lora", -1, {"rank": 4, "scale": 10.0, "dropout": 0.0}, gated=True)
+    model.lm.load_weights([(k, mx.random.normal(v.shape) * 0.1) for k, v in
+                           tree_flatten(model.lm.trainable_parameters())], strict=False)
+    save_adapter(model, folder / "adapter", {"fine_tune_type": "lora", "gated": True, "num_layers": 1,
+                                             "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}})
+    return mlx_sbd.load(base, adapter_path=folder / "adapter")
+
+
+def per_forward_ms(fn) -> float:
+    tic = time.perf_counter()
+    nfe = fn()
+    return 1e3 * (time.perf_counter() - tic) / nfe
+
+
+@click.command()
+@click.option("--tokens", default=300, show_default=True)
+@click.option("--rounds", default=7, show_default=True)
+@click.option("--out", default="results/bench_overhead.json", show_default=True)
+def main(tokens, rounds, out):
+    with tempfile.TemporaryDirectory() as d:
+        model, tokenizer = tiny_gated(Path(d))
+    tokenizer.eos_token_ids = set()  # never stop early: measure exactly `tokens` tokens
+    ids = [5, 6, 7, 8]
+
+    def mlx_lm_run():
+        n = 0
+        for _ in generate_step(mx.array(ids), model.lm, max_tokens=tokens):
+            n += 1
+        return n
+
+    def sbd_run(**kw):
+        def run():
+            last = None
+            for last in mlx_sbd.stream_generate(model, tokenizer, ids, max_tokens=tokens, **kw):
+                pass
+            return last.nfe
+        return run
+
+    engines = {"mlx_lm generate_step": mlx_lm_run, "mlx-sbd block_size=1": sbd_run(block_size=1),
+               "mlx-sbd verified k=4": sbd_run(block_size=4, gamma=float("inf")),
+               "mlx-sbd verified k=8": sbd_run(block_size=8, gamma=float("inf")),
+               "mlx-sbd verified k=8 gamma=0.35": sbd_run(block_size=8, gamma=0.35),
+               "mlx-sbd lossy k=8 gamma=0": sbd_run(block_size=8, gamma=0.0, verify=False)}
+    for fn in engines.values():  # warm-up
+        fn()
+    ms = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, fn in engines.items():
+            ms[name].append(per_forward_ms(fn))
+    base = ms["mlx_lm generate_step"]
+    print(f"\nmachine: {machine()}\n1-layer model (hidden 32), {tokens} tokens, {rounds} interleaved rounds")
+    print(f"{'engine':34} {'ms/forward':>10} {'range':>13} {'minus mlx_lm':>13}")
+    rows = []
+    for name, values in ms.items():
+        diff = [v - b for v, b in zip(values, base)]
+        rows.append({"engine": name, "ms_per_forward": values, "minus_mlx_lm": diff})
+        print(f"{name:34} {statistics.median(values):>10.3f} {min(values):>6.3f}-{max(values):<6.3f} "
+              f"{statistics.median(diff):>+12.3f}")
+    save({"machine": machine(), "tokens": tokens, "rounds": rounds, "rows": rows}, out)
+
+
+if __name__ == "__main__":
+    from mlx_sbd.backend import preload_openblas_and_reexec
+
+    preload_openblas_and_reexec()
+    main()
