@@ -59,8 +59,13 @@ def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool = F
 def read_jsonl(path: Path) -> List[Tuple[int, dict]]:
     """[(line number, object)], skipping blank lines; any malformed line is an SBDError naming it."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SBDError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                               "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -91,6 +96,12 @@ def data_format(obj: dict, path: Path, line_no: int) -> Tuple[str, ...]:
 def encode(obj: dict, fmt, tokenizer, mask_prompt: bool, path: Path, line_no: int) -> Sequence:
     if fmt == ("messages",) and not (isinstance(obj["messages"], list) and obj["messages"]):
         raise SBDError(f"{path}:{line_no}: 'messages' must be a non-empty list of {{role, content}} objects")
+    if fmt == ("messages",):
+        for i, message in enumerate(obj["messages"], 1):
+            problem = message_problem(message)
+            if problem:
+                raise SBDError(f"{path}:{line_no}: message {i} {problem}; each message is "
+                               '{"role": "...", "content": "..."} with string values')
     if fmt != ("messages",) and not all(isinstance(obj[k], str) for k in fmt):
         raise SBDError(f"{path}:{line_no}: {', '.join(fmt)} must be strings")
     if getattr(tokenizer, "has_chat_template", False) and fmt != ("text",):
@@ -110,3 +121,17 @@ def encode(obj: dict, fmt, tokenizer, mask_prompt: bool, path: Path, line_no: in
     if tokens[-1] != tokenizer.eos_token_id:
         tokens.append(tokenizer.eos_token_id)
     return tokens, offset
+
+
+def message_problem(message) -> str:
+    """Why a chat message cannot be trained on ('' when it can): chat templates index role and content as text."""
+    if not isinstance(message, dict):
+        return f"is not an object ({type(message).__name__})"
+    if message.get("content") is None and "tool_calls" in message:  # an assistant's tool call (mlx_lm's format)
+        return "" if isinstance(message.get("role"), str) else "has no string 'role'"
+    for key in ("role", "content"):
+        if key not in message:
+            return f"has no '{key}'"
+        if not isinstance(message[key], str):
+            return f"has a non-string '{key}' ({type(message[key]).__name__})"
+    return ""

@@ -6,7 +6,9 @@ once per file into a cache; `default_model_path` does it for SmolLM2-135M-Instru
 package. MLX reads the GGUF tensors itself (`mx.load`): Q4_0, Q4_1 and Q8_0 arrive as MLX affine triples
 (.weight uint32, .scales, .biases, group size 32) that hold exactly the same values, so they stay quantized unless
 asked otherwise. Every file is built in a hidden temp folder beside the target and renamed into place, so an
-interrupted conversion never leaves a folder that looks finished.
+interrupted conversion never leaves a folder that looks finished. A temp folder is named after the process that
+writes it (`.<target>.tmp-<host>-<pid>-<random>`); one left by a killed process is removed by the next conversion
+beside it (`remove_stale_temporaries`), and in the cache every stale one is, whatever its target.
 """
 
 import hashlib
@@ -15,9 +17,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional, Union
 
@@ -73,7 +77,11 @@ def convert(gguf_path: Union[str, Path], mlx_path: Union[str, Path], dequantize:
         raise SBDError(f"{mlx_path} already exists; delete it or choose another --mlx-path")
     header = read_header(gguf_path)
     check_supported(header, gguf_path)
-    weights, arrays = mx.load(str(gguf_path), return_metadata=True)  # arrays: vocabulary, merges, token types
+    try:
+        weights, arrays = mx.load(str(gguf_path), return_metadata=True)  # arrays: vocabulary, merges, token types
+    except (RuntimeError, ValueError, OSError) as e:  # e.g. a file cut short: tensor data past its end
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SBDError(f"{gguf_path} is not a readable GGUF file ({reason}); re-download it") from None
     info = header["metadata"]
     config = model_config(info, weights)
     weights = hf_weights(weights, config, dequantize)
@@ -81,7 +89,8 @@ def convert(gguf_path: Union[str, Path], mlx_path: Union[str, Path], dequantize:
     if quantization:
         config["quantization"] = config["quantization_config"] = quantization
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=mlx_path.parent, prefix=f".{mlx_path.name}.tmp-"))
+    remove_stale_temporaries(mlx_path.parent, mlx_path.name)
+    tmp = make_temporary(mlx_path)
     try:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -106,6 +115,8 @@ def cached_folder(gguf_path: Union[str, Path], dequantize: bool = False) -> Path
     if (target / "config.json").is_file():
         return target
     print(f"[mlx-sbd] converting {gguf_path.name} once into {target}", file=sys.stderr)
+    if target.parent.is_dir():  # what killed conversions left in the cache, for this file or any other
+        remove_stale_temporaries(target.parent)
     try:
         return convert(gguf_path, target, dequantize=dequantize)
     except (OSError, SBDError):
@@ -175,15 +186,32 @@ def read_header(path: Path) -> dict:
             for _ in range(n_kv):
                 key = string()
                 metadata[key] = value(read("<I"))
-            types = {}
+            types, end = {}, 0
             for _ in range(n_tensors):
                 name = string()
-                f.seek(8 * read("<I"), os.SEEK_CUR)  # dims
+                dims = [read("<Q") for _ in range(read("<I"))]
                 types[name] = read("<I")
-                f.seek(8, os.SEEK_CUR)  # data offset
-    except (OSError, ValueError, struct.error, MemoryError) as e:
+                end = max(end, read("<Q") + tensor_bytes(types[name], dims))
+            alignment = metadata.get("general.alignment") or 32
+            data_start = -(-f.tell() // alignment) * alignment
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError, struct.error, MemoryError, OverflowError) as e:  # Overflow: absurd lengths
         raise SBDError(f"{path} is not a readable GGUF file ({e}); re-download it") from None
+    if data_start + end > size:  # some MLX versions load the missing tail as garbage instead of failing
+        raise SBDError(f"{path} is truncated ({size} bytes, its tensors need {data_start + end}); re-download it")
     return {"metadata": metadata, "types": types}
+
+
+BLOCK_BYTES = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20)}
+
+
+def tensor_bytes(ggml_type: int, dims: list) -> int:
+    """Bytes of a tensor's data in the file (0 for types not imported: check_supported refuses those)."""
+    block, nbytes = BLOCK_BYTES.get(GGML_TYPES.get(ggml_type, ""), (1, 0))
+    count = 1
+    for d in dims:
+        count *= d
+    return -(-count // block) * nbytes
 
 
 def check_supported(header: dict, path: Path) -> None:
@@ -343,3 +371,71 @@ def write_tokenizer(info: dict, arrays: dict, folder: Path) -> None:
     if "tokenizer.chat_template" in info:
         config["chat_template"] = info["tokenizer.chat_template"]
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+# ---------------------------------------------------------------- temporary folders beside a target
+STALE_AFTER_S = 24 * 3600  # a temp folder this old is stale whoever wrote it (another host, a reused pid)
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def make_temporary(target: Path) -> Path:
+    """A new hidden folder beside `target` for building it, named after this process (see remove_stale_temporaries)."""
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{_host_tag()}-{os.getpid()}-"))
+
+
+def remove_stale_temporaries(folder: Path, target: Optional[str] = None) -> list:
+    """Delete the temp folders in `folder` (those of `target` only, when given) whose writer is gone: written on
+    this host by a process that no longer runs, or older than STALE_AFTER_S (also those of older versions, which
+    carry no process id, once they are an hour old). A conversion still running elsewhere keeps its folder.
+    Returns the removed paths."""
+    removed = []
+    pattern = f".{target}.tmp-*" if target else ".*.tmp-*"
+    for path in Path(folder).glob(pattern):
+        if path.is_dir() and _is_stale(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _is_stale(path: Path) -> bool:
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        return False
+    m = re.search(r"\.tmp-([0-9a-f]{8})-(\d+)-[^-]*$", path.name)
+    if not m:
+        return age > 3600
+    if age > STALE_AFTER_S:
+        return True
+    if m.group(1) != _host_tag():
+        return False
+    pid = int(m.group(2))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, another user's
+        return False
+    return False
+
+
+def replace_folder(tmp: Path, target: Path) -> None:
+    """Put the finished folder `tmp` (from make_temporary) at `target`. A missing or empty target is replaced in
+    one rename; a full one (the caller allowed it) is first renamed aside as a temporary of this process, then
+    deleted, so a kill in between leaves the old copy where the next run removes it, never a half-written target."""
+    try:
+        os.rename(tmp, target)  # atomic; also replaces an empty folder
+        return
+    except OSError:
+        if not target.is_dir():
+            raise
+    old = target.parent / f".{target.name}.tmp-{_host_tag()}-{os.getpid()}-old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)

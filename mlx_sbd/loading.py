@@ -16,11 +16,11 @@ import mlx.core as mx
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
+from .adapter import SBD_WEIGHTS, fuse_lora, load_adapter, read_mask_embedding
 from .backend import compute_dtype, warn_if_slow_blas
 from .errors import SBDError
 from .model import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, SBDModel, SBDSettings
 
-SBD_WEIGHTS = "sbd.safetensors"  # the mask embedding, in a fused model folder and in an adapter folder
 # The SBD LoRA adapter trained for the built-in model (recipe: its README.md), applied by load() by default.
 DEFAULT_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-instruct-sbd"
 HF_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -40,12 +40,10 @@ def load(
     if adapter_path is None and ref is None and DEFAULT_ADAPTER.is_dir():
         adapter_path = DEFAULT_ADAPTER
     model = load_model(path, dtype=dtype)
-    tokenizer = load_tokenizer(path, eos_token_ids=_read_config(path).get("eos_token_id"))
+    tokenizer = read_tokenizer(path)
     if adapter_path not in (None, False):
-        from .adapter import fuse_lora, load_adapter
-
         load_adapter(model, adapter_path)
-        fuse_lora(model)  # for decoding: base-model cost per forward
+        fuse_lora(model)  # for decoding: base-model cost per forward (gated layers stay unfused: they must)
     return model, tokenizer
 
 
@@ -102,7 +100,7 @@ def load_model(path: Union[str, Path], dtype: Optional[str] = None) -> SBDModel:
         lm.set_dtype(target)
     mask_embedding, sbd = None, None
     if (path / SBD_WEIGHTS).is_file():  # a fused SBD model
-        mask_embedding = mx.load(str(path / SBD_WEIGHTS))["mask_embedding"]
+        mask_embedding = read_mask_embedding(path)
         sbd = SBDSettings.from_dict(config.get("sbd", {}))
     warn_if_slow_blas()
     return SBDModel(lm, mask_embedding, sbd)
@@ -152,3 +150,23 @@ def check_safetensors(path: Path) -> None:
         raise SBDError(f"{path} is not a valid safetensors file (corrupt header); re-download or re-convert it") from None
     if 8 + n + end > size:
         raise SBDError(f"{path} is truncated ({size} bytes, header needs {8 + n + end}); re-download or re-convert it")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "tiktoken.model")
+
+
+def check_tokenizer_files(path: Path) -> None:
+    if not any((path / name).is_file() for name in TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
+        raise SBDError(f"{path} has no tokenizer (no tokenizer.json, tokenizer.model or tokenizer_config.json); "
+                       "copy the tokenizer files of the original model into it")
+
+
+def read_tokenizer(path: Path):
+    """mlx_lm's tokenizer for a model folder; one that transformers cannot build is an SBDError naming the folder."""
+    check_tokenizer_files(path)
+    try:
+        return load_tokenizer(path, eos_token_ids=_read_config(path).get("eos_token_id"))
+    except (ValueError, OSError) as e:  # incl. JSONDecodeError: a broken tokenizer.json
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise SBDError(f"could not load the tokenizer in {path} ({reason[:200]}); copy the tokenizer files of the "
+                       "original model into it") from None

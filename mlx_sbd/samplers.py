@@ -131,10 +131,16 @@ def make_selector(name: str, param: float) -> Selector:
 
 def make_token_sampler(temp: float = 0.0, top_p: float = 0.0, top_k: int = 0) -> Callable[[mx.array], mx.array]:
     """mlx_lm's sampler (argmax at temp 0) with the arguments checked: logprobs [k, V] -> token ids [k]."""
-    if temp < 0:
-        raise SBDError(f"temperature must be >= 0, got {temp}")
-    if not 0 <= top_p <= 1:
-        raise SBDError(f"top-p must be in [0, 1], got {top_p}")
-    if top_k < 0:
-        raise SBDError(f"top-k must be >= 0, got {top_k}")
-    return make_sampler(temp=temp, top_p=top_p, top_k=top_k)
+    import numbers
+
+    def number(x) -> bool:  # numpy scalars count, bools do not
+        return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+    if not (number(temp) and math.isfinite(temp) and temp >= 0):  # NaN would sample garbage, inf never a token
+        raise SBDError(f"temperature must be a finite number >= 0, got {temp!r}")
+    if not (number(top_p) and 0 <= top_p <= 1):  # NaN fails the comparison too
+        raise SBDError(f"top-p must be a number in [0, 1], got {top_p!r}")
+    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
+        raise SBDError(f"top-k must be an integer >= 0, got {top_k!r}")
+    # Python numbers: mlx_lm compiles its samplers, and a numpy scalar in there fails at the first call.
+    return make_sampler(temp=float(temp), top_p=float(top_p), top_k=int(top_k))

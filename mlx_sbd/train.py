@@ -37,12 +37,12 @@ from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
-from .adapter import ADAPTER_WEIGHTS, SBD_WEIGHTS, make_trainable, save_adapter
+from .adapter import load_adapter_weights, make_trainable, save_adapter
 from .batches import batch_order, iterate_batches, make_batch
 from .data import load_dataset
 from .masks import training_mask
 from .errors import SBDError
-from .loss import LOSSES
+from .loss import LOSSES, loss_for
 from .model import SBDSettings
 
 CHECKPOINTS = "checkpoints"
@@ -78,18 +78,56 @@ class TrainConfig:
     resume: bool = False
     init_adapter: Optional[str] = None  # start from this adapter folder's weights (a finished run), new schedule
     compile: bool = True  # mx.compile the step; on the CPU back-end the first step pays a ~10-30 s C++ JIT build
+    overwrite: bool = False  # a new run into an adapter folder that holds an earlier run deletes that run's files
+    # Gated LoRA (adapter.py; None: gated for LoRA/DoRA SBD runs, which is the default; False: the paper's way, --ungated)
+    gated: Optional[bool] = None
+    shift_blocks: Optional[bool] = None  # random block grid shift per sequence (batches.make_batch); None: = gated
+
+    def resolve_gating(self) -> None:
+        """Fill in gated / shift_blocks from the fine-tune type and objective when they are left unset."""
+        if self.gated is None:
+            self.gated = self.fine_tune_type in ("lora", "dora") and self.objective == "sbd"
+        if self.gated and self.fine_tune_type == "full":
+            raise SBDError("a full fine-tune cannot be gated (gating applies LoRA deltas to mask rows); pass --ungated")
+        if self.gated and self.objective != "sbd":
+            raise SBDError(f"--objective {self.objective} trains the causal path, which a gated adapter leaves alone; "
+                           "pass --ungated")
+        if self.shift_blocks is None:
+            self.shift_blocks = self.gated
 
     def check(self) -> None:
+        """Every setting where it enters, once: a value that would run and produce nothing (a NaN learning rate,
+        rank 0, no validation batch...) is an SBDError naming its flag."""
         if self.objective not in LOSSES:
             raise SBDError(f"--objective must be one of {', '.join(LOSSES)} (got '{self.objective}')")
+        for name in INTEGER_SETTINGS:  # a YAML value like `iters: 2.5` or `"100"` is not a count
+            if not _is_integer(getattr(self, name)):
+                raise SBDError(f"{setting_name(name)} must be an integer (got {getattr(self, name)!r})")
         if self.block_size_max < 2:
             raise SBDError(f"--block-size-max must be at least 2 (got {self.block_size_max})")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise SBDError(f"--grad-clip must be positive (got {self.grad_clip}); leave it out to not clip")
-        for name in ("batch_size", "iters", "grad_accumulation_steps", "steps_per_save", "steps_per_eval"):
+        if self.grad_clip is not None and not (_is_number(self.grad_clip) and 0 < self.grad_clip < float("inf")):
+            raise SBDError(f"--grad-clip must be a finite number > 0 (got {self.grad_clip!r}); leave it out to not clip")
+        for name in ("batch_size", "iters", "grad_accumulation_steps", "steps_per_save", "steps_per_eval",
+                     "steps_per_report"):
             if getattr(self, name) < 1:
-                raise SBDError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+                raise SBDError(f"{setting_name(name)} must be at least 1 (got {getattr(self, name)})")
+        for name in ("learning_rate", "min_learning_rate", "weight_decay"):  # NaN would train a NaN adapter
+            value = getattr(self, name)
+            if not (_is_number(value) and 0 <= value < float("inf")):
+                raise SBDError(f"{setting_name(name)} must be a finite number >= 0 (got {value!r})")
+        if self.max_seq_length < 2:  # a sequence needs two tokens for one next-token label
+            raise SBDError(f"--max-seq-length must be at least 2 (got {self.max_seq_length})")
+        if self.val_batches == 0 or self.val_batches < -1:
+            raise SBDError(f"--val-batches must be at least 1, or -1 for the whole validation set (got "
+                           f"{self.val_batches}); to skip validation, leave valid.jsonl out of the data folder")
+        if self.warmup < 0:
+            raise SBDError(f"--warmup must be >= 0 (got {self.warmup})")
+        if self.resume and self.overwrite:
+            raise SBDError("--resume continues the run in --adapter-path and --overwrite deletes it: give only one")
+        if not isinstance(self.lora_parameters or {}, dict):
+            raise SBDError(f"lora_parameters must be a mapping of rank, scale, dropout (got {self.lora_parameters!r})")
         self.lora_parameters = {"rank": 8, "scale": 20.0, "dropout": 0.0, **(self.lora_parameters or {})}
+        check_lora_parameters(self.lora_parameters)
 
 
 def lr_schedule(cfg: TrainConfig):
@@ -106,6 +144,7 @@ def adapter_config(cfg: TrainConfig, model) -> dict:
     training = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "compile")}
     return {
         "fine_tune_type": cfg.fine_tune_type,
+        "gated": bool(cfg.gated),
         "num_layers": n,
         "lora_parameters": cfg.lora_parameters,
         "sbd": {**SBDSettings(block_size_max=cfg.block_size_max, block_size=cfg.block_size_max).to_dict(),
@@ -116,10 +155,13 @@ def adapter_config(cfg: TrainConfig, model) -> dict:
 def train(cfg: TrainConfig, model=None, tokenizer=None):
     """Fine-tune `model` (loaded from cfg.model when not given) with cfg.objective; returns the model."""
     cfg.check()
+    cfg.resolve_gating()
     world = mx.distributed.init()
     rank, size = world.rank(), world.size()
     rows = shard_rows(cfg.batch_size, rank, size)
     main = rank == 0  # the only rank that prints and writes files
+    if main:  # before anything is loaded: never mix with an earlier run's files, resume only its own checkpoints
+        check_adapter_folder(cfg)
     if model is None:
         from .loading import load
 
@@ -129,14 +171,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     if valid_set and len(valid_set) < size:
         raise SBDError(f"valid.jsonl has {len(valid_set)} examples, fewer than the {size} processes; add examples")
     mx.random.seed(cfg.seed)  # LoRA initialisation
-    make_trainable(model, cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters)
+    make_trainable(model, cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, gated=cfg.gated)
     model.grad_checkpoint = cfg.grad_checkpoint
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())
     config = adapter_config(cfg, model)
     adapter_path = Path(cfg.adapter_path)
     if cfg.init_adapter and main:  # start from a finished run's weights; a checkpoint of this run (--resume) wins
-        load_trained_weights(model, Path(cfg.init_adapter), f"--init-adapter {cfg.init_adapter}")
+        load_adapter_weights(model, Path(cfg.init_adapter), f"--init-adapter {cfg.init_adapter}")
         tqdm.write(f"Starting from the weights of {cfg.init_adapter}")
     start = restore_checkpoint(adapter_path, model, optimizer) if cfg.resume and main else 0
     if start:
@@ -147,7 +189,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         start = int(broadcast({"step": mx.array(start)}, world)["step"].item())
 
     accum = cfg.grad_accumulation_steps
-    loss_and_grad = nn.value_and_grad(model, partial(shard_loss, loss_fn=LOSSES[cfg.objective]))
+    loss_and_grad = nn.value_and_grad(model, partial(shard_loss, loss_fn=loss_for(cfg.objective, cfg.gated)))
     state = [model.state, optimizer.state, mx.random.state]
 
     def step_fn(batch, totals, prev_grad, do_update):
@@ -184,7 +226,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         grad = None
         for m in range(accum):
             seqs = next(data)
-            batch = make_batch(seqs, k, np.random.default_rng([cfg.seed, step, m]))
+            batch = make_batch(seqs, k, np.random.default_rng([cfg.seed, step, m]), shift_blocks=cfg.shift_blocks)
             ntp, matp, grad, norm = step_fn(shard(batch, seqs, k, rows), label_totals(batch), grad, m == accum - 1)
             mx.eval(state, ntp, matp, grad, norm)
             stats[:3] += (ntp.item() / accum, matp.item() / accum, sum(len(s) for s, _ in seqs))
@@ -227,7 +269,7 @@ def shard(batch, seqs, k: int, rows: slice):
         return batch
     part = {key: value[rows] for key, value in batch.items() if key != "mask"}
     lengths = mx.array([len(s) for s, _ in seqs[rows]], mx.int32)
-    part["mask"] = training_mask(batch["ntp_targets"].shape[1], k, lengths)
+    part["mask"] = training_mask(batch["ntp_targets"].shape[1], k, lengths, part["block_shifts"])
     return part
 
 
@@ -296,8 +338,8 @@ def evaluate(model, dataset, cfg: TrainConfig, world):
         rng = np.random.default_rng([cfg.seed, 1 << 30, b])
         k = int(rng.integers(2, cfg.block_size_max + 1))
         seqs = [dataset[i] for i in idx]
-        batch = make_batch(seqs, k, rng)
-        _, n, m = shard_loss(model, shard(batch, seqs, k, rows), label_totals(batch), LOSSES[cfg.objective])
+        batch = make_batch(seqs, k, rng, shift_blocks=cfg.shift_blocks)
+        _, n, m = shard_loss(model, shard(batch, seqs, k, rows), label_totals(batch), loss_for(cfg.objective, cfg.gated))
         mx.eval(n, m)
         shares += (n.item(), m.item())
     ntp, matp = global_sum(shares, world) / len(batches)
@@ -325,38 +367,139 @@ def save_checkpoint(adapter_path: Path, model, optimizer, step: int, config: dic
     return final
 
 
-def load_trained_weights(model, path: Path, what: str) -> None:
-    """Put the trainable weights and mask embedding saved in `path` (an adapter folder or a checkpoint) into this
-    run's model: every stored weight must be a trainable parameter of this run with the same shape (same fine-tune
-    type, LoRA rank and layers). Weights take the model's dtype (a shipped adapter is float16)."""
-    for name in (ADAPTER_WEIGHTS, SBD_WEIGHTS):
-        if not (path / name).is_file():
-            raise SBDError(f"{what}: no {name} there (expected an mlx-sbd adapter folder)")
-    ours = dict(tree_flatten(model.lm.trainable_parameters()))
-    theirs = mx.load(str(path / ADAPTER_WEIGHTS))
-    bad = sorted(k for k, v in theirs.items() if k not in ours or ours[k].shape != v.shape)
-    if bad or len(theirs) != len(ours):
-        raise SBDError(f"{what} does not match this run's trainable weights ({len(bad)} unknown or "
-                       f"reshaped, e.g. {bad[:2]}; {len(ours)} here vs {len(theirs)} there): use the same "
-                       "fine_tune_type, num_layers and lora_parameters as the run that made it")
-    model.lm.load_weights([(k, v.astype(ours[k].dtype)) for k, v in theirs.items()], strict=False)
-    model.mask_embedding = mx.load(str(path / SBD_WEIGHTS))["mask_embedding"].astype(model.mask_embedding.dtype)
-
-
 def latest_checkpoint(adapter_path: Path) -> Optional[Path]:
     done = sorted(p for p in (adapter_path / CHECKPOINTS).glob("step_*") if (p / "state.json").is_file())
     return done[-1] if done else None
 
 
 def restore_checkpoint(adapter_path: Path, model, optimizer) -> int:
-    """Load the latest complete checkpoint into model and optimizer; returns its step (0 if none)."""
+    """Load the latest complete checkpoint into model and optimizer; returns its step (0 if none). That checkpoint
+    was checked against this run's settings (check_adapter_folder) before anything was loaded."""
     ckpt = latest_checkpoint(adapter_path)
     if ckpt is None:
         tqdm.write(f"--resume: no checkpoint in {adapter_path / CHECKPOINTS}, starting from step 0")
+        prune_log(adapter_path, 0)  # what a run killed before its first checkpoint logged is done again
         return 0
-    load_trained_weights(model, ckpt, f"checkpoint {ckpt}")
+    load_adapter_weights(model, ckpt, f"checkpoint {ckpt}")
     optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
     step = json.loads((ckpt / "state.json").read_text())["step"]
     tqdm.write(f"Resuming from {ckpt} (step {step})")
     return step
 
+
+# ---------------------------------------------------------------- settings checks and the adapter folder's owner
+INTEGER_SETTINGS = ("num_layers", "batch_size", "iters", "warmup", "block_size_max", "max_seq_length",
+                    "grad_accumulation_steps", "steps_per_report", "steps_per_eval", "val_batches", "steps_per_save",
+                    "seed")
+FLAG_NAMES = {"steps_per_save": "--save-every", "gated": "gated (--ungated)"}  # flag is not --<name with dashes>
+NO_FLAG = ("objective", "min_learning_rate", "weight_decay", "shift_blocks")  # config-file (-c) keys only
+# What a checkpoint's run and the run that resumes it may set differently (every other setting the checkpoint
+# records must be equal, or --resume refuses): where the files are (model/data are compared as
+# paths), how often it reports, evaluates and saves and how much it validates (none of that changes the weights),
+# how it runs (compile, grad_checkpoint: the same numbers), init_adapter (the checkpoint's weights win over it), and
+# iters: a resumed run may train longer (or stop sooner, though not before the checkpoint's step); the learning
+# rate then follows the schedule of the new iters from the checkpoint's step on.
+RESUME_MAY_CHANGE = ("adapter_path", "init_adapter", "iters", "steps_per_report", "steps_per_eval", "steps_per_save",
+                     "val_batches", "compile", "grad_checkpoint", "resume", "overwrite")
+PATH_SETTINGS = ("model", "data")
+RUN_FILES = ("adapters.safetensors", "sbd.safetensors", "adapter_config.json", TRAIN_LOG)  # and CHECKPOINTS/
+
+
+def setting_name(name: str) -> str:
+    """How the user set `name`: its flag, or its key in the -c config file when it has no flag."""
+    if name in NO_FLAG:
+        return f"{name} (in the -c config file)"
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _is_number(value) -> bool:  # numpy scalars count, bools do not
+    import numbers
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_lora_parameters(params: dict) -> None:
+    rank, scale, dropout = params.get("rank"), params.get("scale"), params.get("dropout")
+    if not _is_integer(rank) or rank < 1:
+        raise SBDError(f"--lora-rank must be an integer >= 1 (got {rank!r})")
+    if not (_is_number(scale) and abs(scale) < float("inf")):
+        raise SBDError(f"--lora-scale must be a finite number (got {scale!r})")
+    if not (_is_number(dropout) and 0 <= dropout < 1):
+        raise SBDError(f"--lora-dropout must be in [0, 1) (got {dropout!r})")
+
+
+def previous_run_files(adapter_path: Path) -> list:
+    """The names in `adapter_path` that a training run wrote (adapter files, log, checkpoints)."""
+    found = [name for name in RUN_FILES if (adapter_path / name).exists()]
+    checkpoints = adapter_path / CHECKPOINTS
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append(CHECKPOINTS + "/")
+    return found
+
+
+def check_adapter_folder(cfg: TrainConfig) -> None:
+    """A new run refuses a folder that holds an earlier run (unless cfg.overwrite, which deletes that run's files);
+    --resume refuses a checkpoint made with other settings (RESUME_MAY_CHANGE lists what may differ)."""
+    path = Path(cfg.adapter_path)
+    if path.exists() and not path.is_dir():
+        raise SBDError(f"--adapter-path {path} is a file; give a folder")
+    if cfg.init_adapter and os.path.abspath(cfg.init_adapter) == os.path.abspath(path):
+        raise SBDError(f"--init-adapter {cfg.init_adapter} is the --adapter-path this run writes to; "
+                       "give the new run another --adapter-path")
+    if cfg.resume:
+        check_resume(cfg, path)
+        return
+    found = previous_run_files(path)
+    if not found:
+        return
+    if not cfg.overwrite:
+        raise SBDError(f"{path} already holds a training run ({', '.join(found)}): continue it with --resume, "
+                       "replace it with --overwrite (deletes it), or choose another --adapter-path")
+    tqdm.write(f"--overwrite: deleting the earlier run in {path} ({', '.join(found)})")
+    shutil.rmtree(path / CHECKPOINTS, ignore_errors=True)
+    for name in RUN_FILES:
+        (path / name).unlink(missing_ok=True)
+
+
+def check_resume(cfg: TrainConfig, path: Path) -> None:
+    from .adapter import ADAPTER_CONFIG
+
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        adapter = [name for name in RUN_FILES[:3] if (path / name).exists()]
+        if adapter:  # an adapter without checkpoints is not a run this one can continue
+            raise SBDError(f"--resume: {path} holds an adapter ({', '.join(adapter)}) but no checkpoint to continue "
+                           "from; start a new run with --overwrite (deletes it) or choose another --adapter-path")
+        return  # nothing saved yet (killed before the first checkpoint): restore_checkpoint starts at step 0
+    try:
+        saved = json.loads((ckpt / ADAPTER_CONFIG).read_text())["sbd"]["training"]
+        step = json.loads((ckpt / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise SBDError(f"--resume: checkpoint {ckpt} does not record its training settings, so it cannot be checked "
+                       "against this run; start a new run with --overwrite or choose another --adapter-path")
+    ours = json.loads(json.dumps(asdict(cfg), default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+    differ = []
+    for name in sorted(set(ours) & set(saved)):  # a checkpoint of an older version: the settings it records
+        if name in RESUME_MAY_CHANGE:
+            continue
+        a, b = ours[name], saved[name]
+        if name in PATH_SETTINGS and isinstance(a, str) and isinstance(b, str):
+            a, b = os.path.abspath(a), os.path.abspath(b)
+        if a != b:
+            differ.append(f"{setting_name(name)} {json.dumps(a)} here, {json.dumps(b)} there")
+    if differ:
+        more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+        raise SBDError(f"--resume: checkpoint {ckpt} belongs to a run with other settings: {'; '.join(differ[:3])}"
+                       f"{more}; resume with that run's settings, or start a new run with --overwrite (deletes it) "
+                       "or another --adapter-path")
+    if cfg.iters < step:
+        raise SBDError(f"--resume: checkpoint {ckpt} is at step {step}, past --iters {cfg.iters}; "
+                       f"give --iters {step} or more")

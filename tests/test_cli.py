@@ -1,5 +1,9 @@
 """The `mlx-sbd` command line: help for every command, generate end to end, one-line errors."""
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -25,9 +29,49 @@ def test_generate_prints_text_and_stats(tiny):
     assert "Forward passes:" in result.output and "tokens per forward" in result.output
 
 
+def prompt_tokens(result) -> int:
+    return int(re.search(r"^Prompt: (\d+) tokens", result.output, re.M).group(1))
+
+
 def test_generate_reads_prompt_from_stdin(tiny):
-    result = CliRunner().invoke(cli, ["generate", "--model", tiny, "-p", "-", "-m", "4", "--quiet"], input="1+1=")
-    assert result.exit_code == 0, result.output
+    """`-p -` takes the prompt from stdin: the same prompt (token count, then text) as passing that text with -p.
+    Taking '-' itself as the prompt would give a 1-token prompt (the tiny tokenizer has one token per character)."""
+    text = "12+3=45"
+    runner = CliRunner()
+    piped = runner.invoke(cli, ["generate", "--model", tiny, "-p", "-", "-m", "3"], input=text)
+    direct = runner.invoke(cli, ["generate", "--model", tiny, "-p", text, "-m", "3"])
+    assert piped.exit_code == 0 and direct.exit_code == 0, piped.output + direct.output
+    assert prompt_tokens(piped) == prompt_tokens(direct) == len(text)
+    assert piped.stdout.splitlines()[0] == direct.stdout.splitlines()[0]  # the generated text
+    dash = runner.invoke(cli, ["generate", "--model", tiny, "-p", "-", "-m", "3"], input="-")
+    assert prompt_tokens(dash) == 1  # the measure above tells a 7-character prompt from '-'
+
+
+def test_prompt_that_is_not_utf8_is_one_line_error(tiny):
+    runner = CliRunner()
+    piped = runner.invoke(cli, ["generate", "--model", tiny, "-p", "-", "-m", "3"], input=b"12\xff=")
+    assert piped.exit_code == 1 and "Traceback" not in piped.output
+    assert piped.output.startswith("Error: the prompt from stdin is not UTF-8 text (byte 0xff at offset 2)")
+    argv = runner.invoke(cli, ["generate", "--model", tiny, "-p", "12\udcff=", "-m", "3"])  # how Python passes b"\xff"
+    assert argv.exit_code == 1 and argv.output.startswith("Error: the prompt from --prompt is not UTF-8 text")
+
+
+def test_block_size_above_the_trained_maximum_warns(tiny, tmp_path):
+    import shutil
+
+    import mlx.core as mx
+
+    folder = Path(shutil.copytree(tiny, tmp_path / "sbd"))  # a fused SBD model trained with blocks of up to 4
+    config = json.loads((folder / "config.json").read_text())
+    config["sbd"] = {"block_size_max": 4, "block_size": 4, "gamma": 0.1}
+    (folder / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(folder / "sbd.safetensors"), {"mask_embedding": mx.zeros((config["hidden_size"],))})
+    args = ["generate", "--model", str(folder), "-p", "12+3=", "-m", "4", "--quiet"]
+    over = CliRunner().invoke(cli, args + ["-k", "8"])
+    assert over.exit_code == 0, over.output
+    assert "Warning: --block-size 8 is above the largest block this model's SBD training used (4)" in over.output
+    within = CliRunner().invoke(cli, args + ["-k", "4"])
+    assert within.exit_code == 0 and "Warning" not in within.output, within.output
 
 
 def test_untrained_model_defaults_to_one_token_per_forward(tiny):

@@ -115,3 +115,38 @@ def test_chat_template_as_mlx_lm(tmp_path, tokenizer):
     finally:
         tokenizer._tokenizer.chat_template = None
         tokenizer.has_chat_template = False
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path, tokenizer):
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(SBDError, match=r"train.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)"):
+        load_dataset(data, tokenizer, max_seq_length=100)
+
+
+@pytest.mark.parametrize("messages, problem", [
+    ([{"role": "user"}], "message 1 has no 'content'"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}], "message 2 has a non-string 'content' (int)"),
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}]}], "message 1 has a non-string 'content' (list)"),
+    ([{"content": "a"}], "message 1 has no 'role'"),
+    (["hi"], "message 1 is not an object (str)"),
+])
+def test_bad_chat_messages_name_file_and_line(tmp_path, tokenizer, messages, problem):
+    tokenizer._tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.has_chat_template = True
+    try:
+        data = write(tmp_path / "d", "train", [{"text": "ok"}, {"messages": messages}])
+        with pytest.raises(SBDError) as e:
+            load_dataset(data, tokenizer, max_seq_length=100)
+        assert str(e.value).startswith(f"{data / 'train.jsonl'}:2: {problem}"), str(e.value)
+    finally:
+        tokenizer._tokenizer.chat_template = None
+        tokenizer.has_chat_template = False
+
+
+def test_tool_call_message_without_content_is_kept(tmp_path, tokenizer):
+    from mlx_sbd.data import message_problem
+
+    assert message_problem({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}) == ""
+    assert message_problem({"role": "assistant", "content": None}) == "has a non-string 'content' (NoneType)"

@@ -6,6 +6,10 @@ as an index permutation, transformers' own GGUF reader (weights and tokenizer), 
 
 import importlib.util
 import json
+import os
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -349,6 +353,85 @@ def test_interrupted_conversion_leaves_nothing_used(tiny, tmp_path, monkeypatch)
     assert list(models.iterdir()) == []
     folder = sbd_gguf.cached_folder(path)
     assert (folder / "tokenizer.json").is_file() and [p.name for p in models.iterdir()] == [folder.name]
+
+
+def corrupt_gguf(path: Path) -> Path:
+    """GGUF magic and version, then a key length of 2**63: an absurd length that overflows a read."""
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + struct.pack("<Q", 2**63) + b"x" * 64)
+    return path
+
+
+def cut_gguf(tiny_path: Path, path: Path) -> Path:
+    """The tiny GGUF cut in half: a complete header whose tensor data runs past the end of the file."""
+    data = tiny_path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "cut"])
+def test_broken_gguf_is_one_line_error(tiny, tmp_path, kind):
+    bad = corrupt_gguf(tmp_path / "bad.gguf") if kind == "corrupt" else cut_gguf(tiny[0], tmp_path / "bad.gguf")
+    with pytest.raises(SBDError) as e:
+        sbd_gguf.convert(bad, tmp_path / "out")
+    msg = str(e.value)
+    assert "\n" not in msg and "bad.gguf" in msg and "re-download" in msg
+    assert ("is truncated" if kind == "cut" else "not a readable GGUF file") in msg
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["bad.gguf"]
+
+
+HANG_IN_CONVERSION = """
+import sys, time
+from mlx_sbd import gguf
+def hang(*args):
+    print("weights written", flush=True)
+    time.sleep(600)
+gguf.write_tokenizer = hang
+gguf.cached_folder(sys.argv[1])
+"""
+
+
+def test_conversion_killed_with_sigkill_is_cleaned_up_next_time(tiny, tmp_path, monkeypatch):
+    """kill -9 in the middle of a conversion into the cache leaves its temp folder (with the weights in it); the
+    next conversion removes it."""
+    path, _ = tiny
+    env = {**os.environ, "MLX_SBD_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-c", HANG_IN_CONVERSION, str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout.readline() == b"weights written\n"
+    finally:
+        proc.kill()
+        proc.wait()
+    models = tmp_path / "cache" / "models"
+    (left,) = models.iterdir()
+    assert left.name.startswith(".") and (left / "model.safetensors").is_file()
+    monkeypatch.setenv("MLX_SBD_CACHE", str(tmp_path / "cache"))
+    folder = sbd_gguf.cached_folder(path)
+    assert [p.name for p in models.iterdir()] == [folder.name]
+
+
+def test_only_temporaries_of_dead_writers_are_removed(tmp_path):
+    target = tmp_path / "model"
+    mine = sbd_gguf.make_temporary(target)  # this process: alive
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    try:
+        alive = tmp_path / mine.name.replace(f"-{os.getpid()}-", f"-{sleeper.pid}-")
+        dead = tmp_path / mine.name.replace(f"-{os.getpid()}-", f"-{done.pid}-")
+        other_target = tmp_path / dead.name.replace(".model.", ".other.")
+        for p in (alive, dead, other_target):
+            p.mkdir()
+        old_style = tmp_path / ".model.tmp-abcd1234"  # before process ids were in the name: stale after an hour
+        old_style.mkdir()
+        os.utime(old_style, (0, 0))
+        removed = sbd_gguf.remove_stale_temporaries(tmp_path, "model")
+        assert sorted(p.name for p in removed) == sorted([dead.name, old_style.name])
+        assert mine.is_dir() and alive.is_dir() and other_target.is_dir()
+        assert sbd_gguf.remove_stale_temporaries(tmp_path) == [other_target]  # any target (the cache)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_default_model_missing_package_names_pip(monkeypatch):

@@ -11,7 +11,7 @@ from mlx_lm.utils import dequantize_model, quantize_model, save_config, save_mod
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from mlx_sbd.errors import SBDError
-from mlx_sbd.loading import load, load_model
+from mlx_sbd.loading import check_config, load, load_model
 from mlx_sbd.model import MASK_ID, SBDModel
 
 # 300 tokens with original_max_position_embeddings=32 puts positions far past every llama3 band edge.
@@ -44,14 +44,19 @@ def test_loads_like_transformers(tiny_model, case, tie, classic):
 
 
 @pytest.mark.parametrize("case", ["llama-llama3", "qwen2"])
-def test_mlx_lm_alone_misreads_transformers5_rope_parameters(tiny_model, case):
-    """Why loading.check_config exists: mlx_lm 0.32 ignores `rope_parameters` for llama and qwen2, so on a
-    transformers-5 folder it silently runs its default rope_theta and no scaling."""
+def test_check_config_gives_mlx_lm_the_rope_settings_of_rope_parameters(tiny_model, case):
+    """transformers 5 writes the RoPE settings only under `rope_parameters`, which mlx_lm 0.32 ignores for llama and
+    qwen2 (it would run its default rope_theta and no scaling). check_config turns them into the classic overrides;
+    given those, mlx_lm's own model computes transformers' logits, whether or not mlx_lm reads rope_parameters."""
     folder, torch_model = tiny_model(**CASES[case])
-    lm, _ = mlx_lm_load_model(folder)
-    expected = torch_logits(torch_model, TOKENS)
-    err = np.abs(logits_of(lm) - expected).max()
-    assert err > 0.1 * np.abs(expected).max()
+    config = json.loads((folder / "config.json").read_text())
+    assert "rope_theta" not in config and "rope_scaling" not in config  # the transformers-5 layout in question
+    params = config["rope_parameters"]
+    overrides = check_config(config, folder)
+    assert overrides["rope_theta"] == params["rope_theta"]  # llama's 50000 is not mlx_lm's default 10000
+    assert overrides["rope_scaling"] == (None if params["rope_type"] == "default" else params)
+    lm, _ = mlx_lm_load_model(folder, model_config=overrides)
+    assert_close_to_scale(logits_of(lm), torch_logits(torch_model, TOKENS))
 
 
 def quantize_folder(src, dst, bits=4):
@@ -130,6 +135,18 @@ def test_folder_without_config_json(good_folder):
 def test_config_json_not_json(good_folder):
     (good_folder / "config.json").write_text("{model_type: llama")
     assert "not valid JSON" in sbd_error(good_folder)
+
+
+def test_folder_without_tokenizer(good_folder):
+    assert not list(good_folder.glob("tokenizer*"))  # transformers saved the model alone
+    message = sbd_error(good_folder)
+    assert "has no tokenizer" in message and str(good_folder) in message
+
+
+def test_broken_tokenizer_json(good_folder):
+    (good_folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    message = sbd_error(good_folder)
+    assert "could not load the tokenizer" in message and str(good_folder) in message
 
 
 def test_folder_without_weights(good_folder):

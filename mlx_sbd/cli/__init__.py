@@ -10,7 +10,7 @@ import click
 
 from ..errors import SBDError
 
-COMMANDS = ("generate", "train", "fuse", "convert")
+COMMANDS = ("generate", "train", "fuse", "convert", "server", "chat")
 
 
 class SBDGroup(click.Group):

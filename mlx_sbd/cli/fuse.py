@@ -8,9 +8,10 @@ import click
 @click.option("--adapter-path", default="adapters", show_default=True, help="SBD adapter folder made by `mlx-sbd train`.")
 @click.option("--save-path", default="fused_model", show_default=True, help="Folder to write the fused model to.")
 @click.option("--dequantize", is_flag=True, help="Write float weights even when the base is quantized.")
-def command(model, adapter_path, save_path, dequantize):
+@click.option("--overwrite", is_flag=True, help="Replace --save-path when it already holds files.")
+def command(model, adapter_path, save_path, dequantize, overwrite):
     """Fuse an SBD adapter into the base model (loads with mlx_sbd.load, and with mlx_lm as a plain model)."""
     from ..fuse import fuse
 
-    path = fuse(model, adapter_path, save_path, dequantize=dequantize)
+    path = fuse(model, adapter_path, save_path, dequantize=dequantize, overwrite=overwrite)
     click.echo(f"Fused model written to {path}")

@@ -1,10 +1,11 @@
 """`mlx-sbd generate`: decode a prompt with SBD (or one token per forward with --block-size 1)."""
 
+import os
 import sys
 
 import click
 
-from ..samplers import SELECTORS
+from ..samplers import SELECTORS, make_token_sampler
 
 
 @click.command("generate")
@@ -17,9 +18,10 @@ from ..samplers import SELECTORS
     "--block-size", "-k", default=None, type=int,
     help="Tokens per block (1 = plain next-token decoding). Default: the adapter's recommendation; 1 for models not trained for SBD.",
 )
-@click.option("--gamma", default=None, type=float, help="EB-Sampler error budget (0 = one token per forward). Default: the adapter's, else 0.1.")
-@click.option("--sampler", default="entropy", show_default=True, type=click.Choice(sorted(SELECTORS)), help="Which masked positions to reveal each forward.")
-@click.option("--ntp-first/--masked-first", default=True, show_default=True, help="Each block's first open token from the causal (next-token) prediction, or from its mask as in the paper.")
+@click.option("--gamma", default=None, type=float, help="Entropy budget (nats): of the drafts proposed per forward (verified), or of what a forward reveals (--lossy; 0 = one token per forward). Default: the adapter's, else 0.1.")
+@click.option("--lossy", is_flag=True, help="The paper's loop: write the masked guesses straight into the answer (faster with a strong adapter, but the output is no longer the model's own). Default: verified decoding, lossless.")
+@click.option("--selector", "--sampler", "selector", default="entropy", show_default=True, type=click.Choice(sorted(SELECTORS)), help="--lossy: which masked positions to reveal each forward.")
+@click.option("--ntp-first/--masked-first", default=True, show_default=True, help="--lossy: each block's first open token from the causal (next-token) prediction, or from its mask as in the paper.")
 @click.option("--temp", default=0.0, show_default=True, type=float, help="Sampling temperature (0 = argmax).")
 @click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling threshold.")
 @click.option("--top-k", default=0, show_default=True, type=int, help="Top-k sampling (0 = off).")
@@ -29,31 +31,59 @@ from ..samplers import SELECTORS
 @click.option("--ignore-chat-template", is_flag=True, help="Feed the prompt as raw text.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute dtype. Default: float32 on CPU, the checkpoint's on Metal.")
 @click.option("--verbose/--quiet", default=True, show_default=True, help="Print statistics after the text.")
-def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gamma, sampler, ntp_first, temp, top_p, top_k, seed,
+def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gamma, lossy, selector, ntp_first, temp, top_p, top_k, seed,
             stop, system_prompt, ignore_chat_template, dtype, verbose):
     """Generate text several tokens per forward pass with Set Block Decoding."""
-    import mlx.core as mx
 
     from ..generate import default_settings, format_stats, stream_generate
     from ..loading import load
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    if seed is not None:
-        mx.random.seed(seed)
+    prompt = read_prompt(prompt)
+    make_token_sampler(temp, top_p, top_k)  # the sampling flags are checked before the model loads
     if no_adapter and adapter_path:
         raise click.UsageError("--no-adapter and --adapter-path exclude each other")
     sbd_model, tokenizer = load(model, adapter_path=False if no_adapter else adapter_path, dtype=dtype)
     if block_size is None and sbd_model.sbd is None and verbose:
         click.echo("Note: this model has no SBD adapter; decoding one token per forward (use --block-size to force SBD).", err=True)
     block_size, gamma = default_settings(sbd_model, block_size, gamma)
+    trained = sbd_model.sbd.block_size_max if sbd_model.sbd is not None else None
+    if trained is not None and isinstance(block_size, int) and block_size > trained:
+        click.echo(f"Warning: --block-size {block_size} is above the largest block this model's SBD training used "
+                   f"({trained}), so its guesses degrade; use --block-size {trained} or less.", err=True)
     last = None
     for last in stream_generate(
-        sbd_model, tokenizer, prompt, max_tokens=max_tokens, block_size=block_size, gamma=gamma, sampler=sampler,
+        sbd_model, tokenizer, prompt, max_tokens=max_tokens, block_size=block_size, gamma=gamma, selector=selector,
         temp=temp, top_p=top_p, top_k=top_k, stop=stop, system_prompt=system_prompt,
         chat_template=False if ignore_chat_template else None, ntp_first=ntp_first,
+        verify=not lossy, seed=seed,
     ):
         click.echo(last.text, nl=False)
     click.echo()
     if verbose and last is not None:
-        click.echo(format_stats(last) + f"\nBlock size: {block_size}, gamma: {gamma}, sampler: {sampler}", err=True)
+        mode = f"lossy, selector: {selector}" if lossy else "verified (lossless)"
+        click.echo(format_stats(last) + f"\nBlock size: {block_size}, gamma: {gamma}, decoding: {mode}", err=True)
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt text ('-': all of stdin). Bytes that are not UTF-8, on stdin or on the command line (which Python
+    hands over as surrogate escapes), are an SBDError rather than a tokenizer traceback."""
+    from ..errors import SBDError
+
+    if prompt == "-":
+        source, stream = "stdin", getattr(sys.stdin, "buffer", None)  # bytes: decoded strictly below
+        data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+    else:
+        try:
+            prompt.encode("utf-8")
+            return prompt
+        except UnicodeEncodeError:
+            source = "--prompt"
+            try:
+                data = os.fsencode(prompt)  # the original bytes of the argument
+            except UnicodeEncodeError:
+                raise SBDError("the --prompt text is not valid Unicode; pass UTF-8 text") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SBDError(f"the prompt from {source} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                       "pass UTF-8 text") from None

@@ -5,12 +5,15 @@ as in mlx_lm's config files), then the flags actually given on the command line.
 """
 
 import dataclasses
+import re
 
 import click
 
 from ..errors import SBDError
 
 LORA_FLAGS = {"lora_rank": "rank", "lora_scale": "scale", "lora_dropout": "dropout"}
+YAML_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X)
 
 
 @click.command("train")
@@ -37,11 +40,13 @@ LORA_FLAGS = {"lora_rank": "rank", "lora_scale": "scale", "lora_dropout": "dropo
 @click.option("--val-batches", default=None, type=int, help="Validation batches (-1 = all). Default: 25")
 @click.option("--save-every", "steps_per_save", default=None, type=int, help="Checkpoint every N steps. Default: 100")
 @click.option("--seed", default=None, type=int, help="Seed for data order, noise and LoRA init. Default: 0")
-@click.option("--resume", is_flag=True, default=None, help="Continue from the latest checkpoint in --adapter-path.")
+@click.option("--resume", is_flag=True, default=None, help="Continue from the latest checkpoint in --adapter-path (made with the same settings; --iters may change).")
+@click.option("--overwrite", is_flag=True, default=None, help="Start a new run in an --adapter-path that holds an earlier run, deleting its adapter, checkpoints and log.")
 @click.option("--init-adapter", default=None, help="Start from this adapter folder's weights (same LoRA shape), with a fresh optimizer and schedule.")
 @click.option("--no-compile", "no_compile", is_flag=True, default=None, help="Run the step eagerly (skips mx.compile).")
+@click.option("--ungated", is_flag=True, default=None, help="Train the paper's way: LoRA on every row, which changes the causal path too. Default: gated LoRA (mask-block rows only; the causal path stays the base model, so verified decoding gives the base model's output).")
 @click.option("-c", "--config", "config_file", default=None, type=click.Path(), help="YAML file of TrainConfig settings.")
-def command(config_file, no_compile, **flags):
+def command(config_file, no_compile, ungated, **flags):
     """Fine-tune a Llama/Qwen model with the SBD objective (NTP + masked-block prediction)."""
     from ..train import TrainConfig, train
 
@@ -54,6 +59,8 @@ def command(config_file, no_compile, **flags):
     settings.update({k: v for k, v in flags.items() if v is not None})
     if no_compile:
         settings["compile"] = False
+    if ungated:
+        settings["gated"] = False
     if lora:
         settings["lora_parameters"] = lora
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -71,13 +78,20 @@ def command(config_file, no_compile, **flags):
 def read_yaml(path) -> dict:
     import yaml
 
+    class Loader(yaml.SafeLoader):  # as mlx_lm reads its config files: `1e-4` is a number, not a string
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", YAML_FLOAT, list("-+0123456789."))
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=Loader) or {}
     except FileNotFoundError:
         raise SBDError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise SBDError(f"{path} is not valid YAML: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        reason = " ".join(str(e).split())
+        raise SBDError(f"{path} is not valid YAML: {reason}") from None
+    except OSError as e:
+        raise SBDError(f"cannot read config file {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise SBDError(f"{path} must be a mapping of setting: value")
     return data
