@@ -96,7 +96,8 @@ def test_teacher_forcing_a_models_own_sbd_output_replays_its_decode(k, gamma):
     messages = [{"role": "user", "content": "What is the Python standard library module `sched` used for?"}]
     ids = encode_prompt(tokenizer, messages)
     out, last = [], None
-    for last in mlx_sbd.stream_generate(model, tokenizer, messages, max_tokens=40, block_size=k, gamma=gamma):
+    for last in mlx_sbd.stream_generate(model, tokenizer, messages, max_tokens=40, block_size=k, gamma=gamma,
+                                        verify=False):  # the lossy loop, which teacher forcing replays
         out += last.tokens
     assert last.finish_reason == "length" and last.nfe < len(out)  # blocks of several tokens, no EOS block
     replay = learning_curve.teacher_forced(model, ids + out, len(ids), k, make_selector("entropy", gamma))
