@@ -191,14 +191,17 @@ def verify_step(model: SBDModel, cache: SBDCache, inputs: mx.array, m: int, k: i
 
 def verified_steps(model: SBDModel, cache: SBDCache, *, block_size: int, gamma: float, temp: float, top_p: float,
                    top_k: int, max_tokens: int, max_length: int, eos_ids: set) -> Iterator[Step]:
-    """Verified decoding after prefill (cache.pending holds at least the prompt's last token): one Step per forward."""
-    drafts, q = mx.zeros((0,), mx.int32), None
+    """Verified decoding after prefill (cache.pending holds at least the prompt's last token): one Step per forward.
+
+    The next forward is launched (mx.async_eval) before a step is yielded, so the caller's work on it (detokenizing,
+    streaming) overlaps the device's; a generator closed early trims that forward's rows back off the cache."""
     produced = nfe = drafted = accepted = 0
-    while True:
+
+    def launch(drafts: mx.array, q: Optional[mx.array]):
+        """Build and start the next forward -> (result, q_next, m, k, rows), or None when nothing is left to do."""
         left, room = max_tokens - produced, max_length - cache.offset - len(cache.pending)
         if left <= 0 or room <= 0:
-            yield Step([], nfe, drafted, accepted, "length")
-            return
+            return None
         m = min(drafts.shape[0], left - 1, room - 1)  # drafts past the budget or the context are never needed
         k = min(block_size, room - m)
         k = k if k >= 2 and left - m > 1 else 0  # no mask block when its drafts could not be used
@@ -206,27 +209,39 @@ def verified_steps(model: SBDModel, cache: SBDCache, *, block_size: int, gamma: 
         with mx.stream(generation_stream):
             result, q_next = verify_step(model, cache, inputs, m, k, None if q is None else q[:m], gamma=gamma,
                                          temp=temp, top_p=top_p, top_k=top_k)
-        r = result.tolist()  # the one host sync per forward
-        a, n, t, e = r[0], r[1], r[2 + m], r[3 + m :]
-        nfe, drafted, accepted = nfe + 1, drafted + m, accepted + a
-        new = r[2 : 2 + a] + [t]  # the accepted drafts (their K/V are in the cache) and t (not yet)
-        stop = next((i for i, tok in enumerate(new) if tok in eos_ids), None)
-        end = len(new) if stop is None else stop + 1  # EOS ends the conversation: nothing after it is kept
-        if end > left:  # max_tokens inside the accepted drafts comes first: drop what follows
-            end, stop = left, None
-        new = new[:end]
-        # Keep K/V of the accepted drafts up to `end`; drop the rejected drafts, the mask block and the rest.
-        trim_prompt_cache(cache.layers, (m - a) + k + (a - min(end, a)))
-        cache.pending = [t] if end == a + 1 else []  # t is committed; its K/V come with the next forward
-        cache.tokens += new
-        produced += len(new)
-        if stop is not None:
-            yield Step(new[:-1], nfe, drafted, accepted, "stop")
-            return
-        full = a == m and k > 0  # the mask block assumed every draft: its guesses are drafts only then
-        drafts = mx.array(e[:n] if full else [], mx.int32)
-        q = q_next if full else None
-        yield Step(new, nfe, drafted, accepted)
+        mx.async_eval(result, *([] if q_next is None else [q_next]))
+        return result, q_next, m, k, inputs.shape[0]
+
+    flight = launch(mx.zeros((0,), mx.int32), None)
+    try:
+        while flight is not None:
+            result, q_next, m, k, _ = flight
+            flight = None
+            r = result.tolist()  # the one host sync per forward
+            a, n, t, e = r[0], r[1], r[2 + m], r[3 + m :]
+            nfe, drafted, accepted = nfe + 1, drafted + m, accepted + a
+            new = r[2 : 2 + a] + [t]  # the accepted drafts (their K/V are in the cache) and t (not yet)
+            stop = next((i for i, tok in enumerate(new) if tok in eos_ids), None)
+            end = len(new) if stop is None else stop + 1  # EOS ends the conversation: nothing after it is kept
+            if end > max_tokens - produced:  # max_tokens inside the accepted drafts comes first
+                end, stop = max_tokens - produced, None
+            new = new[:end]
+            # Keep K/V of the accepted drafts up to `end`; drop the rejected drafts, the mask block and the rest.
+            trim_prompt_cache(cache.layers, (m - a) + k + (a - min(end, a)))
+            cache.pending = [t] if end == a + 1 else []  # t is committed; its K/V come with the next forward
+            cache.tokens += new
+            produced += len(new)
+            if stop is not None:
+                yield Step(new[:-1], nfe, drafted, accepted, "stop")
+                return
+            full = a == m and k > 0  # the mask block assumed every draft: its guesses are drafts only then
+            flight = launch(mx.array(e[:n] if full else [], mx.int32), q_next if full else None)
+            yield Step(new, nfe, drafted, accepted)
+        yield Step([], nfe, drafted, accepted, "length")
+    finally:
+        if flight is not None:  # closed with a forward in flight: its rows leave the cache, pending stays pending
+            mx.eval(flight[0])
+            trim_prompt_cache(cache.layers, flight[4])
 
 
 def token_sampler(temp: float, top_p: float, top_k: int):
@@ -321,7 +336,7 @@ def sbd_steps(
     prev: List[int] = []  # the last finished block: finalised, K/V not yet in the cache
     head = list(head)  # finalised tokens at the start of the current block, not in the cache
     produced = nfe = 0
-    while True:
+    while True:  # one block
         start_pos = cache.offset + len(prev)  # absolute position of the block's first token
         # Blocks end at multiples of block_size, as in training. Masks at in-block offsets the model never trained
         # on cost the tiny arithmetic model 92% -> 63% exact match at k=8, gamma=0.1 (BENCHMARKS.md).
@@ -330,39 +345,45 @@ def sbd_steps(
             cache.pending = prev + head
             yield Step([], nfe, finish="length")
             return
-        blk, done = head + [MASK_ID] * (k - len(head)), len(head)  # done: length of the block's finalised prefix
-        c = done  # the block's first open position
-        while done < k:
-            with_causal = ntp_first and bool(prev)  # a block's first forward: the previous block runs causally
-            logprobs = block_forward(model, prev + blk, k, cache, causal=with_causal)
-            if with_causal:
-                causal, logprobs = logprobs[0], logprobs[1:]
-            prev = []  # committed by that forward
-            masked = mx.array([t == MASK_ID for t in blk])
-            if ntp_first and blk[c] == MASK_ID:
-                guess = logprobs[c].argmax()
-                logprobs[c] = causal  # the same tokens seen, the same label trained: the causal path knows it best
-                values = sample(logprobs)
-                # The masked guesses at the other positions assume the masked guess at c: when the causal token
-                # differs, they describe another answer, so only c is revealed this forward.
-                reveal = mx.where(guess == values[c], select(logprobs, masked), mx.arange(k) == c)
-            else:
-                reveal, values = select(logprobs, masked), sample(logprobs)
-            mx.eval(reveal, values)  # the one host sync per forward
-            reveal, values = reveal.tolist(), values.tolist()
-            nfe += 1
-            for i in range(k):
-                if reveal[i] and blk[i] == MASK_ID:
-                    blk[i] = values[i]
-            start = done
-            while done < k and blk[done] != MASK_ID:
-                done += 1
-                if blk[done - 1] in eos:
-                    cache.pending = blk[:done]
-                    cache.tokens += blk[start:done]
-                    yield Step(blk[start : done - 1], nfe, finish="stop")
-                    return
-            if done > start:
-                cache.tokens += blk[start:done]
-                yield Step(blk[start:done], nfe)
+        blk = head + [MASK_ID] * (k - len(head))
+        done = c = len(head)  # done: the block's finalised prefix; c: its first open position
+        while done < k:  # one forward
+            blk, causal = lossy_step(model, cache, prev, blk, c, causal if ntp_first else None, select, sample)
+            prev, nfe = [], nfe + 1  # prev was committed by that forward
+            end = next((i for i in range(done, k) if blk[i] == MASK_ID), k)
+            stop = next((i for i in range(done, end) if blk[i] in eos), None)
+            if stop is not None:
+                cache.pending = blk[: stop + 1]
+                cache.tokens += blk[done : stop + 1]
+                yield Step(blk[done:stop], nfe, finish="stop")
+                return
+            if end > done:
+                cache.tokens += blk[done:end]
+                yield Step(blk[done:end], nfe)
+            done = end
         prev, produced, head = blk, produced + k - len(head), []
+
+
+def lossy_step(model: SBDModel, cache: SBDCache, prev: List[int], blk: List[int], c: int, causal: Optional[mx.array],
+               select: Callable, sample: Callable) -> Tuple[List[int], Optional[mx.array]]:
+    """One forward of the lossy loop over `prev` (the last finished block, committed by this forward) and the
+    block `blk` (MASK_ID where open) -> (the block with this forward's reveals written in, causal log-probabilities
+    of the next block's first token when `prev` ran). With `causal` (ntp_first), the first open position `c` takes
+    the causal path's prediction: the same tokens seen, the same label trained, and the causal path learns it first.
+    The masked guesses at the other positions assume the masked guess at c, so when the causal token differs,
+    only c is revealed."""
+    k = len(blk)
+    with_causal = causal is not None and bool(prev)  # a block's first forward: the previous block runs causally
+    logprobs = block_forward(model, prev + blk, k, cache, causal=with_causal)
+    if with_causal:
+        causal, logprobs = logprobs[0], logprobs[1:]
+    current = mx.array(blk, mx.int32)
+    masked = current == MASK_ID
+    if causal is not None and blk[c] == MASK_ID:
+        guess = logprobs[c].argmax()
+        logprobs[c] = causal
+        values = sample(logprobs)
+        reveal = mx.where(guess == values[c], select(logprobs, masked), mx.arange(k) == c)
+    else:
+        reveal, values = select(logprobs, masked), sample(logprobs)
+    return mx.where(reveal & masked, values.astype(mx.int32), current).tolist(), causal  # the one sync per forward

@@ -4,6 +4,7 @@
 selection rule `sampler` ("entropy" = the paper's EB-Sampler) and budget `gamma`.
 """
 
+import contextlib
 import math
 import operator
 import time
@@ -133,32 +134,33 @@ def stream_generate(
         detokenizer.reset()
         stops = StopStrings(stop)
         tic, n = time.perf_counter(), 0
-        for step in steps:
-            for t in step.tokens:
-                detokenizer.add_token(t)
-            reason = step.finish
-            if reason is not None:
-                detokenizer.finalize()
-            n += len(step.tokens)
-            text, hit = stops.feed(detokenizer.last_segment, final=reason is not None)
-            if hit:
-                reason = "stop"
-            elapsed = max(time.perf_counter() - tic, 1e-9)
-            yield GenerationResponse(
-                text=text,
-                tokens=step.tokens,
-                nfe=step.nfe,
-                prompt_tokens=len(ids),
-                prompt_tps=prompt_tps,
-                generation_tokens=n,
-                generation_tps=n / elapsed,
-                peak_memory=mx.get_peak_memory() / 1e9,
-                finish_reason=reason,
-                drafted=step.drafted,
-                accepted=step.accepted,
-            )
-            if reason is not None:
-                return
+        with contextlib.closing(steps):  # a caller that stops early closes it: the cache is left consistent
+            for step in steps:
+                for t in step.tokens:
+                    detokenizer.add_token(t)
+                reason = step.finish
+                if reason is not None:
+                    detokenizer.finalize()
+                n += len(step.tokens)
+                text, hit = stops.feed(detokenizer.last_segment, final=reason is not None)
+                if hit:
+                    reason = "stop"
+                elapsed = max(time.perf_counter() - tic, 1e-9)
+                yield GenerationResponse(
+                    text=text,
+                    tokens=step.tokens,
+                    nfe=step.nfe,
+                    prompt_tokens=len(ids),
+                    prompt_tps=prompt_tps,
+                    generation_tokens=n,
+                    generation_tps=n / elapsed,
+                    peak_memory=mx.get_peak_memory() / 1e9,
+                    finish_reason=reason,
+                    drafted=step.drafted,
+                    accepted=step.accepted,
+                )
+                if reason is not None:
+                    return
 
 
 def generate(model: SBDModel, tokenizer, prompt: Prompt, verbose: bool = False, **kwargs) -> str:

@@ -288,3 +288,19 @@ def test_verified_sampling_keeps_the_distribution(small_vocab):
 def test_verified_sampling_keeps_the_distribution_fast(small_vocab):
     p, chi2 = run_sampling_test(small_vocab, 3000)
     assert p > 1e-3, f"chi2 {chi2:.1f}, p {p:.2g}"
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_stopping_early_leaves_the_cache_exact(gated, stop_after):
+    """The next forward is already in flight when a step is yielded: a caller that stops reading (a stop string, a
+    client gone) must still leave the cache holding exactly the conversation, and the next turn stays lossless."""
+    base, _, model, tokenizer = gated
+    cache = mlx_sbd.make_prompt_cache(model)
+    for i, r in enumerate(mlx_sbd.stream_generate(model, tokenizer, PROMPTS[1], max_tokens=40, block_size=8,
+                                                  gamma=float("inf"), prompt_cache=cache)):
+        if i + 1 == stop_after:
+            break
+    assert cache.offset + len(cache.pending) == len(cache.tokens)
+    history = list(cache.tokens)
+    second, _ = ours(model, tokenizer, [40, 41], max_tokens=15, block_size=8, prompt_cache=cache)
+    assert second == mlx_lm_greedy(base, history + [40, 41], 15, tokenizer.eos_token_ids)
