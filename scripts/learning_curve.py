@@ -82,6 +82,21 @@ def teacher_forced(model, seq: list, start: int, k: int, select) -> dict:
     return {"forwards": forwards, "tokens": L - start, "wrong": wrong}
 
 
+def verified(model, tokenizer, seq: list, start: int, k: int, gamma: float) -> dict:
+    """Verified decoding of the prompt seq[:start], through the decoder itself (decode.decode_steps): for a gated
+    adapter its output is the base's greedy answer, so on a reference answer made by the base the score is its
+    forwards; `wrong` counts tokens where the output leaves the reference (0 unless the reference is not the base's)."""
+    answer = seq[start:]
+    eos = [t for t in answer if t in tokenizer.eos_token_ids]
+    out, last = [], None
+    for last in mlx_sbd.stream_generate(model, tokenizer, seq[:start], max_tokens=len(answer), block_size=k,
+                                        gamma=gamma):
+        out += last.tokens
+    out += eos[:1] if last.finish_reason == "stop" else []
+    wrong = sum(a != b for a, b in zip(out, answer)) + abs(len(out) - len(answer))
+    return {"forwards": last.nfe, "tokens": len(answer), "wrong": wrong}
+
+
 def parse_adapter(spec: str) -> tuple:
     """"STEPS:PATH" -> (steps, path), or a usage error naming what is wrong."""
     steps, _, path = spec.partition(":")
@@ -99,12 +114,15 @@ def parse_adapter(spec: str) -> tuple:
 @click.option("--n-rows", default=20, show_default=True, help="Held-out reference answers decoded per adapter.")
 @click.option("--k", "block_size", default=4, show_default=True)
 @click.option("--gamma", default=0.1, show_default=True)
+@click.option("--verified", "verified_mode", is_flag=True, help="Score verified decoding (gated adapters: forwards to reproduce the base's "
+              "answers, with the real decoder) instead of the lossy loop teacher-forced.")
 @click.option("--out", default="results/learning_curve.json", show_default=True)
-def main(data, adapters, n_rows, block_size, gamma, out):
+def main(data, adapters, n_rows, block_size, gamma, verified_mode, out):
     points = [parse_adapter(spec) for spec in adapters]  # all checked before the first (minutes-long) point
     rows = [row for _, row in read_jsonl(Path(data) / "test.jsonl")][:n_rows]
-    select = make_selector("entropy", gamma)
+    select = None if verified_mode else make_selector("entropy", gamma)
     results = {"machine": machine(), "data": data, "n_rows": len(rows), "block_size": block_size, "gamma": gamma,
+               "mode": "verified" if verified_mode else "lossy, teacher-forced",
                "points": []}
     print("| steps | adapter | tokens | forwards | tokens per forward | revealed tokens != reference |")
     print("|---|---|---|---|---|---|")
@@ -113,7 +131,9 @@ def main(data, adapters, n_rows, block_size, gamma, out):
         total = {"forwards": 0, "tokens": 0, "wrong": 0}
         for row in tqdm(rows, desc=f"step {steps}", leave=False):
             seq, start = reference(tokenizer, row)
-            for key, v in teacher_forced(model, seq, start, block_size, select).items():
+            score = (verified(model, tokenizer, seq, start, block_size, gamma) if verified_mode
+                     else teacher_forced(model, seq, start, block_size, select))
+            for key, v in score.items():
                 total[key] += v
         point = {"steps": steps, "adapter": path, **total, "tokens_per_forward": total["tokens"] / total["forwards"],
                  "wrong_share": total["wrong"] / total["tokens"]}

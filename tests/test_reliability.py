@@ -203,3 +203,111 @@ def test_token_sampler_takes_numpy_scalars():
     sampler = make_token_sampler(np.float32(0.5), np.float64(0.9), np.int64(3))
     ids = sampler(mx.log(mx.array([[0.1, 0.1, 0.1, 0.2, 0.5]])))
     assert ids.shape == (1,) and 0 <= ids.item() < 5
+
+
+# --- the Python API and the adapter folder (issue 23 items 3, 4, 5, 6) ------------------------------------------
+@pytest.fixture(scope="module")
+def api_model(tmp_path_factory):
+    import mlx_sbd
+    from mlx_sbd.tiny import make_tiny_model
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("api") / "m", hidden_size=32, num_hidden_layers=1,
+                             intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+    return (folder, *mlx_sbd.load(folder))
+
+
+@pytest.mark.parametrize("ids", [[5, 2**31], [5, 2**40], [5, -1], [5, -7], [5, 10**6]])
+def test_out_of_range_token_ids_are_refused(api_model, ids):
+    import mlx_sbd
+
+    _, model, tokenizer = api_model
+    with pytest.raises(SBDError, match="outside the vocabulary"):
+        mlx_sbd.generate(model, tokenizer, ids, max_tokens=2)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_tokens=2.5), "max_tokens"), (dict(max_tokens="3"), "max_tokens"), (dict(gamma="0.1"), "gamma"),
+    (dict(gamma=float("nan")), "gamma"), (dict(block_size=2.0), "block_size"),
+])
+def test_python_api_numbers_are_checked(api_model, kwargs, match):
+    import mlx_sbd
+
+    _, model, tokenizer = api_model
+    with pytest.raises(SBDError, match=match):
+        mlx_sbd.generate(model, tokenizer, [5, 6], **kwargs)
+
+
+@pytest.mark.parametrize("prompt", [[{"role": "user"}], [{"role": "user", "content": 3}], [5, "a"], [5, 1.5]])
+def test_bad_prompts_in_the_python_api(api_model, prompt):
+    import mlx_sbd
+
+    _, model, tokenizer = api_model
+    with pytest.raises(SBDError):
+        mlx_sbd.generate(model, tokenizer, prompt, max_tokens=2)
+
+
+@pytest.mark.parametrize("name", ["adapters.safetensors", "sbd.safetensors"])
+def test_truncated_adapter_files_are_refused(api_model, tmp_path, name):
+    import mlx_sbd
+    from mlx_sbd.adapter import make_trainable, save_adapter
+    from mlx_sbd.loading import load_model
+
+    folder = api_model[0]
+    model = load_model(folder)
+    make_trainable(model, "lora", -1, {"rank": 2, "scale": 1.0, "dropout": 0.0}, gated=True)
+    save_adapter(model, tmp_path / "a", {"fine_tune_type": "lora", "gated": True, "num_layers": 1,
+                                         "lora_parameters": {"rank": 2, "scale": 1.0, "dropout": 0.0}})
+    path = tmp_path / "a" / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(SBDError, match=name):
+        mlx_sbd.load(folder, adapter_path=tmp_path / "a")
+
+
+@pytest.mark.slow
+def test_kill_during_the_adapter_write_leaves_a_folder_that_loads_consistently_or_is_refused(api_model, tmp_path):
+    """kill -9 a process that keeps rewriting an adapter folder, at several moments: every time the folder either
+    loads, with the mask embedding and LoRA weights of one and the same save, or is refused in one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlx.core as mx
+    import mlx_sbd
+
+    folder, target = api_model[0], tmp_path / "a"
+    script = f"""
+import mlx.core as mx
+from mlx_sbd.adapter import make_trainable, save_adapter
+from mlx_sbd.loading import load_model
+model = load_model({str(folder)!r})
+make_trainable(model, "lora", -1, {{"rank": 2, "scale": 1.0, "dropout": 0.0}}, gated=True)
+i = 0
+while True:
+    i += 1
+    model.mask_embedding = mx.full(model.mask_embedding.shape, float(i))
+    model.lm.load_weights([(k, mx.full(v.shape, float(i))) for k, v in
+                           __import__("mlx.utils").utils.tree_flatten(model.lm.trainable_parameters())], strict=False)
+    save_adapter(model, {str(target)!r}, {{"fine_tune_type": "lora", "gated": True, "num_layers": 1,
+                 "lora_parameters": {{"rank": 2, "scale": 1.0, "dropout": 0.0}}}})
+    print(i, flush=True)
+"""
+    outcomes = set()
+    for delay in (0.0, 0.003, 0.011, 0.029, 0.05, 0.1):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        proc.stdout.readline()  # one complete save, then a kill somewhere in the following ones
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        try:
+            model, _ = mlx_sbd.load(folder, adapter_path=target)
+        except SBDError as e:
+            assert "another save" in str(e)
+            outcomes.add("refused")
+            continue
+        from mlx.utils import tree_flatten
+
+        lora = {float(v.flatten()[0]) for k, v in tree_flatten(model.lm.parameters()) if "lora" in k}
+        assert lora == {float(model.mask_embedding[0])}  # one save's weights, not two
+        outcomes.add("loaded")
+    assert "loaded" in outcomes
