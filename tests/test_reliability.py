@@ -211,8 +211,13 @@ def api_model(tmp_path_factory):
     import mlx_sbd
     from mlx_sbd.tiny import make_tiny_model
 
+    import json
+
     folder = make_tiny_model(tmp_path_factory.mktemp("api") / "m", hidden_size=32, num_hidden_layers=1,
                              intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+    config = json.loads((folder / "tokenizer_config.json").read_text())  # a chat template, so messages get that far
+    config["chat_template"] = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}A:"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return (folder, *mlx_sbd.load(folder))
 
 
