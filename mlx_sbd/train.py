@@ -21,6 +21,7 @@ on --resume). LoRA dropout keys are per rank, so only a run without dropout is b
 """
 
 import json
+import math
 import os
 import shutil
 import time
@@ -231,6 +232,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
             mx.eval(state, ntp, matp, grad, norm)
             stats[:3] += (ntp.item() / accum, matp.item() / accum, sum(len(s) for s, _ in seqs))
         stats[3:] += (time.perf_counter() - tic, 1, norm.item())
+        check_finite(ntp.item(), matp.item(), norm.item(), step + 1)  # before anything of this step is saved
         bar.update(1)
         done = step + 1
         if done % cfg.steps_per_report == 0 or done == cfg.iters:
@@ -503,3 +505,11 @@ def check_resume(cfg: TrainConfig, path: Path) -> None:
     if cfg.iters < step:
         raise SBDError(f"--resume: checkpoint {ckpt} is at step {step}, past --iters {cfg.iters}; "
                        f"give --iters {step} or more")
+
+
+def check_finite(ntp: float, matp: float, norm: float, step: int) -> None:
+    """A non-finite loss or gradient ruins the weights for good: stop before they are written anywhere."""
+    if not all(math.isfinite(v) for v in (ntp, matp, norm)):
+        raise SBDError(f"step {step}: the loss or gradient is not finite (NTP {ntp}, MATP {matp}, gradient norm {norm}); "
+                       "nothing of this step was saved. Lower --learning-rate or set --grad-clip, then --resume from "
+                       "the last checkpoint")

@@ -316,3 +316,22 @@ while True:
         assert lora == {float(model.mask_embedding[0])}  # one save's weights, not two
         outcomes.add("loaded")
     assert "loaded" in outcomes
+
+
+def test_a_non_finite_loss_stops_training_before_it_is_saved(setup, tmp_path):
+    """A learning rate that blows the weights up: training stops with one error, and every saved weight is finite."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_sbd import load
+    from mlx_sbd.train import TrainConfig, train
+
+    base, data = setup
+    model, tokenizer = load(base, adapter_path=False)
+    cfg = TrainConfig(model=str(base), data=str(data), adapter_path=str(tmp_path / "a"), iters=8, batch_size=4,
+                      learning_rate=1e12, warmup=0, steps_per_save=1, steps_per_eval=100, val_batches=1,
+                      block_size_max=4, num_layers=-1, compile=False, fine_tune_type="full", objective="ntp")
+    with pytest.raises(SBDError, match="not finite"):
+        train(cfg, model, tokenizer)
+    for f in (tmp_path / "a").rglob("adapters.safetensors"):
+        assert all(np.isfinite(np.array(v.astype(mx.float32))).all() for v in mx.load(str(f)).values()), f
