@@ -97,15 +97,17 @@ def prefill(model: SBDModel, cache: SBDCache, tokens: Sequence[int], step: int =
 
 
 def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_size: int, verify: bool = True,
-                 gamma: float, select: Callable, temp: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 ntp_first: bool = True, max_tokens: int, max_length: int, eos_ids: Sequence[int],
+                 gamma: float, select: Callable, sample: Callable, temp: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, ntp_first: bool = True, max_tokens: int, max_length: int, eos_ids: Sequence[int],
                  prefill_step_size: int = 512) -> Iterator[Step]:
     """Prefill the prompt `ids` now (the caller times it), then return the decoding's steps: plain next-token
-    decoding for block_size 1, else verified decoding or (verify=False) the paper's lossy loop."""
+    decoding for block_size 1, else verified decoding or (verify=False) the paper's lossy loop. `sample` is the
+    token sampler (samplers.make_token_sampler) of the plain and lossy paths; verified decoding needs the
+    distribution itself, so it takes temp / top_p / top_k."""
     common = dict(max_tokens=max_tokens, max_length=max_length, eos_ids=set(eos_ids))
     if block_size == 1:
         prefill(model, cache, ids, prefill_step_size, keep=1)
-        return ntp_steps(model, cache, sampler=token_sampler(temp, top_p, top_k), **common)
+        return ntp_steps(model, cache, sampler=sample, **common)
     if verify:
         if not cache.can_trim():
             raise SBDError("verified decoding trims rejected drafts from the KV cache, but this prompt cache cannot be "
@@ -121,8 +123,8 @@ def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_
         prefill(model, cache, to_prefill, prefill_step_size)
         cache.tokens += head
         first = None
-    return sbd_steps(model, cache, block_size=block_size, select=select, sample=token_sampler(temp, top_p, top_k),
-                     head=head, first=first, **common)
+    return sbd_steps(model, cache, block_size=block_size, select=select, sample=sample, head=head, first=first,
+                     **common)
 
 
 # --- verified decoding ---------------------------------------------------------------------------------------
@@ -222,9 +224,9 @@ def verified_steps(model: SBDModel, cache: SBDCache, *, block_size: int, gamma: 
             nfe, drafted, accepted = nfe + 1, drafted + m, accepted + a
             new = r[2 : 2 + a] + [t]  # the accepted drafts (their K/V are in the cache) and t (not yet)
             stop = next((i for i, tok in enumerate(new) if tok in eos_ids), None)
-            end = len(new) if stop is None else stop + 1  # EOS ends the conversation: nothing after it is kept
-            if end > max_tokens - produced:  # max_tokens inside the accepted drafts comes first
-                end, stop = max_tokens - produced, None
+            # EOS ends the conversation: nothing after it is kept. (max_tokens needs no cut here: launch proposes at
+            # most left - 1 drafts, so a forward never yields more than what is left.)
+            end = len(new) if stop is None else stop + 1
             new = new[:end]
             # Keep K/V of the accepted drafts up to `end`; drop the rejected drafts, the mask block and the rest.
             trim_prompt_cache(cache.layers, (m - a) + k + (a - min(end, a)))
@@ -242,12 +244,6 @@ def verified_steps(model: SBDModel, cache: SBDCache, *, block_size: int, gamma: 
         if flight is not None:  # closed with a forward in flight: its rows leave the cache, pending stays pending
             mx.eval(flight[0])
             trim_prompt_cache(cache.layers, flight[4])
-
-
-def token_sampler(temp: float, top_p: float, top_k: int):
-    from mlx_lm.sample_utils import make_sampler
-
-    return make_sampler(temp=temp, top_p=top_p, top_k=top_k)
 
 
 # --- plain next-token decoding -------------------------------------------------------------------------------

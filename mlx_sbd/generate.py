@@ -106,7 +106,7 @@ def stream_generate(
     block_size, gamma = default_settings(model, block_size, gamma)
     check_settings(max_tokens, block_size, gamma)
     select = make_selector(selector, gamma if not verify else 0.0)  # verified decoding drafts by gamma, selects nothing
-    make_token_sampler(temp, top_p, top_k)  # checks the sampling arguments
+    sample = make_token_sampler(temp, top_p, top_k)  # checks the sampling arguments too
     ids = encode_prompt(tokenizer, prompt, chat_template, system_prompt)
     if not ids:
         raise SBDError("the prompt is empty")
@@ -125,7 +125,7 @@ def stream_generate(
         # Prefill is timed on its own, so generation time counts exactly the forwards that produce tokens.
         tic = time.perf_counter()
         steps = decode_steps(model, cache, ids, block_size=block_size, verify=verify, gamma=gamma, select=select,
-                             temp=temp, top_p=top_p, top_k=top_k, ntp_first=ntp_first, max_tokens=max_tokens,
+                             sample=sample, temp=temp, top_p=top_p, top_k=top_k, ntp_first=ntp_first, max_tokens=max_tokens,
                              max_length=max_length, eos_ids=list(tokenizer.eos_token_ids),
                              prefill_step_size=prefill_step_size)
         prompt_tps = len(ids) / max(time.perf_counter() - tic, 1e-9)
