@@ -31,6 +31,8 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from .attention import BlockMask
+from .costs import cached_row_cost
+from .drafting import Drafter, PromptLookup
 from .errors import SBDError
 from .model import MASK_ID, SBDModel
 from .samplers import entropy
@@ -99,13 +101,17 @@ def prefill(model: SBDModel, cache: SBDCache, tokens: Sequence[int], step: int =
 def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_size: int, verify: bool = True,
                  gamma: float, select: Callable, sample: Callable, temp: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, ntp_first: bool = True, max_tokens: int, max_length: int, eos_ids: Sequence[int],
-                 prefill_step_size: int = 512) -> Iterator[Step]:
+                 prefill_step_size: int = 512, draft: Optional[str] = None,
+                 lookup: Optional[PromptLookup] = None) -> Iterator[Step]:
     """Prefill the prompt `ids` now (the caller times it), then return the decoding's steps: plain next-token
-    decoding for block_size 1, else verified decoding or (verify=False) the paper's lossy loop. `sample` is the
-    token sampler (samplers.make_token_sampler) of the plain and lossy paths; verified decoding needs the
+    decoding (draft "none"), else verified decoding with drafts from `draft` (drafting.resolve_draft: sbd, lookup,
+    both) or (verify=False) the paper's lossy loop. draft=None: "none" for block_size 1, else "sbd". `sample` is
+    the token sampler (samplers.make_token_sampler) of the plain and lossy paths; verified decoding needs the
     distribution itself, so it takes temp / top_p / top_k."""
     common = dict(max_tokens=max_tokens, max_length=max_length, eos_ids=set(eos_ids))
-    if block_size == 1:
+    if draft is None:
+        draft = "none" if block_size == 1 else "sbd"
+    if draft == "none":
         prefill(model, cache, ids, prefill_step_size, keep=1)
         return ntp_steps(model, cache, sampler=sample, **common)
     if verify:
@@ -113,8 +119,9 @@ def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_
             raise SBDError("verified decoding trims rejected drafts from the KV cache, but this prompt cache cannot be "
                            "trimmed (a rotating or quantized cache past its size); use a cache from make_prompt_cache")
         prefill(model, cache, ids, prefill_step_size, keep=1)
-        return verified_steps(model, cache, block_size=block_size, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k,
-                              **common)
+        cost = cached_row_cost(model) if draft == "auto" else None
+        drafter = Drafter(draft, lookup, has_adapter=model.sbd is not None, cost=cost, block_size=block_size)
+        return verified_steps(model, cache, drafter, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k, **common)
     if ntp_first:
         head, first = prefill_prompt(model, cache, ids, block_size, prefill_step_size)
         mx.eval(first)
@@ -191,37 +198,45 @@ def verify_step(model: SBDModel, cache: SBDCache, inputs: mx.array, m: int, k: i
     return result, q_next
 
 
-def verified_steps(model: SBDModel, cache: SBDCache, *, block_size: int, gamma: float, temp: float, top_p: float,
+def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma: float, temp: float, top_p: float,
                    top_k: int, max_tokens: int, max_length: int, eos_ids: set) -> Iterator[Step]:
     """Verified decoding after prefill (cache.pending holds at least the prompt's last token): one Step per forward.
+    `drafter` (drafting.py) says what each forward carries: drafts from the mask block or prompt lookup, and
+    whether (and how many) masks follow them.
 
     The next forward is launched (mx.async_eval) before a step is yielded, so the caller's work on it (detokenizing,
     streaming) overlaps the device's; a generator closed early trims that forward's rows back off the cache."""
     produced = nfe = drafted = accepted = 0
+    vocab = model.args.vocab_size
 
-    def launch(drafts: mx.array, q: Optional[mx.array]):
-        """Build and start the next forward -> (result, q_next, m, k, rows), or None when nothing is left to do."""
+    def launch(masked: Optional[List[int]], q_masked: Optional[mx.array]):
+        """Build and start the next forward -> (result, q_next, m, k, rows, source), or None when nothing is left."""
         left, room = max_tokens - produced, max_length - cache.offset - len(cache.pending)
         if left <= 0 or room <= 0:
             return None
-        m = min(drafts.shape[0], left - 1, room - 1)  # drafts past the budget or the context are never needed
-        k = min(block_size, room - m)
+        # drafts past the budget or the context are never needed
+        drafts, source, k = drafter.plan(cache.tokens, masked, min(left - 1, room - 1), len(cache.pending), room)
+        m = len(drafts)
+        k = min(k, room - m)
         k = k if k >= 2 and left - m > 1 else 0  # no mask block when its drafts could not be used
-        inputs = mx.concatenate([mx.array(cache.pending, mx.int32), drafts[:m], mx.full((k,), MASK_ID, mx.int32)])
+        q = None
+        if temp > 0 and m:  # what the drafts were drawn from: the masked marginals, or one-hot for a lookup token
+            q = q_masked[:m] if source == "sbd" else (mx.arange(vocab)[None] == mx.array(drafts)[:, None]).astype(mx.float32)
+        inputs = mx.array(cache.pending + drafts + [MASK_ID] * k, mx.int32)
         with mx.stream(generation_stream):
-            result, q_next = verify_step(model, cache, inputs, m, k, None if q is None else q[:m], gamma=gamma,
-                                         temp=temp, top_p=top_p, top_k=top_k)
+            result, q_next = verify_step(model, cache, inputs, m, k, q, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k)
         mx.async_eval(result, *([] if q_next is None else [q_next]))
-        return result, q_next, m, k, inputs.shape[0]
+        return result, q_next, m, k, inputs.shape[0], source
 
-    flight = launch(mx.zeros((0,), mx.int32), None)
+    flight = launch(None, None)
     try:
         while flight is not None:
-            result, q_next, m, k, _ = flight
+            result, q_next, m, k, _, source = flight
             flight = None
             r = result.tolist()  # the one host sync per forward
             a, n, t, e = r[0], r[1], r[2 + m], r[3 + m :]
             nfe, drafted, accepted = nfe + 1, drafted + m, accepted + a
+            drafter.record(source, m, a)
             new = r[2 : 2 + a] + [t]  # the accepted drafts (their K/V are in the cache) and t (not yet)
             stop = next((i for i, tok in enumerate(new) if tok in eos_ids), None)
             # EOS ends the conversation: nothing after it is kept. (max_tokens needs no cut here: launch proposes at
@@ -237,7 +252,7 @@ def verified_steps(model: SBDModel, cache: SBDCache, *, block_size: int, gamma: 
                 yield Step(new[:-1], nfe, drafted, accepted, "stop")
                 return
             full = a == m and k > 0  # the mask block assumed every draft: its guesses are drafts only then
-            flight = launch(mx.array(e[:n] if full else [], mx.int32), q_next if full else None)
+            flight = launch(e[:n] if full else None, q_next if full else None)
             yield Step(new, nfe, drafted, accepted)
         yield Step([], nfe, drafted, accepted, "length")
     finally:

@@ -1,7 +1,8 @@
 """generate / stream_generate: the public decoding API (same shape as mlx_lm's, plus NFE).
 
-`block_size=1` is plain next-token decoding (mlx_lm's own generate_step); `block_size>1` is SBD with the
-selection rule `sampler` ("entropy" = the paper's EB-Sampler) and budget `gamma`.
+`block_size=1` is plain next-token decoding (mlx_lm's own generate_step); otherwise verified decoding (lossless)
+with drafts from the SBD mask block and/or prompt lookup (`draft`), or with verify=False the paper's lossy loop
+with the selection rule `selector` ("entropy" = the paper's EB-Sampler) and budget `gamma`.
 """
 
 import contextlib
@@ -15,6 +16,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream, wired_limit
 
 from .decode import SBDCache, decode_steps, make_prompt_cache
+from .drafting import PromptLookup, resolve_draft
 from .errors import SBDError
 from .model import SBDModel
 from .samplers import make_selector, make_token_sampler
@@ -94,6 +96,8 @@ def stream_generate(
     prefill_step_size: int = 512,
     ntp_first: bool = True,
     verify: bool = True,
+    draft: str = "auto",
+    lookup: Optional[PromptLookup] = None,
 ) -> Iterator[GenerationResponse]:
     """Yield GenerationResponse chunks as tokens are finalised (several per forward with SBD).
 
@@ -102,7 +106,12 @@ def stream_generate(
     the drafts proposed per forward (inf: all block_size - 1). verify=False: the paper's loop, where `selector`
     ("entropy" = EB-Sampler) and `gamma` choose what a forward reveals and ntp_first gives every block's first open
     position the causal prediction (decode.sbd_steps). block_size / gamma default to the model's SBD training
-    (model.sbd); see default_settings. `seed` seeds MLX's generator (reproducible sampling)."""
+    (model.sbd); see default_settings. `seed` seeds MLX's generator (reproducible sampling).
+
+    `draft` (verified decoding): where drafts come from, "sbd" (the mask block), "lookup" (prompt lookup: n-grams
+    of the prompt and answer, no adapter needed; `lookup` sets its sizes), "both", "none" (plain next-token
+    decoding) or "auto" (drafting.resolve_draft: both with an SBD adapter, lookup without; block_size=1 is none)."""
+    draft = resolve_draft(draft, model.sbd is not None, block_size, verify)
     block_size, gamma = default_settings(model, block_size, gamma)
     check_settings(max_tokens, block_size, gamma)
     select = make_selector(selector, gamma if not verify else 0.0)  # verified decoding drafts by gamma, selects nothing
@@ -127,7 +136,7 @@ def stream_generate(
         steps = decode_steps(model, cache, ids, block_size=block_size, verify=verify, gamma=gamma, select=select,
                              sample=sample, temp=temp, top_p=top_p, top_k=top_k, ntp_first=ntp_first, max_tokens=max_tokens,
                              max_length=max_length, eos_ids=list(tokenizer.eos_token_ids),
-                             prefill_step_size=prefill_step_size)
+                             prefill_step_size=prefill_step_size, draft=draft, lookup=lookup)
         prompt_tps = len(ids) / max(time.perf_counter() - tic, 1e-9)
 
         detokenizer = tokenizer.detokenizer

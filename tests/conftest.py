@@ -112,3 +112,11 @@ def setup(tmp_path_factory):
     base = make_tiny_model(root / "base", alphabet=alphabet("reverse"), **TRAIN_TINY)
     data = write_dataset(root / "data", "reverse", 24, 4, 4, seed=0, min_len=3, max_len=8)
     return base, data
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _measurement_cache(tmp_path_factory):
+    """Measured time(rows) (costs.py) goes to a per-run folder, not the user's ~/.cache."""
+    import os
+
+    os.environ.setdefault("MLX_SBD_CACHE", str(tmp_path_factory.mktemp("mlx_sbd_cache")))

@@ -116,10 +116,26 @@ def test_chat_equals_generate_streaming_and_not(served):
     assert all(c.usage is None for c in chunks[:-1])
     last = chunks[-1]
     assert last.choices == [] and last.usage.completion_tokens == 20
-    assert last.usage.prompt_tokens == r.usage.prompt_tokens and last.usage.forwards == 20
+    assert last.usage.prompt_tokens == r.usage.prompt_tokens and last.usage.forwards == r.usage.forwards
     assert chunks[-2].choices[0].finish_reason == "length"
     no_usage = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, stream=True))
     assert all(c.usage is None for c in no_usage)
+
+
+def test_draft_sources_over_http(served):
+    """The tiny served model has no SBD adapter: prompt lookup by default (fewer forwards than tokens where the
+    text repeats), draft=none one token per forward, the same text either way; lookup without verification is 400."""
+    server, client, model, tokenizer = served
+    prompt = "abcabcabcabcabc"
+    want = mlx_sbd.generate(model, tokenizer, prompt, max_tokens=24, block_size=1, chat_template=False)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=24)
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, extra_body={"draft": "none"})
+    assert r.choices[0].text == plain.choices[0].text == want
+    assert plain.usage.forwards == plain.usage.completion_tokens == 24
+    assert r.usage.forwards < 24 and r.usage.accepted > 0
+    error = assert_openai_error(post(server, "/v1/completions", dict(GOOD, draft="lookup", verify=False)), 400)
+    assert "draft" in error["message"]
+    assert_still_serving(server)
 
 
 def test_content_parts_are_joined(served):
@@ -236,6 +252,7 @@ BAD_FIELDS = [
     ({"verify": "no"}, "verify"),
     ({"selector": "nope"}, "selector"),
     ({"selector": ["entropy"]}, "selector"),
+    ({"draft": "nope"}, "draft"),
     ({"temperature": float("nan")}, "temperature"),
     ({"model": 3}, "model"),
 ]

@@ -70,6 +70,8 @@ def mlx_lm_greedy(base, ids, n, eos=()):
 
 
 def ours(model, tokenizer, ids, **kw):
+    if kw.get("block_size") != 1:
+        kw.setdefault("draft", "sbd")  # the mask block's drafts on every forward (auto might choose none on a CPU)
     out, last = [], None
     for last in mlx_sbd.stream_generate(model, tokenizer, ids, **kw):
         out += last.tokens

@@ -127,3 +127,37 @@ def test_readme_first_command_prints_what_block_size_one_prints():
     one = runner.invoke(cli, ["generate", "-p", "What is the capital of France?", "--quiet", "--block-size", "1"])
     assert default.exit_code == one.exit_code == 0
     assert default.output == one.output and "Paris" in default.output
+
+
+COPY_PROMPTS = [
+    "Repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the old river bank.",
+    "Add type hints to this function:\n\ndef add(a, b):\n    total = a + b\n    return total\n",
+]
+
+
+def test_lookup_drafts_on_the_plain_base_are_lossless_and_end_inside_a_draft(base):
+    """Prompt lookup on the base without any adapter: mlx_lm's output, drafts accepted where the answer copies the
+    prompt, and an EOS that a lookup draft carries (a word of the copied sentence made the EOS) ends the answer."""
+    _, lm, ref_tok = base
+    model, tokenizer = mlx_sbd.load(adapter_path=False)
+    for p in COPY_PROMPTS:
+        ids = encode_prompt(tokenizer, p)
+        got, steps = verified(model, tokenizer, ids, max_tokens=N, draft="lookup")
+        assert got == reference(lm, ref_tok, ids), p
+        assert steps[-1].accepted >= 5, p  # the copy is drafted
+    ids = encode_prompt(tokenizer, COPY_PROMPTS[0])
+    got, steps = verified(model, tokenizer, ids, max_tokens=N, draft="lookup")
+    out, drafted_at = [], []
+    for s in steps:
+        drafted_at += range(len(out), len(out) + len(s.tokens) - 1)  # a forward's tokens but its last were drafts
+        out += s.tokens
+    j = next(j for j in drafted_at if out[j] not in out[:j] and j > 0)
+    saved = tokenizer.eos_token_ids
+    try:
+        tokenizer.eos_token_ids = {out[j]}
+        cut, steps = verified(model, tokenizer, ids, max_tokens=N, draft="lookup")
+    finally:
+        tokenizer.eos_token_ids = saved
+    assert cut == out[:j] and steps[-1].finish_reason == "stop"
+    ref = [r.token for r in mlx_lm_stream_generate(lm, ref_tok, mx.array(ids), max_tokens=N)]
+    assert ref[: ref.index(out[j])] == cut  # mlx_lm's own output, cut at that token

@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from ..drafting import DRAFTS
 from ..samplers import SELECTORS, make_token_sampler
 
 
@@ -20,6 +21,7 @@ from ..samplers import SELECTORS, make_token_sampler
 )
 @click.option("--gamma", default=None, type=float, help="Entropy budget (nats): of the drafts proposed per forward (verified), or of what a forward reveals (--lossy; 0 = one token per forward). Default: the adapter's, else 0.1.")
 @click.option("--lossy", is_flag=True, help="The paper's loop: write the masked guesses straight into the answer (faster with a strong adapter, but the output is no longer the model's own). Default: verified decoding, lossless.")
+@click.option("--draft", default="auto", show_default=True, type=click.Choice(list(DRAFTS)), help="Where verified decoding's drafts come from: sbd (the adapter's mask block), lookup (n-grams of the prompt and answer: any model, no adapter), both, none (one token per forward), auto (both with an SBD adapter, lookup without).")
 @click.option("--selector", "--sampler", "selector", default="entropy", show_default=True, type=click.Choice(sorted(SELECTORS)), help="--lossy: which masked positions to reveal each forward.")
 @click.option("--ntp-first/--masked-first", default=True, show_default=True, help="--lossy: each block's first open token from the causal (next-token) prediction, or from its mask as in the paper.")
 @click.option("--temp", default=0.0, show_default=True, type=float, help="Sampling temperature (0 = argmax).")
@@ -31,10 +33,11 @@ from ..samplers import SELECTORS, make_token_sampler
 @click.option("--ignore-chat-template", is_flag=True, help="Feed the prompt as raw text.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute dtype. Default: float32 on CPU, the checkpoint's on Metal.")
 @click.option("--verbose/--quiet", default=True, show_default=True, help="Print statistics after the text.")
-def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gamma, lossy, selector, ntp_first, temp, top_p, top_k, seed,
+def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gamma, lossy, draft, selector, ntp_first, temp, top_p, top_k, seed,
             stop, system_prompt, ignore_chat_template, dtype, verbose):
     """Generate text several tokens per forward pass with Set Block Decoding."""
 
+    from ..drafting import resolve_draft
     from ..generate import default_settings, format_stats, stream_generate
     from ..loading import load
 
@@ -43,8 +46,11 @@ def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gam
     if no_adapter and adapter_path:
         raise click.UsageError("--no-adapter and --adapter-path exclude each other")
     sbd_model, tokenizer = load(model, adapter_path=False if no_adapter else adapter_path, dtype=dtype)
-    if block_size is None and sbd_model.sbd is None and verbose:
-        click.echo("Note: this model has no SBD adapter; decoding one token per forward (use --block-size to force SBD).", err=True)
+    source = resolve_draft(draft, sbd_model.sbd is not None, block_size, not lossy)
+    if source == "auto":
+        source = "auto (prompt lookup" + (" and the mask block)" if sbd_model.sbd is not None else ")")
+        if sbd_model.sbd is None and verbose:
+            click.echo("Note: this model has no SBD adapter; drafting from the text's own n-grams (prompt lookup).", err=True)
     block_size, gamma = default_settings(sbd_model, block_size, gamma)
     trained = sbd_model.sbd.block_size_max if sbd_model.sbd is not None else None
     if trained is not None and isinstance(block_size, int) and block_size > trained:
@@ -55,12 +61,12 @@ def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gam
         sbd_model, tokenizer, prompt, max_tokens=max_tokens, block_size=block_size, gamma=gamma, selector=selector,
         temp=temp, top_p=top_p, top_k=top_k, stop=stop, system_prompt=system_prompt,
         chat_template=False if ignore_chat_template else None, ntp_first=ntp_first,
-        verify=not lossy, seed=seed,
+        verify=not lossy, seed=seed, draft=draft,
     ):
         click.echo(last.text, nl=False)
     click.echo()
     if verbose and last is not None:
-        mode = f"lossy, selector: {selector}" if lossy else "verified (lossless)"
+        mode = f"lossy, selector: {selector}" if lossy else f"verified (lossless), drafts: {source}"
         click.echo(format_stats(last) + f"\nBlock size: {block_size}, gamma: {gamma}, decoding: {mode}", err=True)
 
 

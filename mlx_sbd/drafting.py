@@ -1,0 +1,212 @@
+"""Where verified decoding's drafts come from: the SBD mask block, prompt lookup, or both.
+
+The causal rows of a verified forward check any draft (decode.verify_step), so a draft may come from anywhere and
+the output stays the model's own. Two sources:
+
+  sbd     the mask block after the drafts (the SBD adapter): its guesses are the next drafts, usable when the
+          verifier accepted every draft they assumed.
+  lookup  prompt lookup (Saxena 2023; the n-gram drafts of mlx-lm PRs #1286/#1297): the tokens that followed the
+          most recent earlier occurrence of the conversation's last n tokens (n from max_ngram down to min_ngram).
+          Needs no adapter: any model gains where the answer copies from the prompt or from itself. Its draft is
+          a token, not a distribution: for sampling, q is one-hot.
+
+`both` runs the mask block and takes its drafts when they are valid (the last forward accepted everything),
+lookup's otherwise, i.e. exactly after the rejections that leave the mask block with nothing to offer. `auto`
+(the default) chooses source, draft count and mask block per forward from measured costs (Drafter).
+"""
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .errors import SBDError
+
+DRAFTS = ("auto", "sbd", "lookup", "both", "none")
+
+# Measured (scripts/bench_lookup.py --sweep, BENCHMARKS.md 6): the defaults for prompt lookup.
+LOOKUP_MAX_NGRAM = 3
+LOOKUP_MIN_NGRAM = 1
+LOOKUP_TOKENS = 12  # most lookup drafts per forward (auto sends fewer when they are unlikely to pass)
+
+
+def resolve_draft(draft: str, has_adapter: bool, block_size: Optional[int], verify: bool) -> str:
+    """The draft source a request gets -> one of sbd / lookup / both / none (plain next-token decoding).
+
+    auto: block_size 1 asks for plain decoding; the lossy loop has only the mask block; otherwise auto (Drafter:
+    chosen per forward from measured costs, with the mask block only for a model with an SBD adapter)."""
+    if not isinstance(draft, str) or draft not in DRAFTS:
+        raise SBDError(f"draft must be one of {', '.join(DRAFTS)} (got {draft!r})")
+    if draft == "auto":
+        if block_size == 1:
+            return "none"
+        return "auto" if verify else "sbd"
+    if draft in ("lookup", "both") and not verify:
+        raise SBDError(f"draft={draft} needs verified decoding: lookup drafts are guesses the causal rows must check "
+                       "(drop --lossy / verify=False)")
+    if draft in ("sbd", "both") and block_size == 1:
+        raise SBDError(f"draft={draft} needs a mask block: block_size must be >= 2 (got 1)")
+    if draft == "none" and not verify:
+        raise SBDError("draft=none is plain next-token decoding; the lossy loop needs the mask block (draft=sbd)")
+    return draft
+
+
+class PromptLookup:
+    """Drafts from the conversation itself: the continuation of the most recent earlier occurrence of its longest
+    suffix n-gram. The n-gram index grows with the conversation (each token is indexed once), so a proposal costs
+    O(new tokens x n), not a scan of the whole context."""
+
+    def __init__(self, max_ngram: int = LOOKUP_MAX_NGRAM, min_ngram: int = LOOKUP_MIN_NGRAM,
+                 max_tokens: int = LOOKUP_TOKENS):
+        if not 1 <= min_ngram <= max_ngram:
+            raise SBDError(f"lookup n-gram sizes need 1 <= min <= max (got {min_ngram}, {max_ngram})")
+        self.max_ngram, self.min_ngram, self.max_tokens = max_ngram, min_ngram, max_tokens
+        self.index: Dict[int, Dict[Tuple[int, ...], int]] = {n: {} for n in range(min_ngram, max_ngram + 1)}
+        self.indexed = 0  # n-grams ending before this position are in the index
+        self.matched = 0  # the n of the last proposal's match (0: none)
+
+    def propose(self, tokens: Sequence[int], limit: Optional[int] = None) -> List[int]:
+        """Up to `limit` (default max_tokens) drafts to follow `tokens`, which must extend the tokens of the previous
+        call (the conversation only grows during one generation); [] when no suffix n-gram occurred before."""
+        limit = self.max_tokens if limit is None else min(limit, self.max_tokens)
+        L = len(tokens)
+        if L - 1 < self.indexed:  # shorter than before: not the same conversation, start over
+            self.__init__(self.max_ngram, self.min_ngram, self.max_tokens)
+        # Index n-grams ending at every position but the last: the suffix must match an *earlier* occurrence.
+        for end in range(self.indexed, L - 1):
+            for n, grams in self.index.items():
+                if end + 1 >= n:
+                    grams[tuple(tokens[end + 1 - n : end + 1])] = end  # later occurrences overwrite: most recent
+        self.indexed = max(self.indexed, L - 1)
+        if limit <= 0:
+            self.matched = 0
+            return []
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if L >= n:
+                end = self.index[n].get(tuple(tokens[L - n :]))
+                if end is not None:
+                    self.matched = n
+                    return list(tokens[end + 1 : end + 1 + limit])
+        self.matched = 0
+        return []
+
+
+# Prior acceptance rates, measured on the development prompts of scripts/bench_lookup.py (SmolLM2, n-gram sizes
+# 1-3): a lookup draft's first token passes ~20% of the time after a 1-gram match, ~45% after a 2-gram, ~80% after
+# a 3-gram; once the first passed, the next ones pass ~80% of the time whatever the match. The mask block's are
+# unknown until seen (1/2). Each prior weighs as much as PRIOR_WEIGHT observed drafts.
+PRIORS = {("lookup", 1): (0.2, 0.8), ("lookup", 2): (0.45, 0.8), ("lookup", 3): (0.8, 0.8)}
+DEFAULT_PRIOR = (0.5, 0.5)
+PRIOR_WEIGHT = 4.0
+
+
+class Acceptance:
+    """Per draft position j: how often a draft at j was accepted when the drafts before it were, starting from a
+    prior (first position, later positions) that weighs PRIOR_WEIGHT observations."""
+
+    def __init__(self, prior=DEFAULT_PRIOR, size: int = 64):
+        first, rest = prior
+        self.tried = [PRIOR_WEIGHT] * size
+        self.passed = [PRIOR_WEIGHT * first] + [PRIOR_WEIGHT * rest] * (size - 1)
+
+    def record(self, drafted: int, accepted: int) -> None:
+        for j in range(min(accepted + (accepted < drafted), len(self.tried))):
+            self.tried[j] += 1
+            self.passed[j] += j < accepted
+
+    def expected(self, m: int) -> List[float]:
+        """[E accepted drafts if the first i are proposed, i = 0..m]: sums of products of the conditional rates."""
+        out, run, p = [0.0], 0.0, 1.0
+        for j in range(min(m, len(self.tried))):
+            p *= self.passed[j] / self.tried[j]
+            run += p
+            out.append(run)
+        return out
+
+
+class Drafter:
+    """The draft policy of one generation: which source's drafts the next verified forward carries, how many, and
+    whether it ends in a mask block.
+
+    Fixed modes: sbd (the mask block's drafts, block_size masks every forward), lookup (no mask block), both (the
+    mask block's drafts when valid, else lookup's). auto chooses per forward, from time(rows) measured on this device
+    (costs.row_cost) and the acceptance seen so far per source and draft position (for lookup, per matched n-gram
+    size: a 3-gram match is a stronger draft than a 1-gram one), the drafts and mask block that maximise expected
+    tokens per second:
+        rate(m, k) = (1 + A(m) + P_all(m) * gain(k)) / time(pending + m + k)
+    with A(m) the expected accepted drafts of the first m, P_all(m) the chance all m pass (only then the mask
+    block's guesses are the next drafts) and gain(k) what k masks' k-1 drafts add over lookup's next time. A source
+    the cost rules out is not tried again until its estimate says so: on a device where rows are nearly free
+    (a GPU at batch 1) drafts are long and the mask block always runs; on these CPUs only likely drafts are sent."""
+
+    def __init__(self, mode: str, lookup: Optional[PromptLookup] = None, has_adapter: bool = True, cost=None,
+                 block_size: int = 0):
+        self.mode = mode
+        uses_lookup = mode in ("lookup", "both", "auto")
+        self.lookup = lookup if lookup is not None or not uses_lookup else PromptLookup()
+        self.block_size = block_size if (mode in ("sbd", "both") or (mode == "auto" and has_adapter)) else 0
+        self.cost = cost
+        self.stats = {"sbd": [0, 0], "lookup": [0, 0]}
+        self.acceptance: Dict[object, Acceptance] = {}
+        self.last_key = None
+
+    @property
+    def mask_block(self) -> bool:
+        return self.block_size > 0
+
+    def propose(self, tokens: Sequence[int], masked: Optional[List[int]], limit: int) -> Tuple[List[int], str]:
+        """(drafts, source) for the forward after `tokens` in the fixed modes. `masked`: the mask block's drafts when
+        valid, else None."""
+        if masked and self.mode in ("sbd", "both", "auto"):
+            return masked[:limit], "sbd"
+        if self.lookup is not None:
+            return self.lookup.propose(tokens, limit), "lookup"
+        return [], "sbd"
+
+    def plan(self, tokens: Sequence[int], masked: Optional[List[int]], limit: int, pending: int,
+             room: int) -> Tuple[List[int], str, int]:
+        """(drafts, source, mask block size) of the next forward; `room` bounds drafts + masks."""
+        if self.mode != "auto" or self.cost is None:
+            drafts, source = self.propose(tokens, masked, limit)
+            self.last_key = source
+            return drafts, source, self.block_size
+        options = []
+        if masked:
+            options.append((masked[:limit], "sbd", "sbd"))
+        if self.lookup is not None:
+            drafts = self.lookup.propose(tokens, limit)
+            options.append((drafts, "lookup", ("lookup", self.lookup.matched)))
+        options = options or [([], "sbd", "sbd")]
+        sbd_gain = self._rate("sbd").expected(self.block_size - 1) if self.block_size else [0.0]
+        # what lookup would offer the next forward instead of the mask block's drafts: as much as it offers now
+        lookup_next = max((self._rate(key).expected(len(d))[-1] for d, src, key in options if src == "lookup"), default=0.0)
+        best = None
+        for drafts, source, key in options:
+            expected = self._rate(key).expected(len(drafts))
+            p_all = [1.0] + [self._all(key, i) for i in range(1, len(drafts) + 1)]
+            for m in range(len(drafts) + 1):
+                for k in sorted({0, min(self.block_size, room - m)}, reverse=True):  # a tie goes to the mask block:
+                    if k == 1 or (k and m >= limit):  # (its drafts are news the estimate cannot price yet)
+                        continue
+                    gain = max(0.0, sbd_gain[k - 1] - lookup_next) if k else 0.0
+                    rate = (1 + expected[m] + p_all[m] * gain) / self.cost(pending + m + k)
+                    if best is None or rate > best[0]:
+                        best = (rate, drafts[:m], source, k, key)
+        _, drafts, source, k, self.last_key = best
+        return drafts, source, k
+
+    def _rate(self, key) -> Acceptance:
+        if key not in self.acceptance:
+            n = key[1] if isinstance(key, tuple) else 0
+            self.acceptance[key] = Acceptance(PRIORS.get(("lookup", min(n, 3)), DEFAULT_PRIOR) if n else DEFAULT_PRIOR)
+        return self.acceptance[key]
+
+    def _all(self, key, m: int) -> float:
+        a = self._rate(key)
+        p = 1.0
+        for j in range(min(m, len(a.tried))):
+            p *= a.passed[j] / a.tried[j]
+        return p
+
+    def record(self, source: str, drafted: int, accepted: int) -> None:
+        s = self.stats[source]
+        s[0], s[1] = s[0] + drafted, s[1] + accepted
+        if drafted:
+            self._rate(self.last_key if self.last_key is not None else source).record(drafted, accepted)

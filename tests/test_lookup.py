@@ -1,0 +1,155 @@
+"""Prompt-lookup drafts (drafting.py) under the verifier: the n-gram search against a brute-force scan, greedy
+identity with mlx_lm on the base weights (with and without an SBD adapter, EOS inside a lookup draft), and the
+sampling distribution with one-hot drafts.
+"""
+
+import random
+
+import numpy as np
+
+import pytest
+
+import mlx_sbd
+from mlx_sbd.drafting import Drafter, PromptLookup, resolve_draft
+from mlx_sbd.errors import SBDError
+from test_verified import (PROMPTS, chi_square_p, exact_first_tokens, gated, mlx_lm_greedy, ours,  # noqa: F401
+                           sampled_first_tokens, small_vocab)
+
+REPEATING = [10, 20, 30, 11, 21, 31, 12, 10, 20, 30, 11, 21, 31, 12, 10, 20]
+
+
+def brute_force_lookup(tokens, max_ngram, min_ngram, limit):
+    """The definition, by scanning: the longest suffix n-gram's most recent occurrence that ends before the last
+    token, and what followed it."""
+    L = len(tokens)
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if L < n:
+            continue
+        suffix = tokens[L - n :]
+        for start in range(L - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                return tokens[start + n : start + n + limit]
+    return []
+
+
+@pytest.mark.parametrize("alphabet,max_ngram,min_ngram", [(3, 3, 1), (5, 4, 2), (40, 2, 1)])
+def test_lookup_matches_a_brute_force_scan(alphabet, max_ngram, min_ngram):
+    rng = random.Random(alphabet)
+    for trial in range(20):
+        lookup = PromptLookup(max_ngram, min_ngram, max_tokens=5)
+        tokens = [rng.randrange(alphabet) for _ in range(rng.randrange(1, 8))]
+        while len(tokens) < 120:  # grows as a conversation does: sometimes by one token, sometimes by several
+            limit = rng.randrange(0, 7)
+            assert lookup.propose(tokens, limit) == brute_force_lookup(tokens, max_ngram, min_ngram, min(limit, 5))
+            tokens = tokens + [rng.randrange(alphabet) for _ in range(rng.randrange(1, 4))]
+    assert lookup.propose(tokens[:3]) == brute_force_lookup(tokens[:3], max_ngram, min_ngram, 5)  # a new conversation
+
+
+def test_resolve_draft():
+    assert resolve_draft("auto", True, None, True) == "auto"
+    assert resolve_draft("auto", False, 8, True) == "auto"
+    assert resolve_draft("auto", True, 1, True) == "none"
+    assert resolve_draft("auto", True, None, False) == "sbd"
+    assert resolve_draft("lookup", True, 1, True) == "lookup"
+    for bad, kw in [("typo", {}), ("lookup", dict(verify=False)), ("both", dict(block_size=1)), (3, {})]:
+        args = dict(has_adapter=True, block_size=None, verify=True) | kw
+        with pytest.raises(SBDError, match="draft"):
+            resolve_draft(bad, **args)
+
+
+@pytest.mark.parametrize("draft", ["lookup", "both", "sbd", "auto"])
+def test_greedy_equals_mlx_lm_with_lookup_drafts(gated, draft):
+    base, _, model, tokenizer = gated
+    hits = 0
+    for ids in PROMPTS + [REPEATING]:
+        got, last = ours(model, tokenizer, ids, max_tokens=40, block_size=8, gamma=float("inf"), draft=draft)
+        assert got == mlx_lm_greedy(base, ids, 40, tokenizer.eos_token_ids)
+        hits += last.accepted
+    if draft != "sbd":  # the random mask block never drafts right; lookup does where the text repeats
+        assert hits > 0  # some drafts passed, so acceptance (not only rejection) was exercised
+
+
+def test_plain_model_decodes_with_lookup_by_default(gated):
+    """A model without an SBD adapter gets prompt lookup (auto), lossless, and drafts on text that repeats."""
+    base, _, _, tokenizer = gated
+    model, _ = mlx_sbd.load(base, adapter_path=False)
+    for ids in PROMPTS + [REPEATING]:
+        for n in (1, 2, 7, 40):
+            got, last = ours(model, tokenizer, ids, max_tokens=n, draft="auto")
+            assert got == mlx_lm_greedy(base, ids, n, tokenizer.eos_token_ids)
+    assert last.drafted > 0 and last.accepted > 0
+
+
+def accepted_draft_tokens(model, tokenizer, ids, n):
+    """(output, {index in output: True} for tokens that came from an accepted lookup draft)."""
+    out, from_draft = [], set()
+    for r in mlx_sbd.stream_generate(model, tokenizer, ids, max_tokens=n, draft="lookup"):
+        from_draft |= set(range(len(out), len(out) + len(r.tokens) - 1))  # all but the last: accepted drafts
+        out += r.tokens
+    return out, from_draft
+
+
+def test_eos_inside_a_lookup_draft_ends_the_answer_there(gated):
+    """EOS as a token that a lookup draft carries and the verifier accepts: the answer ends at it, as mlx_lm's."""
+    base, _, _, tokenizer = gated
+    model, _ = mlx_sbd.load(base, adapter_path=False)
+    rng = random.Random(1)
+    for _ in range(50):  # find a prompt (text repeating inside it) where a lookup draft carries a token's first use
+        ids = [rng.randrange(3, 60) for _ in range(5)]
+        ids = ids + mlx_lm_greedy(base, ids, 12) + [rng.randrange(3, 60)] + ids
+        out, from_draft = accepted_draft_tokens(model, tokenizer, ids, 30)
+        j = next((j for j in sorted(from_draft) if out[j] not in out[:j]), None)
+        if j is not None:
+            break
+    assert j is not None, "no prompt found whose lookup drafts carry a new token"
+    eos = out[j]
+    saved = tokenizer.eos_token_ids
+    try:
+        tokenizer.eos_token_ids = {eos}
+        got, last = ours(model, tokenizer, ids, max_tokens=30, draft="lookup")
+        got_auto, _ = ours(model, tokenizer, ids, max_tokens=30, draft="auto")
+    finally:
+        tokenizer.eos_token_ids = saved
+    assert got == got_auto == mlx_lm_greedy(base, ids, 30, {eos}) == out[:j] and last.finish_reason == "stop"
+
+
+def test_auto_follows_the_cost_of_rows():
+    """auto's choice against the rate rule written out by hand: rows free -> every draft and the mask block; rows
+    costly -> no weak draft until drafts of that kind have been seen to pass, then the drafts."""
+    from mlx_sbd.drafting import PRIOR_WEIGHT, PRIORS
+
+    tokens = [1, 2, 3, 4, 9, 1, 2, 3]  # the 3-gram 1 2 3 occurred before: lookup proposes 4 9 1 2 3
+    free = Drafter("auto", has_adapter=True, cost=lambda rows: 1.0, block_size=4)
+    assert free.plan(tokens, None, 10, 1, 100) == ([4, 9, 1, 2, 3], "lookup", 4)
+    cost = lambda rows: 1 + 0.6 * (rows - 1)  # noqa: E731  (steep: a CPU is ~0.05-0.25 per extra row)
+    weak = [5, 7, 8, 5]  # only the 1-gram 5 occurred before: lookup proposes 7 8 5, a weak draft
+    steep = Drafter("auto", has_adapter=False, cost=cost, block_size=4)
+    assert steep.plan(weak, None, 10, 1, 100) == ([], "lookup", 0)
+    for _ in range(20):
+        steep.last_key = ("lookup", 1)
+        steep.record("lookup", 5, 5)  # 1-gram drafts keep passing
+    drafts, _, k = steep.plan(weak, None, 10, 1, 100)
+    first, rest = PRIORS[("lookup", 1)]
+    a = [(PRIOR_WEIGHT * first + 20) / (PRIOR_WEIGHT + 20)] + [(PRIOR_WEIGHT * rest + 20) / (PRIOR_WEIGHT + 20)] * 2
+    rates = [(1 + sum(np.prod(a[:i]) for i in range(1, m + 1))) / cost(1 + m) for m in range(4)]
+    assert k == 0 and len(drafts) == int(np.argmax(rates)) == 3
+
+
+def test_drafter_takes_the_mask_blocks_drafts_when_valid():
+    d = Drafter("both")
+    assert d.propose([1, 2, 1], [7, 8, 9], 2) == ([7, 8], "sbd")
+    assert d.propose([1, 2, 1], None, 5) == ([2, 1], "lookup")
+    assert Drafter("sbd").propose([1, 2, 1], None, 5) == ([], "sbd")
+    assert Drafter("lookup").propose([1, 2, 1], [7], 5) == ([2, 1], "lookup")
+
+
+@pytest.mark.parametrize("draft", ["lookup", "both", "auto"])
+def test_lookup_sampling_keeps_the_distribution(small_vocab, draft):
+    """One-hot lookup drafts (q = 1 at the draft): 3000 draws of the first 3 tokens against the exact distribution.
+    The prompt repeats, so lookup proposes from the first forward on."""
+    model, tokenizer = small_vocab
+    ids = [4, 5, 6, 4, 5, 6, 4, 5]
+    probs = exact_first_tokens(model, ids, 3, temp=1.0)
+    counts = sampled_first_tokens(model, tokenizer, ids, 3, 3000, 1.0, block_size=4, gamma=float("inf"), draft=draft)
+    p, chi2 = chi_square_p(counts, probs, 3000)
+    assert p > 1e-3, f"chi2 {chi2:.1f}, p {p:.2g}"
