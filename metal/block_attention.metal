@@ -1,7 +1,11 @@
-// SBD decode-step attention: the body of an mx.fast.metal_kernel (MLX generates the signature).
+// SBD attention for decode and verified forwards: the body of an mx.fast.metal_kernel (MLX generates the
+// signature).
 //
-// New query t (absolute position offset + t) may attend key j iff j <= offset + t or t >= causal_point
-// (SBD_METHOD.md section 3), so the mask is two scalars, never an array.
+// New query row t may attend key j iff j < visible[t] or lo[t] <= j < hi[t]: a visible prefix plus the row's own
+// mask block (lo = hi for causal rows), three int32 arrays of length q_len instead of a [q_len, n_keys] mask.
+// Every layout is of this form (masks.span_mask): the decode step (SBD_METHOD.md section 3: visible = offset+t+1
+// before causal_point, n_keys from it on) and pre-drafting's blocks at shared positions (masks.predraft_spans).
+// A row must see at least one key overall; one that sees none gets 0 (SDPA's output is undefined there).
 //
 // Launch (mlx_sbd/metal_kernel.py): threadgroups of 4 simdgroups x 32 lanes;
 //   threadgroup_position_in_grid.x = tile of 32 rows, .y = batch * Hkv + kv head, .z = key split.
@@ -10,7 +14,7 @@
 // a time: lane = key for the scores, lane = head dims for P.V. Online softmax in float32.
 // Outputs per split: out [splits, B, Hq, T, D] (normalised by the split's own sum) and
 // lse [splits, B, Hq, T] (log-sum-exp of the scaled scores); the wrapper merges the splits.
-// Inputs q, k, v are read through their strides (ensure_row_contiguous=False): k/v are cache views.
+// Inputs are read through their strides (ensure_row_contiguous=False): k/v are cache views.
 // Only simdgroup-level synchronisation is used, so an idle simdgroup may return early.
 // Stay inside the MSL subset emulated by tests/metal_emulator/msl_shim.h.
 
@@ -46,17 +50,21 @@ const int chunk = ((n_keys + n_splits - 1) / n_splits + 31) / 32 * 32;
 const int key_begin = split * chunk;
 const int key_end = min(key_begin + chunk, n_keys);
 
-// Per row: its query head, token, and the last key it may attend.
+// Per row: its query head, token, and the keys it may attend: [0, row_visible) and [row_lo, row_hi).
 const int qs = sg * ROWS * D;  // this simdgroup's slices of q_tile and p_tile
 const int ps = sg * ROWS * 32;
 int head[ROWS];
 int tok[ROWS];
-int last_key[ROWS];
+int row_visible[ROWS];
+int row_lo[ROWS];
+int row_hi[ROWS];
 for (int r = 0; r < ROWS; r++) {
   const int row = min(row0 + r, n_rows - 1);  // padding rows repeat the last row and are never written
   head[r] = kv_head * group + row / q_len;
   tok[r] = row % q_len;
-  last_key[r] = tok[r] >= causal_point ? n_keys - 1 : offset + tok[r];
+  row_visible[r] = visible[tok[r] * visible_strides[0]];
+  row_lo[r] = lo[tok[r] * lo_strides[0]];
+  row_hi[r] = hi[tok[r] * hi_strides[0]];
   const int64_t q_base = b * q_strides[0] + head[r] * q_strides[1] + tok[r] * q_strides[2];
   for (int d = lane; d < D; d += 32) {
     q_tile[qs + r * D + d] = scale * static_cast<float>(q[q_base + d * q_strides[3]]);
@@ -95,7 +103,7 @@ for (int j0 = key_begin; j0 < key_end; j0 += 32) {
   }
   // Online softmax update; masked keys get probability exactly 0.
   for (int r = 0; r < ROWS; r++) {
-    const bool allowed = j < key_end && j <= last_key[r];
+    const bool allowed = j < key_end && (j < row_visible[r] || (j >= row_lo[r] && j < row_hi[r]));
     const float m_new = metal::max(m[r], simd_max(allowed ? s[r] : NEG));
     const float p = allowed ? metal::exp(s[r] - m_new) : 0.0f;
     const float correction = metal::exp(m[r] - m_new);
@@ -121,7 +129,8 @@ for (int j0 = key_begin; j0 < key_end; j0 += 32) {
   simdgroup_barrier(mem_flags::mem_threadgroup);
 }
 
-// A row with no allowed key in this split (l = 0) gets weight exp(NEG - max) = 0 in the merge.
+// A row with no allowed key in this split (l = 0; with two key ranges any split may be one) writes out = 0 and
+// lse = NEG, so the merge gives it weight exp(NEG - max) = 0 beside a split with allowed keys.
 for (int r = 0; r < ROWS && row0 + r < n_rows; r++) {
   const int64_t row_index = ((int64_t(split) * n_batch + b) * n_q_heads + head[r]) * q_len + tok[r];
   const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;

@@ -1,8 +1,10 @@
-"""Attention for the SBD forward: arbitrary boolean masks, and the block-masked decode step.
+"""Attention for the SBD forward: arbitrary boolean masks, the block-masked decode step and verified layouts.
 
-The decode step's mask depends on two scalars only (`offset`, `causal_point`, see masks.inference_mask). On a
-Mac the custom Metal kernel computes it without materialising the mask; everywhere else (and for shapes the
-kernel does not cover) mx.fast.scaled_dot_product_attention runs with the equivalent boolean mask.
+The lossy decode step's mask depends on two scalars (`offset`, `causal_point`, see masks.inference_mask); a
+verified layout's (pre-drafting's several blocks at shared positions) on three per-row arrays (SpanMask: a visible
+prefix and the row's own block span, masks.span_mask). On a Mac the custom Metal kernel computes both without
+materialising the mask; everywhere else (and for shapes the kernel does not cover)
+mx.fast.scaled_dot_product_attention runs with the equivalent boolean mask.
 """
 
 from dataclasses import dataclass
@@ -10,8 +12,8 @@ from typing import Union
 
 import mlx.core as mx
 
-from .masks import inference_mask
-from .metal_kernel import metal_block_attention
+from .masks import inference_mask, span_mask
+from .metal_kernel import metal_block_attention, metal_span_attention
 
 
 @dataclass(frozen=True)
@@ -21,13 +23,30 @@ class BlockMask:
     causal_point: int
 
 
-Mask = Union[None, str, mx.array, BlockMask]
+@dataclass(frozen=True)
+class SpanMask:
+    """A verified forward's mask in per-row form (masks.span_mask): row t sees keys j < visible[t] and keys in
+    [lo[t], hi[t]). `dense` is the same mask as a boolean array [T, S], built once per forward, for SDPA."""
+
+    visible: mx.array
+    lo: mx.array
+    hi: mx.array
+    dense: mx.array
+
+
+def make_span_mask(visible: mx.array, lo: mx.array, hi: mx.array, n_keys: int) -> SpanMask:
+    return SpanMask(visible, lo, hi, span_mask(visible, lo, hi, n_keys))
+
+
+Mask = Union[None, str, mx.array, BlockMask, SpanMask]
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
     """q: [B, Hq, T, D]; k, v: [B, Hkv, S, D] (cache + new keys). Returns [B, Hq, T, D]."""
     if isinstance(mask, BlockMask):
         return block_attention(q, k, v, scale, k.shape[2] - q.shape[2], mask.causal_point)
+    if isinstance(mask, SpanMask):
+        return span_attention(q, k, v, scale, mask)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
@@ -38,3 +57,11 @@ def block_attention(q, k, v, scale: float, offset: int, causal_point: int) -> mx
         return out
     mask = inference_mask(q.shape[2], offset, causal_point)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def span_attention(q, k, v, scale: float, mask: SpanMask) -> mx.array:
+    """Verified-forward attention: row t sees keys j < visible[t] and lo[t] <= j < hi[t] (masks.span_mask)."""
+    out = metal_span_attention(q, k, v, scale, mask.visible, mask.lo, mask.hi)
+    if out is not None:
+        return out
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask.dense)

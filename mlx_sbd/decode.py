@@ -30,10 +30,11 @@ from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
-from .attention import BlockMask
+from .attention import BlockMask, make_span_mask
 from .costs import cached_row_cost
 from .drafting import Drafter, PromptLookup
 from .errors import SBDError
+from .masks import predraft_spans
 from .model import MASK_ID, SBDModel
 from .samplers import entropy
 
@@ -102,10 +103,11 @@ def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_
                  gamma: float, select: Callable, sample: Callable, temp: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, ntp_first: bool = True, max_tokens: int, max_length: int, eos_ids: Sequence[int],
                  prefill_step_size: int = 512, draft: Optional[str] = None,
-                 lookup: Optional[PromptLookup] = None) -> Iterator[Step]:
+                 lookup: Optional[PromptLookup] = None, layout: str = "auto") -> Iterator[Step]:
     """Prefill the prompt `ids` now (the caller times it), then return the decoding's steps: plain next-token
     decoding (draft "none"), else verified decoding with drafts from `draft` (drafting.resolve_draft: sbd, lookup,
-    both) or (verify=False) the paper's lossy loop. draft=None: "none" for block_size 1, else "sbd". `sample` is
+    both, auto) or (verify=False) the paper's lossy loop. draft=None: "none" for block_size 1, else "sbd". `layout`:
+    one mask block after the drafts (linear), one after each (predraft), or auto's choice. `sample` is
     the token sampler (samplers.make_token_sampler) of the plain and lossy paths; verified decoding needs the
     distribution itself, so it takes temp / top_p / top_k."""
     common = dict(max_tokens=max_tokens, max_length=max_length, eos_ids=set(eos_ids))
@@ -120,7 +122,8 @@ def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_
                            "trimmed (a rotating or quantized cache past its size); use a cache from make_prompt_cache")
         prefill(model, cache, ids, prefill_step_size, keep=1)
         cost = cached_row_cost(model) if draft == "auto" else None
-        drafter = Drafter(draft, lookup, has_adapter=model.sbd is not None, cost=cost, block_size=block_size)
+        drafter = Drafter(draft, lookup, has_adapter=model.sbd is not None, cost=cost, block_size=block_size,
+                          layout=layout)
         return verified_steps(model, cache, drafter, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k, **common)
     if ntp_first:
         head, first = prefill_prompt(model, cache, ids, block_size, prefill_step_size)
@@ -158,24 +161,43 @@ def draft_length(logits: mx.array, gamma: float) -> mx.array:
 
 
 def verify_step(model: SBDModel, cache: SBDCache, inputs: mx.array, m: int, k: int, q: Optional[mx.array], *,
-                gamma: float, temp: float, top_p: float, top_k: int):
-    """One verified forward over `inputs` = [tokens not in the cache (x last)] + m drafts + k masks.
+                gamma: float, temp: float, top_p: float, top_k: int, predraft: bool = False):
+    """One verified forward over `inputs` = [tokens not in the cache (x last)] + m drafts + mask blocks of k: one
+    after the drafts (the linear layout), or with `predraft` m + 1, block i after d_i (masks.predraft_spans), so the
+    next drafts exist whatever the verifier accepts.
 
     Returns (result, q_next), all lazy: result = [a, n, d1..dm, t, e1..e(k-1)] int32, with a the accepted drafts,
-    t the token after them, e the next drafts of which n are proposed; q_next [k-1, V] the probabilities the e were
-    drawn from (None when greedy). q [m, V]: what the drafts were drawn from (None when greedy: one-hot). The cache
-    grows by every row; the caller trims what was not accepted."""
+    t the token after them, e the next drafts of which n are proposed (from the block after d_a); q_next [k-1, V]
+    the probabilities the e were drawn from (None when greedy). q [m, V]: what the drafts were drawn from (None
+    when greedy: one-hot). The cache grows by every row; the caller trims what was not accepted."""
     rows = inputs.shape[0]
-    mask = BlockMask(causal_point=rows - k) if k else "causal"
-    h = model.forward(inputs[None], mask=mask, cache=cache.layers, return_hidden=True, mask_rows=k)[0]
-    c = rows - k  # first mask row
-    logits = model.logits(mx.concatenate([h[c - m - 1 : c], h[c + 1 :]]))  # rows x, d1..dm and M2..Mk only
-    causal, masked = logits[: m + 1], logits[m + 1 :]
+    blocks = (m + 1 if predraft else 1) if k else 0
+    c = rows - blocks * k  # first mask row
+    positions = None
+    if blocks > 1:
+        positions, visible, lo, hi = predraft_spans(cache.offset, c - m, m, k)
+        mask = make_span_mask(visible, lo, hi, cache.offset + rows)
+    else:
+        mask = BlockMask(causal_point=c) if k else "causal"
+    h = model.forward(inputs[None], positions=positions, mask=mask, cache=cache.layers, return_hidden=True,
+                      mask_rows=blocks * k)[0]
+    if blocks > 1:  # the block after d_a, once a is known (on the device: no sync)
+        causal = model.logits(h[c - m - 1 : c])
+    else:
+        logits = model.logits(mx.concatenate([h[c - m - 1 : c], h[c + 1 :]]))  # rows x, d1..dm and M2..Mk only
+        causal, masked = logits[: m + 1], logits[m + 1 :]
     drafts = inputs[c - m : c]
+
+    def after(a):  # logits of the next drafts' rows: M2..Mk of the block that assumed a accepted drafts
+        if blocks <= 1:
+            return masked
+        return model.logits(mx.take(h[c:].reshape(blocks, k, -1), a, axis=0)[1:])
+
     if temp == 0:
         targets = causal.argmax(axis=-1).astype(mx.int32)  # [m+1]: the causal path's token at each position
         a = mx.cumprod(targets[:m] == drafts).sum() if m else mx.array(0)
         t = targets[a]
+        masked = after(a) if k else causal[:0]
         e = masked.argmax(axis=-1).astype(mx.int32) if k else mx.zeros((0,), mx.int32)
         q_next = None
     else:
@@ -188,6 +210,7 @@ def verify_step(model: SBDModel, cache: SBDCache, inputs: mx.array, m: int, k: i
         else:
             a, residual = mx.array(0), p
         t = mx.random.categorical(mx.log(residual[a]))  # categorical normalises norm(max(0, p - q)) itself
+        masked = after(a) if k else causal[:0]
         if k:
             q_next = filtered_probs(masked, temp, top_p, top_k)
             e = mx.random.categorical(mx.log(q_next)).astype(mx.int32)
@@ -210,28 +233,33 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
     vocab = model.args.vocab_size
 
     def launch(masked: Optional[List[int]], q_masked: Optional[mx.array]):
-        """Build and start the next forward -> (result, q_next, m, k, rows, source), or None when nothing is left."""
+        """Build and start the next forward -> (result, q_next, m, mask rows, rows, source, predraft), or None when
+        nothing is left to do."""
         left, room = max_tokens - produced, max_length - cache.offset - len(cache.pending)
         if left <= 0 or room <= 0:
             return None
         # drafts past the budget or the context are never needed
-        drafts, source, k = drafter.plan(cache.tokens, masked, min(left - 1, room - 1), len(cache.pending), room)
+        drafts, source, k, predraft = drafter.plan(cache.tokens, masked, min(left - 1, room - 1), len(cache.pending),
+                                                   room)
         m = len(drafts)
-        k = min(k, room - m)
+        k = min(k, room - m)  # block i's masks reach position m_i + k at most: room - m bounds every block
         k = k if k >= 2 and left - m > 1 else 0  # no mask block when its drafts could not be used
+        predraft = predraft and k > 0 and m > 0
         q = None
         if temp > 0 and m:  # what the drafts were drawn from: the masked marginals, or one-hot for a lookup token
             q = q_masked[:m] if source == "sbd" else (mx.arange(vocab)[None] == mx.array(drafts)[:, None]).astype(mx.float32)
-        inputs = mx.array(cache.pending + drafts + [MASK_ID] * k, mx.int32)
+        mask_rows = (m + 1 if predraft else 1) * k
+        inputs = mx.array(cache.pending + drafts + [MASK_ID] * mask_rows, mx.int32)
         with mx.stream(generation_stream):
-            result, q_next = verify_step(model, cache, inputs, m, k, q, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k)
+            result, q_next = verify_step(model, cache, inputs, m, k, q, gamma=gamma, temp=temp, top_p=top_p,
+                                         top_k=top_k, predraft=predraft)
         mx.async_eval(result, *([] if q_next is None else [q_next]))
-        return result, q_next, m, k, inputs.shape[0], source
+        return result, q_next, m, mask_rows, inputs.shape[0], source, predraft
 
     flight = launch(None, None)
     try:
         while flight is not None:
-            result, q_next, m, k, _, source = flight
+            result, q_next, m, mask_rows, _, source, predraft = flight
             flight = None
             r = result.tolist()  # the one host sync per forward
             a, n, t, e = r[0], r[1], r[2 + m], r[3 + m :]
@@ -243,16 +271,18 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
             # most left - 1 drafts, so a forward never yields more than what is left.)
             end = len(new) if stop is None else stop + 1
             new = new[:end]
-            # Keep K/V of the accepted drafts up to `end`; drop the rejected drafts, the mask block and the rest.
-            trim_prompt_cache(cache.layers, (m - a) + k + (a - min(end, a)))
+            # Keep K/V of the accepted drafts up to `end`; drop the rejected drafts, the mask blocks and the rest.
+            trim_prompt_cache(cache.layers, (m - a) + mask_rows + (a - min(end, a)))
             cache.pending = [t] if end == a + 1 else []  # t is committed; its K/V come with the next forward
             cache.tokens += new
             produced += len(new)
             if stop is not None:
                 yield Step(new[:-1], nfe, drafted, accepted, "stop")
                 return
-            full = a == m and k > 0  # the mask block assumed every draft: its guesses are drafts only then
-            flight = launch(e[:n] if full else None, q_next if full else None)
+            # the mask block's guesses assumed the drafts before it: with one block they are drafts only when all
+            # passed; with pre-drafting the block after d_a was chosen on the device
+            valid = mask_rows > 0 and (predraft or a == m)
+            flight = launch(e[:n] if valid else None, q_next if valid else None)
             yield Step(new, nfe, drafted, accepted)
         yield Step([], nfe, drafted, accepted, "length")
     finally:

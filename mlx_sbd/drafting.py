@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .errors import SBDError
 
 DRAFTS = ("auto", "sbd", "lookup", "both", "none")
+LAYOUTS = ("linear", "predraft", "auto")  # one mask block after the drafts, or one after each (decode.verify_step)
 
 # Measured (scripts/bench_lookup.py --sweep, BENCHMARKS.md 6): the defaults for prompt lookup.
 LOOKUP_MAX_NGRAM = 3
@@ -137,8 +138,10 @@ class Drafter:
     (a GPU at batch 1) drafts are long and the mask block always runs; on these CPUs only likely drafts are sent."""
 
     def __init__(self, mode: str, lookup: Optional[PromptLookup] = None, has_adapter: bool = True, cost=None,
-                 block_size: int = 0):
-        self.mode = mode
+                 block_size: int = 0, layout: str = "linear"):
+        if layout not in LAYOUTS:
+            raise SBDError(f"layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
+        self.mode, self.layout = mode, layout
         uses_lookup = mode in ("lookup", "both", "auto")
         self.lookup = lookup if lookup is not None or not uses_lookup else PromptLookup()
         self.block_size = block_size if (mode in ("sbd", "both") or (mode == "auto" and has_adapter)) else 0
@@ -161,12 +164,12 @@ class Drafter:
         return [], "sbd"
 
     def plan(self, tokens: Sequence[int], masked: Optional[List[int]], limit: int, pending: int,
-             room: int) -> Tuple[List[int], str, int]:
-        """(drafts, source, mask block size) of the next forward; `room` bounds drafts + masks."""
+             room: int) -> Tuple[List[int], str, int, bool]:
+        """(drafts, source, mask block size, pre-drafting) of the next forward; `room` bounds drafts + masks."""
         if self.mode != "auto" or self.cost is None:
             drafts, source = self.propose(tokens, masked, limit)
             self.last_key = source
-            return drafts, source, self.block_size
+            return drafts, source, self.block_size, self.layout == "predraft"  # fixed modes: auto layout = linear
         options = []
         if masked:
             options.append((masked[:limit], "sbd", "sbd"))
@@ -177,20 +180,25 @@ class Drafter:
         sbd_gain = self._rate("sbd").expected(self.block_size - 1) if self.block_size else [0.0]
         # what lookup would offer the next forward instead of the mask block's drafts: as much as it offers now
         lookup_next = max((self._rate(key).expected(len(d))[-1] for d, src, key in options if src == "lookup"), default=0.0)
+        layouts = {"linear": [False], "predraft": [True], "auto": [False, True]}[self.layout]
         best = None
         for drafts, source, key in options:
             expected = self._rate(key).expected(len(drafts))
             p_all = [1.0] + [self._all(key, i) for i in range(1, len(drafts) + 1)]
             for m in range(len(drafts) + 1):
-                for k in sorted({0, min(self.block_size, room - m)}, reverse=True):  # a tie goes to the mask block:
-                    if k == 1 or (k and m >= limit):  # (its drafts are news the estimate cannot price yet)
+                # a tie goes to the mask block (its drafts are news the estimate cannot price yet)
+                for k in sorted({0, min(self.block_size, room - m)}, reverse=True):
+                    if k == 1 or (k and m >= limit):
                         continue
                     gain = max(0.0, sbd_gain[k - 1] - lookup_next) if k else 0.0
-                    rate = (1 + expected[m] + p_all[m] * gain) / self.cost(pending + m + k)
-                    if best is None or rate > best[0]:
-                        best = (rate, drafts[:m], source, k, key)
-        _, drafts, source, k, self.last_key = best
-        return drafts, source, k
+                    for predraft in (layouts if k and m else [False]):
+                        # pre-drafting: m + 1 blocks, and the next drafts exist whatever passes
+                        rows = pending + m + (m + 1 if predraft else 1) * k
+                        rate = (1 + expected[m] + (1.0 if predraft else p_all[m]) * gain) / self.cost(rows)
+                        if best is None or rate > best[0]:
+                            best = (rate, drafts[:m], source, k, key, predraft)
+        _, drafts, source, k, self.last_key, predraft = best
+        return drafts, source, k, predraft
 
     def _rate(self, key) -> Acceptance:
         if key not in self.acceptance:

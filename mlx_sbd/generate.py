@@ -16,7 +16,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream, wired_limit
 
 from .decode import SBDCache, decode_steps, make_prompt_cache
-from .drafting import PromptLookup, resolve_draft
+from .drafting import LAYOUTS, PromptLookup, resolve_draft
 from .errors import SBDError
 from .model import SBDModel
 from .samplers import make_selector, make_token_sampler
@@ -98,6 +98,7 @@ def stream_generate(
     verify: bool = True,
     draft: str = "auto",
     lookup: Optional[PromptLookup] = None,
+    layout: str = "auto",
 ) -> Iterator[GenerationResponse]:
     """Yield GenerationResponse chunks as tokens are finalised (several per forward with SBD).
 
@@ -110,8 +111,13 @@ def stream_generate(
 
     `draft` (verified decoding): where drafts come from, "sbd" (the mask block), "lookup" (prompt lookup: n-grams
     of the prompt and answer, no adapter needed; `lookup` sets its sizes), "both", "none" (plain next-token
-    decoding) or "auto" (drafting.resolve_draft: both with an SBD adapter, lookup without; block_size=1 is none)."""
+    decoding) or "auto" (the default: source, number of drafts and mask block chosen per forward from time(rows)
+    measured on this device and the acceptance seen so far; the mask block only with an SBD adapter; block_size=1
+    is none). `layout`: "linear" (one mask block after the drafts), "predraft" (one after each draft, so the next
+    drafts exist whatever passes; more rows) or "auto" (auto chooses; fixed draft modes use linear)."""
     draft = resolve_draft(draft, model.sbd is not None, block_size, verify)
+    if layout not in LAYOUTS:
+        raise SBDError(f"layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
     block_size, gamma = default_settings(model, block_size, gamma)
     check_settings(max_tokens, block_size, gamma)
     select = make_selector(selector, gamma if not verify else 0.0)  # verified decoding drafts by gamma, selects nothing
@@ -136,7 +142,8 @@ def stream_generate(
         steps = decode_steps(model, cache, ids, block_size=block_size, verify=verify, gamma=gamma, select=select,
                              sample=sample, temp=temp, top_p=top_p, top_k=top_k, ntp_first=ntp_first, max_tokens=max_tokens,
                              max_length=max_length, eos_ids=list(tokenizer.eos_token_ids),
-                             prefill_step_size=prefill_step_size, draft=draft, lookup=lookup)
+                             prefill_step_size=prefill_step_size, draft=draft, lookup=lookup,
+                             layout=layout)
         prompt_tps = len(ids) / max(time.perf_counter() - tic, 1e-9)
 
         detokenizer = tokenizer.detokenizer

@@ -43,3 +43,32 @@ def inference_mask(q_len: int, offset: int, causal_point: int) -> mx.array:
     i = mx.arange(q_len)[:, None]
     j = mx.arange(offset + q_len)[None, :]
     return (j <= offset + i) | (i >= causal_point)
+
+
+def span_mask(visible: mx.array, lo: mx.array, hi: mx.array, n_keys: int) -> mx.array:
+    """Mask [T, n_keys] of a verified forward in per-row form: query row t sees keys j < visible[t] (its causal
+    prefix) and keys lo[t] <= j < hi[t] (its own mask block; lo = hi for causal rows). Every verified layout is
+    of this form: the linear one (masks after the drafts) and pre-drafting's blocks at shared positions."""
+    j = mx.arange(n_keys)[None, :]
+    return (j < visible[:, None]) | ((j >= lo[:, None]) & (j < hi[:, None]))
+
+
+def predraft_spans(offset: int, pending: int, m: int, k: int):
+    """Pre-drafting's layout (TiDAR; VERIFIED_SBD.md 2): rows = `pending` tokens (x last) + m drafts d1..dm +
+    m + 1 blocks of k masks, block i placed after d_i (block 0 right after x), as if exactly i drafts pass.
+
+    Returns (positions [T], visible [T], lo [T], hi [T]) as int32 arrays, for keys = the `offset` cached tokens
+    followed by the T rows: a causal row sees the cache and the rows up to itself; block i sees the cache, the
+    pending tokens and d1..di, and its own k keys (bidirectionally). Block i's j-th mask sits at the position of
+    the (i + j + 1)-th token after x, so blocks share positions."""
+    c = pending + m  # causal rows
+    T = c + (m + 1) * k
+    t = mx.arange(T)
+    block = mx.maximum(t - c, 0) // max(k, 1)  # the block a mask row is in (0 for causal rows, unused there)
+    inside = mx.maximum(t - c, 0) % max(k, 1)
+    is_mask = t >= c
+    positions = offset + mx.where(is_mask, pending + block + inside, t)
+    visible = offset + mx.where(is_mask, pending + block, t + 1)
+    lo = mx.where(is_mask, offset + c + block * k, 0)
+    hi = mx.where(is_mask, offset + c + (block + 1) * k, 0)
+    return tuple(a.astype(mx.int32) for a in (positions, visible, lo, hi))

@@ -379,6 +379,7 @@ class Defaults:
     selector: str = "entropy"
     verify: bool = True
     draft: str = "auto"
+    layout: str = "auto"
     temp: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -402,6 +403,7 @@ def parse_settings(body: dict, defaults: Defaults, vocab_size: int) -> dict:
         verify=_bool(body, "verify", defaults.verify),
         selector=body.get("selector", defaults.selector),
         draft=body.get("draft", defaults.draft),
+        layout=body.get("layout", defaults.layout),
     )
     if settings["top_k"] >= vocab_size:
         settings["top_k"] = 0  # keeping the top V of V tokens is no filter, and mlx_lm's top-k refuses k >= V
@@ -409,10 +411,11 @@ def parse_settings(body: dict, defaults: Defaults, vocab_size: int) -> dict:
 
     if not isinstance(settings["selector"], str) or settings["selector"] not in SELECTORS:
         raise _bad("selector", f"must be one of {', '.join(SELECTORS)}, got {json.dumps(settings['selector'])}")
-    from .drafting import DRAFTS
+    from .drafting import DRAFTS, LAYOUTS
 
-    if not isinstance(settings["draft"], str) or settings["draft"] not in DRAFTS:
-        raise _bad("draft", f"must be one of {', '.join(DRAFTS)}, got {json.dumps(settings['draft'])}")
+    for name, allowed in (("draft", DRAFTS), ("layout", LAYOUTS)):
+        if not isinstance(settings[name], str) or settings[name] not in allowed:
+            raise _bad(name, f"must be one of {', '.join(allowed)}, got {json.dumps(settings[name])}")
     n = _number(body, "n", 1, integer=True)
     if n != 1:
         raise _bad("n", "must be 1: this server returns one choice per request")

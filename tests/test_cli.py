@@ -74,9 +74,14 @@ def test_block_size_above_the_trained_maximum_warns(tiny, tmp_path):
     assert within.exit_code == 0 and "Warning" not in within.output, within.output
 
 
-def test_untrained_model_defaults_to_one_token_per_forward(tiny):
-    result = CliRunner().invoke(cli, ["generate", "--model", tiny, "-p", "1+1=", "-m", "6"])
-    assert "no SBD adapter" in result.output and "Block size: 1" in result.output
+def test_untrained_model_drafts_with_prompt_lookup(tiny):
+    """No SBD adapter: auto drafts from the text's own n-grams; --draft none is one token per forward; same text."""
+    auto = CliRunner().invoke(cli, ["generate", "--model", tiny, "-p", "1+1=1+1=1+1=", "-m", "12"])
+    plain = CliRunner().invoke(cli, ["generate", "--model", tiny, "-p", "1+1=1+1=1+1=", "-m", "12", "--draft", "none"])
+    assert auto.exit_code == plain.exit_code == 0
+    assert "no SBD adapter" in auto.output and "drafts: auto (prompt lookup)" in auto.output
+    assert "drafts: none" in plain.output and "Forward passes: 12," in plain.output
+    assert auto.output.splitlines()[1] == plain.output.splitlines()[0]  # the text (after auto's note line)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -85,6 +90,8 @@ def test_untrained_model_defaults_to_one_token_per_forward(tiny):
     (["--gamma", "-1"], "gamma"),
     (["-m", "0"], "max_tokens"),
     (["--adapter-path", "/no/such/adapter"], "adapter"),
+    (["--draft", "lookup", "--lossy"], "verified decoding"),
+    (["--draft", "sbd", "-k", "1"], "mask block"),
 ])
 def test_generate_errors_are_one_line(tiny, args, message):
     args = args if "--model" in args else ["--model", tiny] + args

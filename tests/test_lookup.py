@@ -57,12 +57,14 @@ def test_resolve_draft():
             resolve_draft(bad, **args)
 
 
-@pytest.mark.parametrize("draft", ["lookup", "both", "sbd", "auto"])
-def test_greedy_equals_mlx_lm_with_lookup_drafts(gated, draft):
+@pytest.mark.parametrize("draft,layout", [("lookup", "linear"), ("both", "linear"), ("sbd", "linear"),
+                                          ("auto", "auto"), ("both", "predraft")])
+def test_greedy_equals_mlx_lm_with_lookup_drafts(gated, draft, layout):
     base, _, model, tokenizer = gated
     hits = 0
     for ids in PROMPTS + [REPEATING]:
-        got, last = ours(model, tokenizer, ids, max_tokens=40, block_size=8, gamma=float("inf"), draft=draft)
+        got, last = ours(model, tokenizer, ids, max_tokens=40, block_size=8, gamma=float("inf"), draft=draft,
+                         layout=layout)
         assert got == mlx_lm_greedy(base, ids, 40, tokenizer.eos_token_ids)
         hits += last.accepted
     if draft != "sbd":  # the random mask block never drafts right; lookup does where the text repeats
@@ -120,15 +122,17 @@ def test_auto_follows_the_cost_of_rows():
 
     tokens = [1, 2, 3, 4, 9, 1, 2, 3]  # the 3-gram 1 2 3 occurred before: lookup proposes 4 9 1 2 3
     free = Drafter("auto", has_adapter=True, cost=lambda rows: 1.0, block_size=4)
-    assert free.plan(tokens, None, 10, 1, 100) == ([4, 9, 1, 2, 3], "lookup", 4)
+    assert free.plan(tokens, None, 10, 1, 100) == ([4, 9, 1, 2, 3], "lookup", 4, False)  # linear: fewer rows, same
+    predraft = Drafter("auto", has_adapter=True, cost=lambda rows: 1.0, block_size=4, layout="predraft")
+    assert predraft.plan(tokens, None, 10, 1, 100) == ([4, 9, 1, 2, 3], "lookup", 4, True)
     cost = lambda rows: 1 + 0.6 * (rows - 1)  # noqa: E731  (steep: a CPU is ~0.05-0.25 per extra row)
     weak = [5, 7, 8, 5]  # only the 1-gram 5 occurred before: lookup proposes 7 8 5, a weak draft
     steep = Drafter("auto", has_adapter=False, cost=cost, block_size=4)
-    assert steep.plan(weak, None, 10, 1, 100) == ([], "lookup", 0)
+    assert steep.plan(weak, None, 10, 1, 100) == ([], "lookup", 0, False)
     for _ in range(20):
         steep.last_key = ("lookup", 1)
         steep.record("lookup", 5, 5)  # 1-gram drafts keep passing
-    drafts, _, k = steep.plan(weak, None, 10, 1, 100)
+    drafts, _, k, _ = steep.plan(weak, None, 10, 1, 100)
     first, rest = PRIORS[("lookup", 1)]
     a = [(PRIOR_WEIGHT * first + 20) / (PRIOR_WEIGHT + 20)] + [(PRIOR_WEIGHT * rest + 20) / (PRIOR_WEIGHT + 20)] * 2
     rates = [(1 + sum(np.prod(a[:i]) for i in range(1, m + 1))) / cost(1 + m) for m in range(4)]
@@ -143,13 +147,15 @@ def test_drafter_takes_the_mask_blocks_drafts_when_valid():
     assert Drafter("lookup").propose([1, 2, 1], [7], 5) == ([2, 1], "lookup")
 
 
-@pytest.mark.parametrize("draft", ["lookup", "both", "auto"])
-def test_lookup_sampling_keeps_the_distribution(small_vocab, draft):
+@pytest.mark.parametrize("draft,layout", [("lookup", "linear"), ("both", "linear"), ("auto", "auto"),
+                                          ("both", "predraft")])
+def test_lookup_sampling_keeps_the_distribution(small_vocab, draft, layout):
     """One-hot lookup drafts (q = 1 at the draft): 3000 draws of the first 3 tokens against the exact distribution.
     The prompt repeats, so lookup proposes from the first forward on."""
     model, tokenizer = small_vocab
     ids = [4, 5, 6, 4, 5, 6, 4, 5]
     probs = exact_first_tokens(model, ids, 3, temp=1.0)
-    counts = sampled_first_tokens(model, tokenizer, ids, 3, 3000, 1.0, block_size=4, gamma=float("inf"), draft=draft)
+    counts = sampled_first_tokens(model, tokenizer, ids, 3, 3000, 1.0, block_size=4, gamma=float("inf"), draft=draft,
+                                  layout=layout)
     p, chi2 = chi_square_p(counts, probs, 3000)
     assert p > 1e-3, f"chi2 {chi2:.1f}, p {p:.2g}"

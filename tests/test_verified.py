@@ -91,38 +91,42 @@ def test_gated_adapter_is_gated_and_changes_only_mask_rows(gated):
     assert '"gated": true' in (gated[1] / "adapter_config.json").read_text()
 
 
+@pytest.mark.parametrize("layout", ["linear", "predraft"])
 @pytest.mark.parametrize("k,gamma", [(2, 0.0), (4, 1.0), (8, float("inf")), (16, 3.0)])
-def test_greedy_equals_mlx_lm_on_the_base(gated, k, gamma):
+def test_greedy_equals_mlx_lm_on_the_base(gated, k, gamma, layout):
     base, _, model, tokenizer = gated
     for ids in PROMPTS:
-        got, last = ours(model, tokenizer, ids, max_tokens=40, block_size=k, gamma=gamma)
+        got, last = ours(model, tokenizer, ids, max_tokens=40, block_size=k, gamma=gamma, layout=layout)
         assert got == mlx_lm_greedy(base, ids, 40, tokenizer.eos_token_ids)
         assert last.drafted > 0
 
 
-def test_every_max_tokens_and_eos_cut_is_exact(gated):
+@pytest.mark.parametrize("layout", ["linear", "predraft"])
+def test_every_max_tokens_and_eos_cut_is_exact(gated, layout):
     """max_tokens anywhere (inside a block of drafts too) and EOS: output is the reference cut there."""
     base, _, model, tokenizer = gated
     ids = PROMPTS[0]
     ref = mlx_lm_greedy(base, ids, 30)
     for n in range(1, 14):
-        assert ours(model, tokenizer, ids, max_tokens=n, block_size=8, gamma=float("inf"))[0] == ref[:n]
+        assert ours(model, tokenizer, ids, max_tokens=n, block_size=8, gamma=float("inf"), layout=layout)[0] == ref[:n]
     eos = ref[6]
     tokenizer_eos = tokenizer.eos_token_ids
     try:
         tokenizer.eos_token_ids = {eos}
-        got, last = ours(model, tokenizer, ids, max_tokens=30, block_size=8, gamma=float("inf"))
+        got, last = ours(model, tokenizer, ids, max_tokens=30, block_size=8, gamma=float("inf"), layout=layout)
     finally:
         tokenizer.eos_token_ids = tokenizer_eos
     assert got == ref[: ref.index(eos)] and last.finish_reason == "stop"
 
 
-def test_cache_holds_exactly_the_conversation(gated):
+@pytest.mark.parametrize("layout", ["linear", "predraft"])
+def test_cache_holds_exactly_the_conversation(gated, layout):
     """After verified decoding the cache equals a fresh causal forward over the conversation (prompt + output):
     no K/V of a rejected draft or a mask row stays behind."""
     base, _, model, tokenizer = gated
     cache = mlx_sbd.make_prompt_cache(model)
-    got, last = ours(model, tokenizer, PROMPTS[1], max_tokens=25, block_size=8, gamma=float("inf"), prompt_cache=cache)
+    got, last = ours(model, tokenizer, PROMPTS[1], max_tokens=25, block_size=8, gamma=float("inf"), prompt_cache=cache,
+                     layout=layout)
     assert last.drafted > last.accepted  # rejections happened
     assert cache.tokens == PROMPTS[1] + got
     decode.prefill(model, cache, [])  # commit the pending tail, as the next turn would
@@ -272,23 +276,25 @@ def small_vocab(tmp_path_factory):
     return model, tokenizer
 
 
-def run_sampling_test(small_vocab, draws, monkeypatch=None):
+def run_sampling_test(small_vocab, draws, layout="linear"):
     model, tokenizer = small_vocab
     ids = [4, 5, 6]
     probs = exact_first_tokens(model, ids, 3, temp=1.0)
-    counts = sampled_first_tokens(model, tokenizer, ids, 3, draws, 1.0, block_size=4, gamma=float("inf"))
+    counts = sampled_first_tokens(model, tokenizer, ids, 3, draws, 1.0, block_size=4, gamma=float("inf"), layout=layout)
     return chi_square_p(counts, probs, draws)
 
 
 @pytest.mark.slow
-def test_verified_sampling_keeps_the_distribution(small_vocab):
+@pytest.mark.parametrize("layout", ["linear", "predraft"])
+def test_verified_sampling_keeps_the_distribution(small_vocab, layout):
     """20k draws of the first 3 tokens under verified sampling against the exact NTP distribution of the base."""
-    p, chi2 = run_sampling_test(small_vocab, 20000)
+    p, chi2 = run_sampling_test(small_vocab, 20000, layout)
     assert p > 1e-3, f"chi2 {chi2:.1f}, p {p:.2g}"
 
 
-def test_verified_sampling_keeps_the_distribution_fast(small_vocab):
-    p, chi2 = run_sampling_test(small_vocab, 3000)
+@pytest.mark.parametrize("layout", ["linear", "predraft"])
+def test_verified_sampling_keeps_the_distribution_fast(small_vocab, layout):
+    p, chi2 = run_sampling_test(small_vocab, 3000, layout)
     assert p > 1e-3, f"chi2 {chi2:.1f}, p {p:.2g}"
 
 
@@ -306,3 +312,37 @@ def test_stopping_early_leaves_the_cache_exact(gated, stop_after):
     history = list(cache.tokens)
     second, _ = ours(model, tokenizer, [40, 41], max_tokens=15, block_size=8, prompt_cache=cache)
     assert second == mlx_lm_greedy(base, history + [40, 41], 15, tokenizer.eos_token_ids)
+
+
+def test_predraft_blocks_are_the_linear_blocks_after_the_same_drafts(gated):
+    """Pre-drafting's block i (after d_i) is, row for row, the linear layout's single block after exactly d1..di:
+    same positions, same visible keys, the same gated rows (hidden states compared in float32)."""
+    from mlx_sbd.masks import predraft_spans
+    from mlx_sbd.attention import make_span_mask
+    from mlx_sbd.model import MASK_ID
+
+    _, _, model, _ = gated
+    ids, drafts, k = PROMPTS[1], [3, 17, 40, 9], 4
+    m = len(drafts)
+
+    def fresh():
+        cache = mlx_sbd.make_prompt_cache(model)
+        decode.prefill(model, cache, ids, keep=2)  # two pending tokens: x and the one before it
+        return cache
+
+    cache = fresh()
+    pending = len(cache.pending)
+    inputs = mx.array(cache.pending + drafts + [MASK_ID] * ((m + 1) * k))[None]
+    positions, visible, lo, hi = predraft_spans(cache.offset, pending, m, k)
+    mask = make_span_mask(visible, lo, hi, cache.offset + inputs.shape[1])
+    h = model.forward(inputs, positions=positions, mask=mask, cache=cache.layers, return_hidden=True,
+                      mask_rows=(m + 1) * k)[0]
+    blocks = np.array(h[pending + m :]).reshape(m + 1, k, -1)
+    for i in range(m + 1):
+        cache = fresh()
+        x = mx.array(cache.pending + drafts[:i] + [MASK_ID] * k)[None]
+        linear = model.forward(x, mask=decode.BlockMask(causal_point=pending + i), cache=cache.layers,
+                               return_hidden=True, mask_rows=k)[0, -k:]
+        assert np.abs(blocks[i] - np.array(linear)).max() < 1e-4, i
+        if i:
+            assert np.abs(blocks[i - 1] - np.array(linear)).max() > 1e-2  # blocks differ: the test can tell them apart

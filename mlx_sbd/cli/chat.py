@@ -2,7 +2,7 @@
 
 import click
 
-from ..drafting import DRAFTS
+from ..drafting import DRAFTS, LAYOUTS
 from ..samplers import SELECTORS
 
 HELP = """Commands: /reset (or r) starts a new conversation, /stats (or s) toggles statistics after each answer,
@@ -17,6 +17,7 @@ HELP = """Commands: /reset (or r) starts a new conversation, /stats (or s) toggl
 @click.option("--block-size", "-k", default=None, type=int, help="Tokens per block (1 = plain next-token decoding). Default: the adapter's; 1 for models not trained for SBD.")
 @click.option("--gamma", default=None, type=float, help="Entropy budget (nats): of the drafts proposed per forward (verified), or of what a forward reveals (--lossy; 0 = one token per forward). Default: the adapter's, else 0.1.")
 @click.option("--draft", default="auto", show_default=True, type=click.Choice(list(DRAFTS)), help="Where verified decoding's drafts come from: sbd (the adapter's mask block), lookup (n-grams of the prompt and answer: any model, no adapter), both, none (one token per forward), auto (both with an SBD adapter, lookup without).")
+@click.option("--layout", default="auto", show_default=True, type=click.Choice(list(LAYOUTS)), help="Verified forwards with the mask block: linear (one block after the drafts), predraft (one after each draft: the next drafts exist whatever passes, more rows), auto (--draft auto chooses from measured costs; fixed --draft modes use linear).")
 @click.option("--selector", "--sampler", "selector", default="entropy", show_default=True, type=click.Choice(sorted(SELECTORS)), help="--lossy: which masked positions to reveal each forward.")
 @click.option("--lossy", is_flag=True, help="The paper's loop: write the masked guesses straight into the answer (faster with a strong adapter, but the output is no longer the model's own). Default: verified decoding, lossless.")
 @click.option("--temp", default=0.0, show_default=True, type=float, help="Sampling temperature (0 = argmax).")
@@ -26,7 +27,7 @@ HELP = """Commands: /reset (or r) starts a new conversation, /stats (or s) toggl
 @click.option("--system-prompt", default=None, help="System message for the conversation.")
 @click.option("--stats/--no-stats", default=False, show_default=True, help="Print statistics after each answer (/stats toggles).")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute dtype. Default: float32 on CPU, the checkpoint's on Metal.")
-def command(model, adapter_path, no_adapter, max_tokens, block_size, gamma, draft, selector, lossy, temp, top_p, top_k, seed,
+def command(model, adapter_path, no_adapter, max_tokens, block_size, gamma, draft, layout, selector, lossy, temp, top_p, top_k, seed,
             system_prompt, stats, dtype):
     """Chat with a model in the terminal, decoding with SBD.
 
@@ -44,7 +45,7 @@ def command(model, adapter_path, no_adapter, max_tokens, block_size, gamma, draf
     k, g = default_settings(sbd_model, block_size, gamma)
     check_settings(max_tokens, k, g)
     source = resolve_draft(draft, sbd_model.sbd is not None, block_size, not lossy)
-    settings = dict(max_tokens=max_tokens, block_size=block_size, gamma=gamma, selector=selector, verify=not lossy, draft=draft,
+    settings = dict(max_tokens=max_tokens, block_size=block_size, gamma=gamma, selector=selector, verify=not lossy, draft=draft, layout=layout,
                     temp=temp, top_p=top_p, top_k=top_k, seed=seed)
     session = ChatSession(sbd_model, tokenizer, system_prompt=system_prompt, **settings)
     click.echo(f"[block size {k}, gamma {g}, {'lossy' if lossy else 'verified, drafts: ' + source}] " + HELP, err=True)

@@ -2,7 +2,7 @@
 
 import click
 
-from ..drafting import DRAFTS
+from ..drafting import DRAFTS, LAYOUTS
 from ..samplers import SELECTORS
 
 
@@ -23,6 +23,7 @@ def model_name(model, adapter_path, no_adapter) -> str:
 @click.option("--block-size", "-k", default=None, type=int, help="Default tokens per block (requests may send block_size). Default: the adapter's; 1 for models not trained for SBD.")
 @click.option("--gamma", default=None, type=float, help="Default entropy budget (requests may send gamma): of the drafts proposed per forward (verified), or of what a forward reveals (--lossy; 0 = one token per forward). Default: the adapter's, else 0.1.")
 @click.option("--draft", default="auto", show_default=True, type=click.Choice(list(DRAFTS)), help="Where verified decoding's drafts come from: sbd (the adapter's mask block), lookup (n-grams of the prompt and answer: any model, no adapter), both, none (one token per forward), auto (both with an SBD adapter, lookup without).")
+@click.option("--layout", default="auto", show_default=True, type=click.Choice(list(LAYOUTS)), help="Verified forwards with the mask block: linear (one block after the drafts), predraft (one after each draft: the next drafts exist whatever passes, more rows), auto (--draft auto chooses from measured costs; fixed --draft modes use linear).")
 @click.option("--selector", "--sampler", "selector", default="entropy", show_default=True, type=click.Choice(sorted(SELECTORS)), help="--lossy: which masked positions to reveal each forward (requests may send selector).")
 @click.option("--lossy", is_flag=True, help="Default to the paper's loop, which writes the masked guesses straight into the answer (requests may send verify). Default: verified decoding, lossless.")
 @click.option("--temp", default=0.0, show_default=True, type=float, help="Default sampling temperature.")
@@ -32,13 +33,13 @@ def model_name(model, adapter_path, no_adapter) -> str:
 @click.option("--max-request-bytes", default=1 << 20, show_default=True, type=int, help="Larger request bodies get 413.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute dtype. Default: float32 on CPU, the checkpoint's on Metal.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def command(model, adapter_path, no_adapter, host, port, max_tokens, block_size, gamma, draft, selector, lossy, temp, top_p,
+def command(model, adapter_path, no_adapter, host, port, max_tokens, block_size, gamma, draft, layout, selector, lossy, temp, top_p,
             top_k, prompt_cache_size, max_request_bytes, dtype, log_level):
     """Serve a model over the OpenAI HTTP API, decoding with SBD.
 
     \b
     POST /v1/chat/completions  POST /v1/completions  GET /v1/models  GET /health
-    Extra request fields: block_size, gamma, selector, draft, verify (false = the paper's lossy loop).
+    Extra request fields: block_size, gamma, selector, draft, layout, verify (false = the paper's lossy loop).
     Needs the server extra: pip install "mlx-sbd[server]".
     """
     import logging
@@ -63,7 +64,7 @@ def command(model, adapter_path, no_adapter, host, port, max_tokens, block_size,
     source = resolve_draft(draft, sbd_model.sbd is not None, block_size, not lossy)
     name = model_name(model, adapter_path, no_adapter)
     defaults = Defaults(max_tokens=max_tokens, block_size=block_size, gamma=gamma, selector=selector,
-                        verify=not lossy, draft=draft, temp=temp, top_p=top_p, top_k=top_k)
+                        verify=not lossy, draft=draft, layout=layout, temp=temp, top_p=top_p, top_k=top_k)
     app = create_app(sbd_model, tokenizer, name, defaults, cache_size=prompt_cache_size,
                      max_request_bytes=max_request_bytes)
     click.echo(f"Serving '{name}' on http://{host}:{port}/v1 (block size {k}, gamma {g}, "
