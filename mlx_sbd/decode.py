@@ -78,6 +78,7 @@ class Step:
     drafted: int = 0  # drafts verified so far
     accepted: int = 0  # of which accepted
     finish: Optional[str] = None  # "stop" (EOS), "length" or None
+    rows: int = 0  # rows (query positions) of all forwards so far: with time(rows), what the forwards cost
 
 
 def log_softmax(logits: mx.array) -> mx.array:
@@ -229,7 +230,7 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
 
     The next forward is launched (mx.async_eval) before a step is yielded, so the caller's work on it (detokenizing,
     streaming) overlaps the device's; a generator closed early trims that forward's rows back off the cache."""
-    produced = nfe = drafted = accepted = 0
+    produced = nfe = drafted = accepted = rows = 0
     vocab = model.args.vocab_size
 
     def launch(masked: Optional[List[int]], q_masked: Optional[mx.array]):
@@ -259,8 +260,9 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
     flight = launch(None, None)
     try:
         while flight is not None:
-            result, q_next, m, mask_rows, _, source, predraft = flight
+            result, q_next, m, mask_rows, n_rows, source, predraft = flight
             flight = None
+            rows += n_rows
             r = result.tolist()  # the one host sync per forward
             a, n, t, e = r[0], r[1], r[2 + m], r[3 + m :]
             nfe, drafted, accepted = nfe + 1, drafted + m, accepted + a
@@ -277,14 +279,14 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
             cache.tokens += new
             produced += len(new)
             if stop is not None:
-                yield Step(new[:-1], nfe, drafted, accepted, "stop")
+                yield Step(new[:-1], nfe, drafted, accepted, "stop", rows)
                 return
             # the mask block's guesses assumed the drafts before it: with one block they are drafts only when all
             # passed; with pre-drafting the block after d_a was chosen on the device
             valid = mask_rows > 0 and (predraft or a == m)
             flight = launch(e[:n] if valid else None, q_next if valid else None)
-            yield Step(new, nfe, drafted, accepted)
-        yield Step([], nfe, drafted, accepted, "length")
+            yield Step(new, nfe, drafted, accepted, rows=rows)
+        yield Step([], nfe, drafted, accepted, "length", rows)
     finally:
         if flight is not None:  # closed with a forward in flight: its rows leave the cache, pending stays pending
             mx.eval(flight[0])
@@ -304,10 +306,10 @@ def ntp_steps(model: SBDModel, cache: SBDCache, *, sampler, max_tokens: int, max
         nfe += 1  # generate_step has already fed `token` into the cache (it pipelines one step ahead)
         cache.tokens.append(token)
         if token in eos_ids:
-            yield Step([], nfe, finish="stop")
+            yield Step([], nfe, finish="stop", rows=nfe)
             return
-        yield Step([token], nfe)
-    yield Step([], nfe, finish="length")
+        yield Step([token], nfe, rows=nfe)
+    yield Step([], nfe, finish="length", rows=nfe)
 
 
 # --- the paper's loop (lossy) --------------------------------------------------------------------------------
@@ -376,7 +378,7 @@ def sbd_steps(
     ntp_first, causal = first is not None, first
     prev: List[int] = []  # the last finished block: finalised, K/V not yet in the cache
     head = list(head)  # finalised tokens at the start of the current block, not in the cache
-    produced = nfe = 0
+    produced = nfe = rows = 0
     while True:  # one block
         start_pos = cache.offset + len(prev)  # absolute position of the block's first token
         # Blocks end at multiples of block_size, as in training. Masks at in-block offsets the model never trained
@@ -384,11 +386,12 @@ def sbd_steps(
         k = min(block_size - start_pos % block_size, len(head) + max_tokens - produced, max_length - start_pos)
         if k <= len(head):
             cache.pending = prev + head
-            yield Step([], nfe, finish="length")
+            yield Step([], nfe, finish="length", rows=rows)
             return
         blk = head + [MASK_ID] * (k - len(head))
         done = c = len(head)  # done: the block's finalised prefix; c: its first open position
         while done < k:  # one forward
+            rows += len(prev) + k
             blk, causal = lossy_step(model, cache, prev, blk, c, causal if ntp_first else None, select, sample)
             prev, nfe = [], nfe + 1  # prev was committed by that forward
             end = next((i for i in range(done, k) if blk[i] == MASK_ID), k)
@@ -396,11 +399,11 @@ def sbd_steps(
             if stop is not None:
                 cache.pending = blk[: stop + 1]
                 cache.tokens += blk[done : stop + 1]
-                yield Step(blk[done:stop], nfe, finish="stop")
+                yield Step(blk[done:stop], nfe, finish="stop", rows=rows)
                 return
             if end > done:
                 cache.tokens += blk[done:end]
-                yield Step(blk[done:end], nfe)
+                yield Step(blk[done:end], nfe, rows=rows)
             done = end
         prev, produced, head = blk, produced + k - len(head), []
 

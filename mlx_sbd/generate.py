@@ -37,6 +37,7 @@ class GenerationResponse:
     finish_reason: Optional[str] = None  # "stop", "length" or None
     drafted: int = 0  # drafts verified so far (verified decoding)
     accepted: int = 0  # of which the causal path accepted
+    rows: int = 0  # query rows of the forwards so far (one per token for plain decoding; drafts + masks for SBD)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -174,6 +175,7 @@ def stream_generate(
                     finish_reason=reason,
                     drafted=step.drafted,
                     accepted=step.accepted,
+                    rows=step.rows,
                 )
                 if reason is not None:
                     return

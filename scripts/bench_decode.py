@@ -1,17 +1,19 @@
-"""Decoding speed: mlx_lm.generate vs mlx-sbd at several block sizes and gammas, in one run.
+"""Decoding speed of every verified layout and draft length beside mlx_lm.generate, the NTP path and the lossy
+loop, in one run, with the prediction from time(rows).
 
-Prints NFE, tokens per forward and tokens/s per setting, the measured forward time time(k) for
-k in {1, 2, 4, 8, 16, 32} over a 256-token cache, and the paper's Eq. 16 prediction
-speedup(l, k) = k*time(1) / (time(2k) + (l-1)*time(k)) next to the measured speedup over mlx_lm.
-Saves the raw numbers as JSON.
+Settings (all greedy): mlx_lm.generate; mlx-sbd one token per forward (draft none); the paper's lossy loop; verified
+decoding with the mask block's drafts in the linear layout (one block of k after the drafts; gamma inf proposes
+k - 1 drafts, so k sets the draft length) and with pre-drafting (a block of k after each draft); `--draft auto`,
+the default, which chooses source, drafts and layout per forward. Per setting: tokens per forward, rows per forward,
+tokens/s, the ratio to mlx_lm in the same round (median and range over interleaved rounds), and the tokens/s that
+time(rows) predicts for the forwards the setting actually ran (sum of time(rows) over its forwards: the model's
+cost alone, no host work), with the gap measured/predicted - 1. time(rows) is measured here first
+(costs.measure, the decode forward over a 256-token cache). The model behind it (BENCHMARKS.md 7):
+    tokens/s = tokens per forward / time(rows per forward)
+the paper's Eq. 16 generalised to verified layouts.
 
-Shared machines drift by 20% and more over minutes, so the settings are interleaved: each of --rounds rounds
-decodes every prompt with every setting in turn (mlx_lm first), and a setting's speedup is the median over rounds
-of its tokens/s over mlx_lm's in the same round (the range is printed beside it). time(k) is the median of 5
-repetitions.
-
-    python scripts/bench_decode.py                        # built-in SmolLM2 with its shipped SBD adapter
-    python scripts/bench_decode.py --model M --adapter-path A --block-sizes 1,4,8,16 --gammas 0.1,0.35
+    python scripts/bench_decode.py --rounds 2
+    python scripts/bench_decode.py --adapter-path mlx_sbd/adapters/smollm2-135m-instruct-sbd-gated
 """
 
 import statistics
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, save  # noqa: E402
 
 import mlx_sbd  # noqa: E402
-from mlx_sbd.decode import block_forward, make_prompt_cache, prefill  # noqa: E402
+from mlx_sbd.costs import ROWS, RowCost, measure  # noqa: E402
 from mlx_sbd.generate import encode_prompt  # noqa: E402
 
 PROMPTS = [
@@ -39,138 +41,102 @@ PROMPTS = [
 ]
 
 
-def time_forward(model, n_new: int, cache_len: int = 256, reps: int = 5) -> float:
-    """Median seconds of one block forward over n_new tokens with cache_len tokens in the cache."""
-    cache = make_prompt_cache(model)
-    prefill(model, cache, [(i * 7) % 1000 + 5 for i in range(cache_len)])
-    tokens = [11] * n_new
-    mx.eval(block_forward(model, tokens, n_new, cache))  # warm-up
-    times = []
-    for _ in range(reps):
-        tic = time.perf_counter()
-        mx.eval(block_forward(model, tokens, n_new, cache))
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
-
-
-def eq16_speedup(forward_times: dict, k: int, l: float) -> float:
-    """Paper Eq. 16: k*time(1) / (time(2k) + (l-1)*time(k)), l = forwards per block of k tokens."""
-    return k * forward_times[1] / (forward_times[2 * k] + (l - 1) * forward_times[k])
-
-
-def host_overhead(reps: int = 3) -> dict:
-    """Per-forward wall time on a model so small that compute is negligible: what remains is host work
-    (Python, graph building, syncs). mlx_lm's one-token loop vs the SBD loop at gamma=0 (one token per forward)."""
-    import tempfile
-
-    from mlx_sbd.tiny import make_tiny_model
-
-    with tempfile.TemporaryDirectory() as d:
-        folder = make_tiny_model(d, hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
-                                 num_key_value_heads=1)
-        model, tokenizer = mlx_sbd.load(folder)
-    tokenizer.eos_token_ids = []  # never stop early: measure exactly n forwards
-    ids, n = [5, 6, 7, 8], 200
-    out = {}
-    for name, fn in (("mlx_lm", lambda: run_mlx_lm(model, tokenizer, ids, n)),
-                     ("mlx-sbd k=8", lambda: run_sbd(model, tokenizer, ids, n, 8, 0.0))):
-        best = min((lambda r: r["wall"] / r["nfe"])(fn()) for _ in range(reps))
-        out[name] = best * 1e3
-    return out
-
-
 def run_mlx_lm(model, tokenizer, ids, max_tokens):
-    tic, last = time.perf_counter(), None
+    last, start = None, time.perf_counter()
     for last in mlx_lm_stream_generate(model.lm, tokenizer, mx.array(ids), max_tokens=max_tokens):
         pass
-    return {"tokens": last.generation_tokens, "tps": last.generation_tps, "wall": time.perf_counter() - tic,
-            "nfe": last.generation_tokens, "start": tic}
+    n = last.generation_tokens
+    return {"tokens": n, "seconds": n / last.generation_tps, "nfe": n, "rows": [1] * n, "start": start}
 
 
-def run_sbd(model, tokenizer, ids, max_tokens, k, gamma, ntp_first=True):
-    tic, last = time.perf_counter(), None
-    for last in mlx_sbd.stream_generate(model, tokenizer, ids, max_tokens=max_tokens, block_size=k, gamma=gamma,
-                                        ntp_first=ntp_first):
-        pass
-    return {"tokens": last.generation_tokens, "tps": last.generation_tps, "wall": time.perf_counter() - tic,
-            "nfe": last.nfe, "start": tic}
-
-
-def summarize(name, k, gamma, rounds: list) -> dict:
-    """One table row from a setting's runs (rounds x prompts). Greedy decoding repeats itself, so tokens and
-    forwards are those of one round; tokens/s is per round (tps_rounds) and over all rounds (tps)."""
-    def gen_time(runs):  # generation time without prefill; a run may stop at once (EOS)
-        return sum(r["tokens"] / r["tps"] for r in runs if r["tokens"])
-
-    tokens = [sum(r["tokens"] for r in runs) for runs in rounds]
-    nfe = [sum(r["nfe"] for r in runs) for runs in rounds]
-    times = [gen_time(runs) for runs in rounds]
-    return {"engine": name, "block_size": k, "gamma": gamma, "tokens": tokens[0], "nfe": nfe[0],
-            "tokens_per_forward": tokens[0] / nfe[0], "tps": sum(tokens) / sum(times) if sum(times) else 0.0,
-            "tps_rounds": [n / t if t else 0.0 for n, t in zip(tokens, times)],
-            "ms_per_forward": 1e3 * sum(times) / sum(nfe),
-            "wall": sum(r["wall"] for runs in rounds for r in runs), "runs": rounds}
+def run_sbd(model, tokenizer, ids, max_tokens, **kw):
+    last, prev, rows, start = None, 0, [], time.perf_counter()
+    for last in mlx_sbd.stream_generate(model, tokenizer, ids, max_tokens=max_tokens, **kw):
+        if last.rows > prev:
+            rows.append(last.rows - prev)  # verified / plain decoding: one response per forward
+        prev = last.rows
+    n = last.generation_tokens
+    return {"tokens": n, "seconds": n / last.generation_tps if n else 0.0, "nfe": last.nfe, "rows": rows,
+            "drafted": last.drafted, "accepted": last.accepted, "start": start}
 
 
 @click.command()
 @click.option("--model", default=None, help="Model reference (default: built-in SmolLM2-135M-Instruct).")
-@click.option("--adapter-path", default=None)
-@click.option("--block-sizes", default="1,4,8,16", show_default=True)
-@click.option("--gammas", default="0,0.1,0.35,0.6", show_default=True)
+@click.option("--adapter-path", default=None, help="Default: the built-in model's shipped adapter.")
+@click.option("--linear", default="2,3,4,8", show_default=True, help="Block sizes of the linear layout.")
+@click.option("--predraft", default="2,3,4", show_default=True, help="Block sizes of pre-drafting.")
 @click.option("--max-tokens", default=128, show_default=True)
-@click.option("--prompts", "n_prompts", default=len(PROMPTS), show_default=True,
-              help="How many of the built-in prompts.")
-@click.option("--rounds", default=3, show_default=True, help="Interleaved rounds over all settings (see above).")
-@click.option("--ntp-first/--masked-first", default=True, show_default=True,
-              help="Each block's first open token from the causal prediction (the default decoding) or its mask.")
+@click.option("--prompts", "n_prompts", default=len(PROMPTS), show_default=True)
+@click.option("--rounds", default=2, show_default=True, help="Interleaved rounds over all settings.")
 @click.option("--out", default="results/bench_decode.json", show_default=True)
-def main(model, adapter_path, block_sizes, gammas, max_tokens, n_prompts, rounds, ntp_first, out):
+def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, out):
     sbd_model, tokenizer = mlx_sbd.load(model, adapter_path=adapter_path)
     prompts = [encode_prompt(tokenizer, p) for p in PROMPTS[:n_prompts]]
-    ks = [int(k) for k in block_sizes.split(",")]
-    gs = [float(g) for g in gammas.split(",")]
-    settings = [("mlx_lm", 1, None)] + [("mlx-sbd", k, g) for k in ks for g in (gs if k > 1 else [0.0])]
+    lossy_k = sbd_model.sbd.block_size if sbd_model.sbd else 8
+    settings = {"mlx_lm": None, "ntp": dict(draft="none"), f"lossy k={lossy_k}": dict(verify=False)}
+    for k in [int(x) for x in linear.split(",") if x]:
+        settings[f"linear k={k}"] = dict(draft="sbd", block_size=k, gamma=float("inf"), layout="linear")
+    for k in [int(x) for x in predraft.split(",") if x]:
+        settings[f"predraft k={k}"] = dict(draft="sbd", block_size=k, gamma=float("inf"), layout="predraft")
+    settings["auto (default)"] = dict(draft="auto")
 
-    run_sbd(sbd_model, tokenizer, prompts[0], 8, max(ks), gs[0])  # warm-up (allocations, kernels)
-    forward_times = {n: time_forward(sbd_model, n) for n in tqdm([1, 2, 4, 8, 16, 32], desc="time(k)")}
-    overhead = host_overhead()
-
-    runs = {s: [[] for _ in range(rounds)] for s in settings}  # runs[setting][round] = one run per prompt
-    with tqdm(total=rounds * len(prompts) * len(settings), desc="decoding") as bar:
+    run_sbd(sbd_model, tokenizer, prompts[0], 8)  # warm-up: allocations, and auto's time(rows) measured and cached
+    times = measure(sbd_model, rows=ROWS, context=256)
+    cost = RowCost(times)
+    names = list(settings)
+    runs = {name: [[] for _ in range(rounds)] for name in names}
+    with tqdm(total=rounds * len(prompts) * len(names), desc="decoding") as bar:
         for rnd in range(rounds):
-            for ids in prompts:
-                for name, k, g in settings:
-                    run = (run_mlx_lm(sbd_model, tokenizer, ids, max_tokens) if name == "mlx_lm"
-                           else run_sbd(sbd_model, tokenizer, ids, max_tokens, k, g, ntp_first))
-                    runs[name, k, g][rnd].append(run)
+            for i, ids in enumerate(prompts):
+                order = names[(rnd + i) % len(names):] + names[: (rnd + i) % len(names)]
+                for name in order:
+                    kw = settings[name]
+                    run = (run_mlx_lm(sbd_model, tokenizer, ids, max_tokens) if kw is None
+                           else run_sbd(sbd_model, tokenizer, ids, max_tokens, **kw))
+                    runs[name][rnd].append(run)
                     bar.update()
 
-    rows = [summarize(name, k, g, runs[name, k, g]) for name, k, g in settings]
-    base = rows[0]
-    for r in rows:
-        r["speedup_rounds"] = [tps / base_tps for tps, base_tps in zip(r["tps_rounds"], base["tps_rounds"])]
-        r["speedup_vs_mlx_lm"] = statistics.median(r["speedup_rounds"])
-    print(f"\nmachine: {machine()}\ndtype: {sbd_model.lm.model.embed_tokens.weight.dtype}")
-    print("time(k) ms: " + ", ".join(f"k={n}: {t * 1e3:.1f}" for n, t in forward_times.items()))
-    eq16 = {f"k={k},l={l}": eq16_speedup(forward_times, k, l) for k in (4, 8, 16) for l in (1, 2, 4) if l <= k}
-    print("Eq. 16 prediction from time(k) (l = forwards per block): "
-          + ", ".join(f"{key}: {v:.2f}x" for key, v in eq16.items()))
-    print("host overhead per forward (tiny model), ms: " + ", ".join(f"{k}: {v:.2f}" for k, v in overhead.items()))
-    print(f"\n{rounds} rounds; speedup = median over rounds of tok/s over mlx_lm's in the same round [min-max]")
-    print(f"{'engine':8} {'k':>3} {'gamma':>5} {'tokens':>6} {'NFE':>5} {'tok/fwd':>7} {'ms/fwd':>7} {'tok/s':>7} "
-          f"{'speedup':>7} {'range':>11} {'Eq.16':>6}")
-    for r in rows:
-        k = r["block_size"]
-        if r["engine"] == "mlx-sbd" and k > 1 and 2 * k in forward_times and k in forward_times:
-            r["eq16"] = eq16_speedup(forward_times, k, k / r["tokens_per_forward"])  # l = forwards per block
-        predicted = f"{r['eq16']:6.2f}" if "eq16" in r else "     -"
-        g = "-" if r["gamma"] is None else f"{r['gamma']:.2f}"
-        print(f"{r['engine']:8} {k:>3} {g:>5} {r['tokens']:>6} {r['nfe']:>5} {r['tokens_per_forward']:>7.2f} "
-              f"{r['ms_per_forward']:>7.1f} {r['tps']:>7.2f} {r['speedup_vs_mlx_lm']:>6.2f}x "
-              f"{min(r['speedup_rounds']):>5.2f}-{max(r['speedup_rounds']):.2f} {predicted}")
+    rows_out = []
+    base_tps = [sum(r["tokens"] for r in rr) / sum(r["seconds"] for r in rr) for rr in runs["mlx_lm"]]
+    for name in names:
+        rr = runs[name]
+        tps = [sum(r["tokens"] for r in x) / max(sum(r["seconds"] for r in x), 1e-9) for x in rr]
+        ratio = [t / b for t, b in zip(tps, base_tps)]
+        first = rr[0]
+        tokens, nfe = sum(r["tokens"] for r in first), sum(r["nfe"] for r in first)
+        all_rows = [n for r in first for n in r["rows"]]
+        lossy = name.startswith("lossy")
+        predicted = None if lossy or not all_rows else tokens / sum(cost(n) for n in all_rows)
+        drafted = sum(r.get("drafted", 0) for r in first)
+        row = dict(setting=name, tokens=tokens, nfe=nfe, tokens_per_forward=tokens / max(nfe, 1),
+                   rows_per_forward=(sum(all_rows) / len(all_rows)) if all_rows else None,
+                   acceptance=(sum(r.get("accepted", 0) for r in first) / drafted) if drafted else None,
+                   tps=statistics.median(tps), tps_rounds=tps, ratio=statistics.median(ratio), ratio_lo=min(ratio),
+                   ratio_hi=max(ratio), predicted_tps=predicted,
+                   gap=(statistics.median(tps) / predicted - 1) if predicted else None)
+        rows_out.append(row)
+    fixed = [r for r in rows_out if r["setting"] not in ("mlx_lm", "auto (default)") and not r["setting"].startswith("lossy")]
+    best = max(fixed, key=lambda r: r["tps"])
+    auto = next(r for r in rows_out if r["setting"] == "auto (default)")
+
+    print(f"\nmachine: {machine()}\ndtype: {sbd_model.lm.model.embed_tokens.weight.dtype}, adapter: "
+          f"{adapter_path or 'built-in default'}")
+    print("time(rows) ms: " + ", ".join(f"{r}: {t * 1e3:.1f}" for r, t in times.items()))
+    print(f"{rounds} rounds; x mlx_lm = median over rounds of tok/s over mlx_lm's in the same round [range]")
+    print(f"{'setting':16} {'tok/fwd':>7} {'rows/fwd':>8} {'accept':>6} {'tok/s':>7} {'x mlx_lm':>8} {'range':>11} "
+          f"{'predicted':>9} {'gap':>6}")
+    for r in rows_out:
+        rpf = f"{r['rows_per_forward']:8.2f}" if r["rows_per_forward"] else "       -"
+        acc = f"{100 * r['acceptance']:5.1f}%" if r["acceptance"] is not None else "     -"
+        pred = f"{r['predicted_tps']:9.2f}" if r["predicted_tps"] else "        -"
+        gap = f"{100 * r['gap']:+5.1f}%" if r["gap"] is not None else "     -"
+        print(f"{r['setting']:16} {r['tokens_per_forward']:7.2f} {rpf} {acc} {r['tps']:7.2f} {r['ratio']:7.3f}x "
+              f"{r['ratio_lo']:5.2f}-{r['ratio_hi']:.2f} {pred} {gap}")
+    print(f"auto / best fixed ({best['setting']}): {auto['tps'] / best['tps']:.3f} (target >= 0.95)")
     save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
-          "max_tokens": max_tokens, "rounds": rounds, "ntp_first": ntp_first, "time_k": forward_times, "eq16": eq16,
-          "host_overhead_ms": overhead, "rows": rows}, out)
+          "max_tokens": max_tokens, "rounds": rounds, "time_rows": times, "rows": rows_out,
+          "auto_over_best_fixed": auto["tps"] / best["tps"], "best_fixed": best["setting"],
+          "runs": runs}, out)
 
 
 if __name__ == "__main__":
