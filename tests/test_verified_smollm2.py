@@ -104,14 +104,15 @@ def test_shipped_ungated_adapter_equals_its_own_one_token_output():
     for i, p in enumerate(PROMPTS[:5]):
         ids = encode_prompt(tokenizer, p)
         one, _ = verified(model, tokenizer, ids, max_tokens=N, block_size=1)
-        got, steps = verified(model, tokenizer, ids, max_tokens=N)
+        got, steps = verified(model, tokenizer, ids, max_tokens=N, draft="sbd")  # the mask block's drafts every time
         assert got == one, p
+        assert verified(model, tokenizer, ids, max_tokens=N)[0] == one, p  # the default (auto)
         last, before = steps[-1], steps[-2] if len(steps) > 1 else None
         # The last forward accepted more drafts than it showed tokens: the EOS was one of them.
         gained = last.accepted - (before.accepted if before else 0)
         eos_in_drafts |= last.finish_reason == "stop" and gained > len(last.tokens)
         for n in (5, 9) if i < 2 else ():  # max_tokens reached by a forward's accepted drafts
-            cut, cut_steps = verified(model, tokenizer, ids, max_tokens=n)
+            cut, cut_steps = verified(model, tokenizer, ids, max_tokens=n, draft="sbd")
             assert cut == one[:n]
             cut_in_drafts |= len([s for s in cut_steps if s.tokens][-1].tokens) > 1
     assert eos_in_drafts and cut_in_drafts
