@@ -32,7 +32,7 @@ from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from .attention import BlockMask, make_span_mask
 from .costs import cached_row_cost
-from .drafting import Drafter, PromptLookup
+from .drafting import Drafter, PromptLookup, learned
 from .errors import SBDError
 from .masks import predraft_spans
 from .model import MASK_ID, SBDModel
@@ -122,9 +122,9 @@ def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_
             raise SBDError("verified decoding trims rejected drafts from the KV cache, but this prompt cache cannot be "
                            "trimmed (a rotating or quantized cache past its size); use a cache from make_prompt_cache")
         prefill(model, cache, ids, prefill_step_size, keep=1)
-        cost = cached_row_cost(model) if draft == "auto" else None
-        drafter = Drafter(draft, lookup, has_adapter=model.sbd is not None, cost=cost, block_size=block_size,
-                          layout=layout)
+        auto = draft == "auto"
+        drafter = Drafter(draft, lookup, has_adapter=model.sbd is not None, cost=cached_row_cost(model) if auto else None,
+                          block_size=block_size, layout=layout, acceptance=learned(model, block_size) if auto else None)
         return verified_steps(model, cache, drafter, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k, **common)
     if ntp_first:
         head, first = prefill_prompt(model, cache, ids, block_size, prefill_step_size)

@@ -96,6 +96,8 @@ class PromptLookup:
 PRIORS = {("lookup", 1): (0.2, 0.8), ("lookup", 2): (0.45, 0.8), ("lookup", 3): (0.8, 0.8)}
 DEFAULT_PRIOR = (0.5, 0.5)
 PRIOR_WEIGHT = 4.0
+MEMORY = 64.0  # observations per position an estimate keeps: older ones fade (halved past twice this), so the
+# estimate follows the text (code, chat) while carrying over between generations of one model (chat, server)
 
 
 class Acceptance:
@@ -111,6 +113,9 @@ class Acceptance:
         for j in range(min(accepted + (accepted < drafted), len(self.tried))):
             self.tried[j] += 1
             self.passed[j] += j < accepted
+            if self.tried[j] > 2 * MEMORY:
+                self.tried[j] *= 0.5
+                self.passed[j] *= 0.5
 
     def expected(self, m: int) -> List[float]:
         """[E accepted drafts if the first i are proposed, i = 0..m]: sums of products of the conditional rates."""
@@ -120,6 +125,15 @@ class Acceptance:
             run += p
             out.append(run)
         return out
+
+
+_learned: Dict[tuple, dict] = {}
+
+
+def learned(model, block_size: int) -> dict:
+    """The acceptance estimates of this model (and mask block size) in this process, shared by its generations:
+    a server or chat stops paying for exploration after its first answers."""
+    return _learned.setdefault((id(model), block_size), {})
 
 
 class Drafter:
@@ -138,7 +152,7 @@ class Drafter:
     (a GPU at batch 1) drafts are long and the mask block always runs; on these CPUs only likely drafts are sent."""
 
     def __init__(self, mode: str, lookup: Optional[PromptLookup] = None, has_adapter: bool = True, cost=None,
-                 block_size: int = 0, layout: str = "linear"):
+                 block_size: int = 0, layout: str = "linear", acceptance: Optional[dict] = None):
         if layout not in LAYOUTS:
             raise SBDError(f"layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
         self.mode, self.layout = mode, layout
@@ -147,7 +161,8 @@ class Drafter:
         self.block_size = block_size if (mode in ("sbd", "both") or (mode == "auto" and has_adapter)) else 0
         self.cost = cost
         self.stats = {"sbd": [0, 0], "lookup": [0, 0]}
-        self.acceptance: Dict[object, Acceptance] = {}
+        # acceptance per source: pass the same dict to every generation of a model to carry it over (learned())
+        self.acceptance: Dict[object, Acceptance] = {} if acceptance is None else acceptance
         self.last_key = None
 
     @property

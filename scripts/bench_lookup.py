@@ -122,14 +122,18 @@ def run_ours(model, tokenizer, ids, n, **kw):
 @click.option("--prompts", "n_prompts", default=4, show_default=True, help="Prompts per task.")
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--sweep", is_flag=True, help="Sweep lookup n-gram sizes and draft length on development prompts.")
+@click.option("--tasks", "only_tasks", default=None, help="Comma-separated subset of typehints,bugfix,passage,chat.")
+@click.option("--methods", "only_methods", default=None, help="Comma-separated subset of the rows (mlx_lm always runs).")
 @click.option("--out", default=None, help="JSON path (default results/bench_lookup[_sweep].json).")
-def main(rounds, n_prompts, max_tokens, sweep, out):
+def main(rounds, n_prompts, max_tokens, sweep, only_tasks, only_methods, out):
     out = out or f"results/bench_lookup{'_sweep' if sweep else ''}.json"
     base_path = resolve(None)
     lm, ref_tok = mlx_lm.load(str(base_path))
     plain, tokenizer = mlx_sbd.load(adapter_path=False)
     split = "dev" if sweep else "test"
     by_task = tasks(split, n_prompts)
+    if only_tasks:
+        by_task = {t: by_task[t] for t in only_tasks.split(",")}
     ids_by_task = {t: [encode_prompt(tokenizer, p) for p in ps] for t, ps in by_task.items()}
 
     if sweep:
@@ -151,8 +155,10 @@ def main(rounds, n_prompts, max_tokens, sweep, out):
             "auto": lambda ids: run_ours(plain, tokenizer, ids, max_tokens, draft="auto"),
             "auto+adapter": lambda ids: run_ours(gated, tokenizer, ids, max_tokens, draft="auto"),
         }
+    if only_methods:
+        methods = {m: f for m, f in methods.items() if m == "mlx_lm" or m in only_methods.split(",")}
     names = list(methods)
-    for ids in ids_by_task["chat"][:1]:  # warm-up: first-call compilation and allocation
+    for ids in next(iter(ids_by_task.values()))[:1]:  # warm-up: first-call compilation and allocation
         for name in names[:2]:
             methods[name](ids)
 

@@ -159,3 +159,20 @@ def test_lookup_sampling_keeps_the_distribution(small_vocab, draft, layout):
                                   layout=layout)
     p, chi2 = chi_square_p(counts, probs, 3000)
     assert p > 1e-3, f"chi2 {chi2:.1f}, p {p:.2g}"
+
+
+def test_acceptance_carries_over_between_generations_and_fades():
+    from mlx_sbd.drafting import MEMORY, Acceptance
+
+    shared = {}
+    first = Drafter("auto", cost=lambda rows: 1.0, acceptance=shared)
+    first.last_key = ("lookup", 1)
+    first.record("lookup", 3, 3)
+    second = Drafter("auto", cost=lambda rows: 1.0, acceptance=shared)
+    assert second._rate(("lookup", 1)) is first._rate(("lookup", 1))
+    a = Acceptance((0.5, 0.5))
+    for _ in range(1000):
+        a.record(1, 0)  # a long run of rejections...
+    for _ in range(int(MEMORY)):
+        a.record(1, 1)  # ...then MEMORY passes: the estimate has moved most of the way back
+    assert a.passed[0] / a.tried[0] > 0.3 and a.tried[0] <= 2 * MEMORY
