@@ -72,22 +72,25 @@ def measure(model, rows: Sequence[int] = ROWS, context: int = 256, repeats: int 
     cache = model.make_cache()
     model.lm.model(mx.zeros((1, context), mx.int32), cache=cache)  # the context: K/V of `context` tokens
     mx.eval([c.state for c in cache])
-    out = {}
-    for r in rows:
-        k = r // 2 if r >= 4 else 0  # a mask block in the second half, as verified forwards carry
-        x = mx.array([[1] * (r - k) + [MASK_ID] * k], mx.int32)
-        mask = BlockMask(causal_point=r - k) if k else "causal"
-        times = []
-        for i in range(repeats + 1):  # the first run warms up (graph, allocations) and is not counted
-            tic = time.perf_counter()
-            h = model.forward(x, mask=mask, cache=cache, return_hidden=True, mask_rows=k)
-            mx.eval(model.logits(h[0]).argmax(axis=-1))
-            if i:
-                times.append(time.perf_counter() - tic)
-            for c in cache:
-                c.trim(r)
-        out[r] = statistics.median(times)
-    return out
+    # a mask block in the second half, as verified forwards carry
+    return {r: time_forward(model, cache, r, r // 2 if r >= 4 else 0, repeats) for r in rows}
+
+
+def time_forward(model, cache, rows: int, masks: int, repeats: int) -> float:
+    """Median seconds of one decode forward of `rows` rows, the last `masks` of them a mask block, over `cache`
+    (left as it was)."""
+    x = mx.array([[1] * (rows - masks) + [MASK_ID] * masks], mx.int32)
+    mask = BlockMask(causal_point=rows - masks) if masks else "causal"
+    times = []
+    for i in range(repeats + 1):  # the first run warms up (graph, allocations) and is not counted
+        tic = time.perf_counter()
+        h = model.forward(x, mask=mask, cache=cache, return_hidden=True, mask_rows=masks)
+        mx.eval(model.logits(h[0]).argmax(axis=-1))
+        if i:
+            times.append(time.perf_counter() - tic)
+        for c in cache:
+            c.trim(rows)
+    return statistics.median(times)
 
 
 def row_cost(model, context: int = 256, refresh: bool = False) -> RowCost:

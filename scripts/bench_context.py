@@ -6,9 +6,7 @@ block over every key with no mask).
     python scripts/bench_context.py --contexts 512,2048,6000,8000 --rows 1,9,17
 """
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -19,8 +17,7 @@ from common import machine, save  # noqa: E402
 
 import mlx_sbd  # noqa: E402
 from mlx_sbd import attention  # noqa: E402
-from mlx_sbd.attention import BlockMask  # noqa: E402
-from mlx_sbd.model import MASK_ID  # noqa: E402
+from mlx_sbd.costs import time_forward  # noqa: E402
 
 
 def split_block_attention(q, k, v, scale, offset, causal_point):
@@ -33,22 +30,6 @@ def split_block_attention(q, k, v, scale, offset, causal_point):
     if causal_point < q.shape[2]:
         parts.append(mx.fast.scaled_dot_product_attention(q[:, :, causal_point:], k, v, scale=scale))
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
-
-
-def time_forward(model, cache, rows: int, repeats: int) -> float:
-    k = rows - 1 if rows > 1 else 0  # the linear layout after one committed token: x + k masks
-    x = mx.array([[1] * (rows - k) + [MASK_ID] * k], mx.int32)
-    mask = BlockMask(causal_point=rows - k) if k else "causal"
-    times = []
-    for i in range(repeats + 1):
-        tic = time.perf_counter()
-        h = model.forward(x, mask=mask, cache=cache, return_hidden=True, mask_rows=k)
-        mx.eval(model.logits(h[0]).argmax(axis=-1))
-        if i:
-            times.append(time.perf_counter() - tic)
-        for c in cache:
-            c.trim(rows)
-    return statistics.median(times)
 
 
 @click.command()
@@ -72,7 +53,8 @@ def main(contexts, row_counts, repeats, out):
         for name, fn in (("mask", reference), ("split", split_block_attention)):
             attention.block_attention = fn
             try:
-                t = {r: time_forward(model, cache, r, repeats) for r in row_counts}
+                # the linear layout after one committed token: x + (rows - 1) masks
+                t = {r: time_forward(model, cache, r, r - 1, repeats) for r in row_counts}
             finally:
                 attention.block_attention = reference
             results["seconds"][f"{ctx}/{name}"] = t
