@@ -124,7 +124,9 @@ def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_
         prefill(model, cache, ids, prefill_step_size, keep=1)
         auto = draft == "auto"
         drafter = Drafter(draft, lookup, has_adapter=model.sbd is not None, cost=cached_row_cost(model) if auto else None,
-                          block_size=block_size, layout=layout, acceptance=learned(model, block_size) if auto else None)
+                          block_size=block_size, layout=layout,
+                          # carried over only when greedy: a seed must give the same draws, so the same choices
+                          acceptance=learned(model, block_size) if auto and temp == 0 else None)
         return verified_steps(model, cache, drafter, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k, **common)
     if ntp_first:
         head, first = prefill_prompt(model, cache, ids, block_size, prefill_step_size)

@@ -225,7 +225,8 @@ def test_sbd_training_learns_block_decoding(tmp_path):
         correct = forwards = 0
         for ex in tests:
             text, last = "", None
-            for last in stream_generate(model, tokenizer, ex["prompt"], max_tokens=64, block_size=k, gamma=0.1):
+            for last in stream_generate(model, tokenizer, ex["prompt"], max_tokens=64, block_size=k, gamma=0.1,
+                                        draft="none" if k == 1 else "sbd"):
                 text += last.text
             correct += exact_match(text, ex["completion"])
             forwards += last.nfe

@@ -74,7 +74,7 @@ def test_gated_adapter_output_is_mlx_lm_on_the_base(base, gated):
     model, tokenizer = gated
     for p in PROMPTS:
         ids = encode_prompt(tokenizer, p)
-        got, steps = verified(model, tokenizer, ids, max_tokens=N, block_size=8, gamma=float("inf"))
+        got, steps = verified(model, tokenizer, ids, max_tokens=N, block_size=8, gamma=float("inf"), draft="sbd")
         assert got == reference(lm, ref_tok, ids), p
         assert steps[-1].drafted > 0
 
