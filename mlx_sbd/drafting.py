@@ -28,8 +28,8 @@ LOOKUP_MIN_NGRAM = 1
 LOOKUP_TOKENS = 12  # most lookup drafts per forward (auto sends fewer when they are unlikely to pass)
 
 
-def resolve_draft(draft: str, has_adapter: bool, block_size: Optional[int], verify: bool) -> str:
-    """The draft source a request gets -> one of sbd / lookup / both / none (plain next-token decoding).
+def resolve_draft(draft: str, block_size: Optional[int], verify: bool) -> str:
+    """The draft policy a request gets -> one of auto / sbd / lookup / both / none (plain next-token decoding).
 
     auto: block_size 1 asks for plain decoding; the lossy loop has only the mask block; otherwise auto (Drafter:
     chosen per forward from measured costs, with the mask block only for a model with an SBD adapter)."""
@@ -160,14 +160,9 @@ class Drafter:
         self.lookup = lookup if lookup is not None or not uses_lookup else PromptLookup()
         self.block_size = block_size if (mode in ("sbd", "both") or (mode == "auto" and has_adapter)) else 0
         self.cost = cost
-        self.stats = {"sbd": [0, 0], "lookup": [0, 0]}
         # acceptance per source: pass the same dict to every generation of a model to carry it over (learned())
         self.acceptance: Dict[object, Acceptance] = {} if acceptance is None else acceptance
         self.last_key = None
-
-    @property
-    def mask_block(self) -> bool:
-        return self.block_size > 0
 
     def propose(self, tokens: Sequence[int], masked: Optional[List[int]], limit: int) -> Tuple[List[int], str]:
         """(drafts, source) for the forward after `tokens` in the fixed modes. `masked`: the mask block's drafts when
@@ -199,13 +194,14 @@ class Drafter:
         best = None
         for drafts, source, key in options:
             expected = self._rate(key).expected(len(drafts))
-            p_all = [1.0] + [self._all(key, i) for i in range(1, len(drafts) + 1)]
-            for m in range(len(drafts) + 1):
+            # the chance all of the first i pass is the i-th term of the expected sum
+            p_all = [1.0] + [expected[i] - expected[i - 1] for i in range(1, len(expected))]
+            for m in range(len(expected)):  # (positions past Acceptance's size are never proposed)
                 # a tie goes to the mask block (its drafts are news the estimate cannot price yet)
                 for k in sorted({0, min(self.block_size, room - m)}, reverse=True):
                     if k == 1 or (k and m >= limit):
                         continue
-                    gain = max(0.0, sbd_gain[k - 1] - lookup_next) if k else 0.0
+                    gain = max(0.0, sbd_gain[min(k, len(sbd_gain)) - 1] - lookup_next) if k else 0.0
                     for predraft in (layouts if k and m else [False]):
                         # pre-drafting: m + 1 blocks, and the next drafts exist whatever passes
                         rows = pending + m + (m + 1 if predraft else 1) * k
@@ -221,15 +217,7 @@ class Drafter:
             self.acceptance[key] = Acceptance(PRIORS.get(("lookup", min(n, 3)), DEFAULT_PRIOR) if n else DEFAULT_PRIOR)
         return self.acceptance[key]
 
-    def _all(self, key, m: int) -> float:
-        a = self._rate(key)
-        p = 1.0
-        for j in range(min(m, len(a.tried))):
-            p *= a.passed[j] / a.tried[j]
-        return p
-
     def record(self, source: str, drafted: int, accepted: int) -> None:
-        s = self.stats[source]
-        s[0], s[1] = s[0] + drafted, s[1] + accepted
+        """Count how the last plan's drafts did (under its source and n-gram size)."""
         if drafted:
             self._rate(self.last_key if self.last_key is not None else source).record(drafted, accepted)

@@ -116,7 +116,7 @@ def stream_generate(
     measured on this device and the acceptance seen so far; the mask block only with an SBD adapter; block_size=1
     is none). `layout`: "linear" (one mask block after the drafts), "predraft" (one after each draft, so the next
     drafts exist whatever passes; more rows) or "auto" (auto chooses; fixed draft modes use linear)."""
-    draft = resolve_draft(draft, model.sbd is not None, block_size, verify)
+    draft = resolve_draft(draft, block_size, verify)
     if layout not in LAYOUTS:
         raise SBDError(f"layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
     block_size, gamma = default_settings(model, block_size, gamma)

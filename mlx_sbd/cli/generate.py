@@ -21,7 +21,7 @@ from ..samplers import SELECTORS, make_token_sampler
 )
 @click.option("--gamma", default=None, type=float, help="Entropy budget (nats): of the drafts proposed per forward (verified), or of what a forward reveals (--lossy; 0 = one token per forward). Default: the adapter's, else 0.1.")
 @click.option("--lossy", is_flag=True, help="The paper's loop: write the masked guesses straight into the answer (faster with a strong adapter, but the output is no longer the model's own). Default: verified decoding, lossless.")
-@click.option("--draft", default="auto", show_default=True, type=click.Choice(list(DRAFTS)), help="Where verified decoding's drafts come from: sbd (the adapter's mask block), lookup (n-grams of the prompt and answer: any model, no adapter), both, none (one token per forward), auto (both with an SBD adapter, lookup without).")
+@click.option("--draft", default="auto", show_default=True, type=click.Choice(list(DRAFTS)), help="Where verified decoding's drafts come from: sbd (the adapter's mask block), lookup (n-grams of the prompt and answer: any model, no adapter), both, none (one token per forward), auto (chosen per forward from the measured cost of rows and the acceptance seen; the mask block only with an SBD adapter).")
 @click.option("--layout", default="auto", show_default=True, type=click.Choice(list(LAYOUTS)), help="Verified forwards with the mask block: linear (one block after the drafts), predraft (one after each draft: the next drafts exist whatever passes, more rows), auto (--draft auto chooses from measured costs; fixed --draft modes use linear).")
 @click.option("--selector", "--sampler", "selector", default="entropy", show_default=True, type=click.Choice(sorted(SELECTORS)), help="--lossy: which masked positions to reveal each forward.")
 @click.option("--ntp-first/--masked-first", default=True, show_default=True, help="--lossy: each block's first open token from the causal (next-token) prediction, or from its mask as in the paper.")
@@ -47,7 +47,7 @@ def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gam
     if no_adapter and adapter_path:
         raise click.UsageError("--no-adapter and --adapter-path exclude each other")
     sbd_model, tokenizer = load(model, adapter_path=False if no_adapter else adapter_path, dtype=dtype)
-    source = resolve_draft(draft, sbd_model.sbd is not None, block_size, not lossy)
+    source = resolve_draft(draft, block_size, not lossy)
     if source == "auto":
         source = "auto (prompt lookup" + (" and the mask block)" if sbd_model.sbd is not None else ")")
         if sbd_model.sbd is None and verbose:
