@@ -33,14 +33,15 @@ Batch = Dict[str, mx.array]
 
 
 def make_batch(seqs: Sequence[Tuple[List[int], int]], k: int, rng: np.random.Generator, eta=None,
-               shift_blocks: bool = False) -> Batch:
+               shift_blocks: bool = False, trim: bool = True) -> Batch:
     """seqs: [(tokens, prompt offset)]. `eta` ([B]) overrides η ~ U(0,1) (tests use 0 and 1). `shift_blocks` moves
     each sequence's block grid by a random o ~ U{0..k-1} (masks.training_mask): verified decoding starts a mask block
     right after the last accepted token, at any offset, and drafts at offsets never trained are poor
     (VERIFIED_SBD.md trap 4). Drawn after the noise, so runs without it keep their random streams.
 
-    Returns tokens/positions [B, 2L] int32, mask [B, 1, 2L, 2L] bool, and [B, L] float32 targets/weights
-    for NTP (clean half) and MATP (noised half).
+    Returns tokens/positions [B, L + L - s] int32, mask [B, 1, L + L - s, L + L - s] bool, [B, L] targets/weights
+    for NTP (clean half) and [B, L - s] for MATP (the noised half from position s, see below; s = 0 without a
+    prompt).
     """
     B = len(seqs)
     lengths = np.array([len(s) for s, _ in seqs])
@@ -59,16 +60,22 @@ def make_batch(seqs: Sequence[Tuple[List[int], int]], k: int, rng: np.random.Gen
     ntp_targets[:, :-1] = clean[:, 1:]
     ntp_weights = (pos + 1 < lengths[:, None]) & (pos + 1 >= offsets[:, None])
     shifts = rng.integers(0, k, size=B).astype(np.int32) if shift_blocks else np.zeros(B, np.int32)
+    # The noised half starts at s, the first block (of any sequence) that holds an answer token: a noised row sees
+    # only its own block's noised rows, so the noised copies of whole prompt blocks are never seen by a masked row
+    # and cost a forward and backward for nothing. Rounded down to PAD_TO (few shapes); the losses are unchanged.
+    first_block = np.maximum(((offsets + shifts) // k) * k - shifts, 0)
+    s = int(first_block.min() // PAD_TO * PAD_TO) if trim else 0  # trim=False: the whole noised copy (tests)
+    positions = np.concatenate([np.arange(L), np.arange(s, L)]).astype(np.int32)
 
     return {
-        "tokens": mx.array(np.concatenate([clean, noised], axis=1)),  # [B, 2L]
-        "positions": mx.array(np.broadcast_to(np.tile(np.arange(L), 2), (B, 2 * L)).astype(np.int32)),
-        "mask": training_mask(L, k, mx.array(lengths.astype(np.int32)), mx.array(shifts)),  # [B, 1, 2L, 2L]
+        "tokens": mx.array(np.concatenate([clean, noised[:, s:]], axis=1)),  # [B, L + L - s]
+        "positions": mx.array(np.broadcast_to(positions, (B, positions.size))),
+        "mask": training_mask(L, k, mx.array(lengths.astype(np.int32)), mx.array(shifts), noised_from=s),
         "block_shifts": mx.array(shifts),  # [B]: each sequence's grid shift o (0 unless shift_blocks)
-        "ntp_targets": mx.array(ntp_targets),
+        "ntp_targets": mx.array(ntp_targets),  # [B, L]
         "ntp_weights": mx.array(ntp_weights.astype(np.float32)),
-        "matp_targets": mx.array(clean),
-        "matp_weights": mx.array(masked.astype(np.float32)),
+        "matp_targets": mx.array(clean[:, s:]),  # [B, L - s]
+        "matp_weights": mx.array(masked[:, s:].astype(np.float32)),
     }
 
 

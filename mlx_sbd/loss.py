@@ -16,6 +16,8 @@ constant then and is computed only to be logged.
 block of the training mask makes it an ordinary forward, so it costs half the doubled input and trains no MATP.
 """
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -36,8 +38,16 @@ def sbd_loss(model, batch: Batch):
     return ntp + matp, ntp, matp, n_ntp
 
 
-def gated_sbd_loss(model, batch: Batch):
-    """sbd_loss for a gated adapter, in two passes (see above): same masks, same normalisation, same tuple."""
+def gated_sbd_loss(model, batch: Batch, targets: str = "data"):
+    """sbd_loss for a gated adapter, in two passes (see above): same masks, same normalisation; -> the tuple of
+    sbd_loss plus `hits`, the masked positions whose argmax is the base's next token there (teacher-forced: the
+    clean half's argmax at the previous position), i.e. drafts the verifier would accept after a correct prefix.
+
+    targets (TARGETS): what a masked position j learns. "data": the data token x_j (on the base model's own greedy
+    answers it is the base's next token, what the verifier accepts). "soft": the base's whole next-token distribution
+    at j, softmax of the clean half's logits at j-1, computed in this same forward, so any text is training data
+    (VERIFIED_SBD.md §2). "base": that distribution's argmax. Position 0 has no previous row: its target is x_0.
+    """
     from .model import PrefixKV
 
     L = batch["ntp_targets"].shape[1]
@@ -45,15 +55,28 @@ def gated_sbd_loss(model, batch: Batch):
     kv = [PrefixKV() for _ in model.layers]
     h = model.forward(tokens[:, :L], positions=positions[:, :L], mask="causal", cache=kv, return_hidden=True,
                       checkpoint=False)  # base weights (mask_rows=0): padding sits at the end, causal suffices
-    ntp_logits = mx.stop_gradient(model.logits(h)).astype(mx.float32)
+    base = mx.stop_gradient(model.logits(h)).astype(mx.float32)  # [B, L, V]: the base's next-token logits
     logits = model.forward(tokens[:, L:], positions=positions[:, L:], mask=mask[..., L:, :], cache=kv,
-                           mask_rows=L, checkpoint=model.grad_checkpoint).astype(mx.float32)  # [B, L, V]
-    ntp_ce = nn.losses.cross_entropy(ntp_logits, batch["ntp_targets"]) * batch["ntp_weights"]
-    matp_ce = nn.losses.cross_entropy(logits, batch["matp_targets"]) * batch["matp_weights"]
+                           mask_rows=L, checkpoint=model.grad_checkpoint).astype(mx.float32)  # [B, n, V]
+    ntp_ce = nn.losses.cross_entropy(base, batch["ntp_targets"]) * batch["ntp_weights"]
+    data = batch["matp_targets"]  # [B, n]: the noised half holds positions L-n..L-1 (batches.make_batch)
+    n = data.shape[1]
+    prev = mx.concatenate([base[:, :1], base[:, :-1]], axis=1)[:, L - n:]  # prev[:, i]: logits for token L-n+i
+    first = (mx.arange(L - n, L) == 0)[None]  # position 0 has no previous row: its data token
+    base_next = mx.where(first, data, mx.argmax(prev, axis=-1).astype(data.dtype))  # [B, n]
+    if targets == "data":
+        matp_ce = nn.losses.cross_entropy(logits, data)
+    elif targets == "base":
+        matp_ce = nn.losses.cross_entropy(logits, base_next)
+    else:  # soft: cross-entropy against the base's distribution, logsumexp(z) - sum_v p_v z_v
+        soft = mx.logsumexp(logits, axis=-1) - (mx.softmax(prev, axis=-1) * logits).sum(axis=-1)
+        matp_ce = mx.where(first, nn.losses.cross_entropy(logits, data), soft)
+    weights = batch["matp_weights"]
+    hits = ((mx.argmax(logits, axis=-1) == base_next) * weights).sum()
     n_ntp = batch["ntp_weights"].sum()
     ntp = ntp_ce.sum() / mx.maximum(n_ntp, 1)
-    matp = matp_ce.sum() / mx.maximum(batch["matp_weights"].sum(), 1)
-    return ntp + matp, ntp, matp, n_ntp
+    matp = (matp_ce * weights).sum() / mx.maximum(weights.sum(), 1)
+    return ntp + matp, ntp, matp, n_ntp, hits
 
 
 def ntp_loss(model, batch: Batch):
@@ -68,7 +91,13 @@ def ntp_loss(model, batch: Batch):
 
 
 LOSSES = {"sbd": sbd_loss, "ntp": ntp_loss}
+TARGETS = ("data", "soft", "base")  # what a gated adapter's masked positions learn (gated_sbd_loss)
+NOISES = ("uniform", "full")  # η ~ U(0, 1) per sequence (the paper), or every eligible token masked (batches.py)
 
 
-def loss_for(objective: str, gated: bool):
-    return gated_sbd_loss if gated and objective == "sbd" else LOSSES[objective]
+def loss_for(objective: str, gated: bool, targets: str = "data"):
+    """The loss of a run -> fn(model, batch) -> (loss, ntp, matp, ntokens, hits); hits is 0 where not measured."""
+    if gated and objective == "sbd":
+        return partial(gated_sbd_loss, targets=targets)
+    fn = LOSSES[objective]
+    return lambda model, batch: (*fn(model, batch), mx.array(0.0))

@@ -12,18 +12,22 @@ from typing import Optional
 import mlx.core as mx
 
 
-def training_mask(L: int, k: int, lengths: Optional[mx.array] = None, offsets: Optional[mx.array] = None) -> mx.array:
+def training_mask(L: int, k: int, lengths: Optional[mx.array] = None, offsets: Optional[mx.array] = None,
+                  noised_from: int = 0) -> mx.array:
     """Mask for the doubled sequence: [2L, 2L], or [B, 1, 2L, 2L] when `lengths` ([B]) marks padding.
 
     Blocks cover positions [b*k - o, (b+1)*k - o) for a grid shift o per sequence (`offsets` [B], default 0): verified
     decoding starts a block right after the last accepted token, anywhere, so gated training shifts the grid at
     random. Padding (position >= length) is never attended to. A padding query attends only to itself, so no row
     is all-False (such rows are undefined in MLX, SBD_METHOD.md trap 9); its outputs are dropped by the loss.
+    `noised_from` = s: the noised half holds positions s..L-1 only (batches.make_batch drops blocks of prompt that no
+    masked row can see), so the mask is [L + L - s] square: the doubled mask's rows and columns without those.
     """
-    idx = mx.arange(2 * L)
+    pos = mx.concatenate([mx.arange(L), mx.arange(noised_from, L)])  # both halves share positions
+    idx = mx.arange(pos.size)
     q, kv = idx[:, None], idx[None, :]
     q_clean, kv_clean = q < L, kv < L
-    q_pos, kv_pos = q % L, kv % L  # both halves share positions 0..L-1
+    q_pos, kv_pos = pos[:, None], pos[None, :]
     shift = 0 if offsets is None else offsets.reshape(-1, 1, 1)  # [B, 1, 1]
     q_blk, kv_blk = (q_pos + shift) // k, (kv_pos + shift) // k  # block ids on the (shifted) grid
     clean_rows = q_clean & kv_clean & (kv_pos <= q_pos)

@@ -4,7 +4,7 @@ Tasks are built from real text on disk (the Python standard library this interpr
   typehints  "Rewrite this function with type hints": functions of standard-library modules
   bugfix     "Fix the bug in this function": the same kind of function with one operator changed
   passage    "Answer from this passage": paragraphs of the Python language reference (pydoc_data.topics)
-  chat       plain questions (make_distill_data's held-out prompts), where lookup finds little
+  chat       plain questions (stdlib_text's held-out prompts), where lookup finds little
 Rows, all greedy on the same base weights (so every output must equal mlx_lm's; the script counts it):
   mlx_lm     mlx_lm.stream_generate on the base loaded by mlx_lm itself (the baseline)
   ntp        mlx-sbd one token per forward (draft none)
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, save  # noqa: E402
-from make_distill_data import build_prompts  # noqa: E402
+from mlx_sbd.stdlib_text import chat_prompts, split_modules  # noqa: E402
 
 import mlx_sbd  # noqa: E402
 from mlx_sbd.drafting import PromptLookup  # noqa: E402
@@ -98,7 +98,7 @@ def tasks(split: str, n: int, seed: int = 0) -> dict:
                           f"```python\n{src.replace(old, new, 1)}\n```")
     passage = [f"Answer from this passage.\n\nPassage: {p}\n\nQuestion: What does the passage describe? Answer "
                "using its own words." for p in passages(split, n)]
-    chat = build_prompts(0)["test" if split == "test" else "valid"][:n]
+    chat = chat_prompts(split_modules(0)["test" if split == "test" else "valid"], 0)[:n]
     return {"typehints": typehints, "bugfix": bugfix[:n], "passage": passage, "chat": chat}
 
 

@@ -1,6 +1,6 @@
 """Greedy losslessness at scale: verified SBD decoding against mlx_lm.generate on the base weights.
 
-For each held-out prompt (make_distill_data's test split: questions about standard-library modules never seen in
+For each held-out prompt (stdlib_text's test split: questions about standard-library modules never seen in
 training, built offline from docstrings) both decode --max-tokens tokens greedily: mlx_lm on the base model
 loaded by mlx_lm itself, and mlx-sbd's verified decoding with the adapter. Prints, per setting, how many outputs
 are token-identical (the guarantee), tokens per forward and the draft acceptance rate; saves every output as JSON.
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, save  # noqa: E402
-from make_distill_data import build_prompts  # noqa: E402
+from mlx_sbd.stdlib_text import chat_prompts, split_modules  # noqa: E402
 
 import mlx_sbd  # noqa: E402
 from mlx_sbd.generate import encode_prompt  # noqa: E402
@@ -56,7 +56,7 @@ def main(model, adapter_path, reference, n_prompts, max_tokens, settings, out):
         ref_fn = lambda ids: mlx_lm_greedy(lm, ref_tok, ids, max_tokens)  # noqa: E731
     else:
         ref_fn = lambda ids: sbd(sbd_model, tokenizer, ids, max_tokens=max_tokens, block_size=1)[0]  # noqa: E731
-    prompts = build_prompts(0)["test"][:n_prompts]
+    prompts = chat_prompts(split_modules(0)["test"], 0)[:n_prompts]
     pairs = [(int(k), float(g)) for k, g in (s.split(":") for s in settings.split(","))]
     rows = {p: {"identical": 0, "tokens": 0, "nfe": 0, "drafted": 0, "accepted": 0, "seconds": 0.0} for p in pairs}
     outputs = []

@@ -17,7 +17,6 @@ Wall-clock tokens/s against mlx_lm.generate is scripts/bench_decode.py. Prints t
 
 import inspect
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, save  # noqa: E402
-from make_distill_data import documented, split_modules  # noqa: E402
+from mlx_sbd.stdlib_text import documented, split_modules  # noqa: E402
 
 import mlx_sbd  # noqa: E402
 from mlx_sbd.generate import encode_prompt  # noqa: E402
@@ -116,7 +115,7 @@ def agreement(ref_ids: list, ids: list) -> dict:
 def raw_doc_texts(seed: int, n: int) -> list:
     """Documentation text of the held-out (test) modules, which the base model never wrote."""
     texts = []
-    for name in split_modules(random.Random(seed))["test"]:
+    for name in split_modules(seed)["test"]:
         found = documented(name)
         doc = inspect.getdoc(found[0]) if found else None
         if doc and len(doc) > 200:

@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten
 from mlx_sbd import load
 from mlx_sbd.batches import make_batch
 from mlx_sbd.errors import SBDError
-from mlx_sbd.loss import sbd_loss
+from mlx_sbd.loss import loss_for, sbd_loss
 from mlx_sbd.train import TrainConfig, label_totals, shard, shard_loss, shard_rows, train
 
 SETTINGS = dict(iters=6, batch_size=4, learning_rate=1e-2, warmup=2, steps_per_save=3, steps_per_eval=4,
@@ -95,7 +95,7 @@ def test_shard_losses_and_gradients_sum_to_the_global_batch(setup):
         for key in ("tokens", "matp_weights", "ntp_targets"):  # the same noise as the global batch
             np.testing.assert_array_equal(np.array(part[key]), np.array(batch[key][rows]))
         np.testing.assert_array_equal(np.array(part["mask"]), np.array(batch["mask"][rows]))
-        (_, n, m), g = nn.value_and_grad(model, shard_loss)(model, part, totals, sbd_loss)
+        (_, n, m, _), g = nn.value_and_grad(model, shard_loss)(model, part, totals, loss_for("sbd", False))
         shares += (n.item(), m.item())
         grads.append(dict(tree_flatten(g)))
         means.append(sbd_loss(model, part)[1].item())

@@ -3,7 +3,6 @@ repro_table1's split of training and evaluation, bench_distributed on a training
 teacher-forced decoding, entropy_ceiling's EB count."""
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -22,18 +21,20 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import entropy_ceiling  # noqa: E402
 import eval_adapter  # noqa: E402
 import learning_curve  # noqa: E402
-import make_distill_data  # noqa: E402
 import repro_table1  # noqa: E402
+
+from mlx_sbd import stdlib_text  # noqa: E402
 
 
 def test_text_rows_never_come_from_held_out_modules():
-    modules = make_distill_data.split_modules(random.Random(0))
-    train = make_distill_data.doc_texts(modules["train"], 10_000, random.Random(0))
-    valid = make_distill_data.doc_texts(modules["valid"], 10_000, random.Random(0))
+    modules = stdlib_text.split_modules(0)
+    train = stdlib_text.doc_texts(modules["train"], 10_000, 0) + stdlib_text.code_texts(modules["train"], 10_000, 0)
+    valid = stdlib_text.doc_texts(modules["valid"], 10_000, 0)
     assert len(train) > 100 and valid
     held_out = eval_adapter.raw_doc_texts(0, 10_000)  # what eval_adapter scores as unseen documentation
+    held_out += [p[:200] for p in stdlib_text.code_prompts(modules["test"], 10_000, 0)]  # heldout's code prompts
     assert held_out
-    seen = {row["text"] for row in train + valid}
+    seen = set(train + valid)
     # A training row is a docstring cut at a paragraph break; none may start like a held-out module's docstring.
     assert not any(doc[:200] == text[:200] for doc in held_out for text in seen)
     assert set(modules["train"]).isdisjoint(modules["test"]) and set(modules["valid"]).isdisjoint(modules["test"])

@@ -45,6 +45,8 @@ YAML_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+
 @click.option("--init-adapter", default=None, help="Start from this adapter folder's weights (same LoRA shape), with a fresh optimizer and schedule.")
 @click.option("--no-compile", "no_compile", is_flag=True, default=None, help="Run the step eagerly (skips mx.compile).")
 @click.option("--ungated", is_flag=True, default=None, help="Train the paper's way: LoRA on every row, which changes the causal path too. Default: gated LoRA (mask-block rows only; the causal path stays the base model, so verified decoding gives the base model's output).")
+@click.option("--targets", default=None, type=click.Choice(["data", "soft", "base"]), help="What a gated adapter's masked positions learn: the data token, or the base model's own next-token distribution (soft) or its argmax (base), read off the clean half of the same forward, so any text trains it. Default: data")
+@click.option("--noise", default=None, type=click.Choice(["uniform", "full"]), help="Masking: the paper's rate eta ~ U(0,1) per sequence (uniform), or every answer token masked (full: the only blocks verified decoding runs). Default: uniform")
 @click.option("-c", "--config", "config_file", default=None, type=click.Path(), help="YAML file of TrainConfig settings.")
 def command(config_file, no_compile, ungated, **flags):
     """Fine-tune a Llama/Qwen model with the SBD objective (NTP + masked-block prediction)."""

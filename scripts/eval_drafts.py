@@ -1,0 +1,50 @@
+"""Tokens per forward of verified decoding with each adapter's drafts alone, on held-out chat and code prompts.
+
+The prompts come from the standard library modules held out of every training set this project builds
+(mlx_sbd.heldout); decoding is greedy, verified, draft="sbd", gamma=inf (every block position drafted), so the
+number measures the adapter. Prints a table and writes the raw numbers as JSON.
+
+    python scripts/eval_drafts.py --adapter gated=mlx_sbd/adapters/smollm2-135m-instruct-sbd-gated --n 12
+"""
+
+import time
+
+import click
+from common import machine, save
+
+import mlx_sbd
+from mlx_sbd.heldout import KINDS, heldout_prompts, measure
+
+
+@click.command()
+@click.option("--adapter", "adapters", multiple=True, required=True, help="name=folder (repeatable).")
+@click.option("--model", default=None, help="Base model. Default: the built-in SmolLM2-135M-Instruct.")
+@click.option("--n", default=12, show_default=True, help="Prompts of each kind.")
+@click.option("--max-tokens", default=64, show_default=True)
+@click.option("--block-size", default=None, type=int, help="Default: the adapter's.")
+@click.option("--kinds", default=",".join(KINDS), show_default=True)
+@click.option("--out", default="results/eval_drafts.json", show_default=True)
+def main(adapters, model, n, max_tokens, block_size, kinds, out):
+    rows = []
+    prompts = None
+    for spec in adapters:
+        name, _, path = spec.partition("=")
+        m, tokenizer = mlx_sbd.load(model, adapter_path=path)
+        if prompts is None:
+            prompts = heldout_prompts(tokenizer, n, kinds=kinds.split(","))
+        for kind, ids in prompts.items():
+            tic = time.perf_counter()
+            r = measure(m, tokenizer, ids, max_tokens=max_tokens, block_size=block_size)
+            r.update(adapter=name, path=path, kind=kind, seconds=time.perf_counter() - tic)
+            rows.append(r)
+            print(f"{name:24s} {kind:5s} tokens/forward {r['tokens_per_forward']:.2f}  ({r['tokens']} tokens, "
+                  f"{r['forwards']} forwards, {r['seconds']:.0f} s)", flush=True)
+    save({"machine": machine(), "n": n, "max_tokens": max_tokens, "block_size": block_size, "rows": rows}, out)
+    print(f"raw results -> {out}")
+
+
+if __name__ == "__main__":
+    from mlx_sbd.backend import preload_openblas_and_reexec
+
+    preload_openblas_and_reexec()
+    main()
