@@ -9,6 +9,8 @@ and verified with the adapter's drafts alone (draft="sbd": no prompt lookup), so
 
 from typing import Dict, List
 
+from tqdm import tqdm
+
 from . import stdlib_text
 from .generate import encode_prompt, stream_generate
 
@@ -33,7 +35,7 @@ def measure(model, tokenizer, prompts: List[List[int]], max_tokens: int = 64, bl
     drafts every position of the block each forward, so the number is what the adapter's drafts can give."""
     tokens = forwards = 0
     per_prompt = []
-    for ids in prompts:
+    for ids in tqdm(prompts, desc="held-out prompts", unit="prompt", leave=False):
         last = None
         for last in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, block_size=block_size,
                                      gamma=gamma, draft=draft):

@@ -61,4 +61,5 @@ def global_sum(values: np.ndarray, world) -> np.ndarray:
     """Sum of a small float vector over the ranks (the identity for a single process)."""
     if world.size() == 1:
         return values
-    return np.array(mx.distributed.all_sum(mx.array(values, mx.float32), group=world))
+    # float64 on the way back: np.float32 scalars are not JSON numbers (the training log writes them)
+    return np.array(mx.distributed.all_sum(mx.array(values, mx.float32), group=world), dtype=np.float64)

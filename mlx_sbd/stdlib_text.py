@@ -161,19 +161,33 @@ def chat_prompts(modules: List[str], seed: int = 0) -> List[str]:
 
 def write_text_set(folder, n_train: int = 1024, n_valid: int = 32, seed: int = 0, code_share: float = 0.5) -> dict:
     """Write a training folder of plain-text rows ({"text"}: function sources and docstrings, `code_share` of them
-    code) from the train and valid modules; -> {split: rows written}. The data a run with soft targets
-    (loss.gated_sbd_loss) needs: the base model's own distributions are its labels, so no answers are generated."""
+    code) from the train and valid modules, unless it is there already; -> {split: rows}. The data a run with soft
+    targets (loss.gated_sbd_loss) needs: the base model's own distributions are its labels, so no answers are
+    generated. Files are written whole and renamed (every process of a distributed run may write them)."""
     import json
+    import os
     from pathlib import Path
 
+    from tqdm import tqdm
+
     folder = Path(folder)
+    if (folder / "train.jsonl").is_file() and (folder / "valid.jsonl").is_file():
+        return {split: (folder / f"{split}.jsonl").read_text().count("\n") for split in ("train", "valid")}
     folder.mkdir(parents=True, exist_ok=True)
     modules = split_modules(seed)
     counts = {}
     for split, n in (("train", n_train), ("valid", n_valid)):
-        n_code = round(n * code_share)
-        rows = code_texts(modules[split], n_code, seed) + doc_texts(modules[split], n - n_code, seed)
+        code, docs = [], []
+        for mod in tqdm(modules[split], desc=f"stdlib text ({split})", unit="module", leave=False):
+            code += code_texts([mod], 10**6, seed)
+            docs += doc_texts([mod], 10**6, seed)
+        random.Random(seed).shuffle(code)
+        random.Random(seed).shuffle(docs)
+        n_code = min(round(n * code_share), len(code))
+        rows = code[:n_code] + docs[: n - n_code]
         random.Random(seed).shuffle(rows)
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+        tmp = folder / f".{split}.jsonl.tmp{os.getpid()}"
+        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+        os.replace(tmp, folder / f"{split}.jsonl")
         counts[split] = len(rows)
     return counts

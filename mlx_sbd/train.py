@@ -41,6 +41,8 @@ from .sharding import broadcast, global_sum, label_totals, shard, shard_loss, sh
 from .train_config import TrainConfig, adapter_config
 
 __all__ = ["TrainConfig", "train", "lr_schedule", "TRAIN_LOG"]
+BUILTIN_DATA = "data"  # <adapter_path>/data: the built-in training set of a run without --data
+BUILTIN_ROWS = {"train": 2048, "valid": 32}
 
 
 @dataclass
@@ -57,9 +59,9 @@ class Reports:
 
     def report(self, step: int, world, lr: float, gated: bool) -> dict:
         ntp, matp, hits = global_sum(np.array([self.ntp, self.matp, self.hits]), world)
-        out = {"step": step, "ntp": ntp / self.steps, "matp": matp / self.steps}
+        out = {"step": step, "ntp": float(ntp) / self.steps, "matp": float(matp) / self.steps}
         if gated:  # teacher-forced: the share of drafts the verifier would accept after a correct prefix
-            out["draft_acc"] = hits / max(self.masked, 1)
+            out["draft_acc"] = float(hits) / max(self.masked, 1)
         return {**out, "tokens_per_s": self.tokens / self.seconds, "s_per_step": self.seconds / self.steps,
                 "grad_norm": self.grad_norm / self.steps, "lr": lr, "peak_memory_gb": mx.get_peak_memory() / 1e9}
 
@@ -87,7 +89,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         from .loading import load
 
         model, tokenizer = load(cfg.model, adapter_path=False)  # train from the plain base
-    train_set, valid_set, _ = load_dataset(cfg.data, tokenizer, cfg.max_seq_length, cfg.mask_prompt)
+    adapter_path = Path(cfg.adapter_path)
+    data = cfg.data if cfg.data is not None else builtin_data(adapter_path, main)
+    train_set, valid_set, _ = load_dataset(data, tokenizer, cfg.max_seq_length, cfg.mask_prompt)
     batch_order(train_set, cfg.batch_size)  # fail now, not at the first step, on a too-small dataset
     if valid_set and len(valid_set) < size:
         raise SBDError(f"valid.jsonl has {len(valid_set)} examples, fewer than the {size} processes; add examples")
@@ -97,7 +101,6 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())
     config = adapter_config(cfg, model)
-    adapter_path = Path(cfg.adapter_path)
     if cfg.init_adapter and main:  # start from a finished run's weights; a checkpoint of this run (--resume) wins
         load_adapter_weights(model, Path(cfg.init_adapter), f"--init-adapter {cfg.init_adapter}")
         tqdm.write(f"Starting from the weights of {cfg.init_adapter}")
@@ -176,6 +179,21 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     if main and start >= cfg.iters:  # resumed a finished run: just make sure the adapter is there
         save_adapter(model, adapter_path, config)
     return model
+
+
+def builtin_data(adapter_path: Path, main: bool) -> Path:
+    """The training folder of a run without --data: plain text of the Python standard library (its train and valid
+    modules; stdlib_text), written once into <adapter_path>/data and reused on --resume. With soft targets (the
+    gated default) text needs no answers: the base model's own next-token distributions are the labels."""
+    from . import stdlib_text
+
+    folder = adapter_path / BUILTIN_DATA
+    if main and not (folder / "train.jsonl").is_file():
+        tqdm.write(f"No --data: writing a training set from the Python standard library's source and docs to {folder}")
+    counts = stdlib_text.write_text_set(folder, BUILTIN_ROWS["train"], BUILTIN_ROWS["valid"])
+    if main:
+        tqdm.write(f"Built-in data: {counts['train']} training rows, {counts['valid']} validation rows ({folder})")
+    return folder
 
 
 def noised_batch(seqs, k: int, rng, cfg: TrainConfig):

@@ -10,10 +10,15 @@ from .loss import LOSSES, NOISES, TARGETS
 from .model import SBDSettings
 
 
+# What a gated run trains on unless told (measured in BENCHMARKS.md §8: the base's own distributions as targets on
+# fully masked blocks buy more accepted drafts per hour than the paper's data tokens at η ~ U(0, 1)).
+GATED_DEFAULTS = {"targets": "soft", "noise": "full"}
+
+
 @dataclass
 class TrainConfig:
     model: Optional[str] = None  # None: the built-in SmolLM2-135M-Instruct
-    data: str = "data"
+    data: Optional[str] = None  # None: built-in text (the standard library's source and docs, stdlib_text)
     adapter_path: str = "adapters"
     fine_tune_type: str = "lora"  # lora | dora | full
     objective: str = "sbd"  # sbd | ntp (the baseline: NTP loss only, no MATP term, no noised half)
@@ -44,10 +49,11 @@ class TrainConfig:
     gated: Optional[bool] = None
     shift_blocks: Optional[bool] = None  # random block grid shift per sequence (batches.make_batch); None: = gated
     # What a gated adapter's masked positions learn (loss.TARGETS): the data token, or the base's own next-token
-    # distribution ("soft") or its argmax ("base") from the clean half of the same forward. Gated runs only.
-    targets: str = "data"
+    # distribution ("soft") or its argmax ("base") from the clean half of the same forward. None: GATED_DEFAULTS
+    # for gated runs, "data" for the rest (soft and base need the causal path to be the base).
+    targets: Optional[str] = None
     # Masking (loss.NOISES): "uniform" = the paper's η ~ U(0, 1) per sequence; "full" = every eligible token masked,
-    # the only blocks verified decoding ever runs (a fully masked block after the accepted tokens). None: uniform.
+    # the only blocks verified decoding ever runs (a fully masked block after the accepted tokens). None: as targets.
     noise: Optional[str] = None
 
     def resolve_gating(self) -> None:
@@ -61,8 +67,10 @@ class TrainConfig:
                            "pass --ungated")
         if self.shift_blocks is None:
             self.shift_blocks = self.gated
-        if self.noise is None:
-            self.noise = "uniform"
+        defaults = GATED_DEFAULTS if self.gated else {"targets": "data", "noise": "uniform"}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.targets != "data" and not self.gated:
             raise SBDError(f"--targets {self.targets} learns from the base model's own distribution, which only a gated "
                            "adapter leaves unchanged; use --targets data with --ungated")
@@ -72,7 +80,7 @@ class TrainConfig:
         rank 0, no validation batch...) is an SBDError naming its flag."""
         if self.objective not in LOSSES:
             raise SBDError(f"--objective must be one of {', '.join(LOSSES)} (got '{self.objective}')")
-        if self.targets not in TARGETS:
+        if self.targets is not None and self.targets not in TARGETS:
             raise SBDError(f"--targets must be one of {', '.join(TARGETS)} (got {self.targets!r})")
         if self.noise is not None and self.noise not in NOISES:
             raise SBDError(f"--noise must be one of {', '.join(NOISES)} (got {self.noise!r})")
@@ -119,13 +127,11 @@ def adapter_config(cfg: TrainConfig, model) -> dict:
     }
 
 
-# ---------------------------------------------------------------- settings checks and the adapter folder's owner
+# ---------------------------------------------------------------- how settings are named and checked
 INTEGER_SETTINGS = ("num_layers", "batch_size", "iters", "warmup", "block_size_max", "max_seq_length",
                     "grad_accumulation_steps", "steps_per_report", "steps_per_eval", "val_batches", "steps_per_save",
                     "seed")
-
 FLAG_NAMES = {"steps_per_save": "--save-every", "gated": "gated (--ungated)"}  # flag is not --<name with dashes>
-
 NO_FLAG = ("objective", "min_learning_rate", "weight_decay", "shift_blocks")  # config-file (-c) keys only
 
 

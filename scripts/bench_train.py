@@ -5,7 +5,8 @@ table of seconds per step, tokens/s (real sequence tokens, counted once) and pea
 per-report numbers to --out. The first step (mx.compile tracing) is excluded from the averages.
 
 --compare trains, in interleaved rounds of --iters steps each, an NTP LoRA, a gated SBD LoRA (the default: the
-clean half once without backprop, the noised half with it) and an ungated SBD LoRA on the same batches, and
+clean half once without backprop, the noised half with it; soft targets, and once more with data targets) and an
+ungated SBD LoRA on the same batches, and
 prints each one's median s/step and peak memory with its ratio to the NTP step of the same round.
 """
 
@@ -37,6 +38,10 @@ def main():
     p.add_argument("--ungated", action="store_true", help="SBD the paper's way (LoRA on every row)")
     p.add_argument("--compare", action="store_true", help="NTP vs gated vs ungated SBD in interleaved rounds")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--data", default=None, help="A real training folder (e.g. chat rows with prompts) instead of "
+                   "synthetic text; sequences are cut at --seq-len, not padded to it")
+    p.add_argument("--mask-prompt", action="store_true", help="With --data: no loss on prompts (the gated step "
+                   "then skips the noised copies of whole prompt blocks)")
     p.add_argument("--out", default="results/bench_train.json")
     args = p.parse_args()
     if args.compare:
@@ -52,12 +57,13 @@ def main():
 def compare(args):
     import statistics
 
-    settings = {"ntp lora": ("ntp", False), "sbd gated lora": ("sbd", True), "sbd ungated lora": ("sbd", False)}
+    settings = {"ntp lora": ("ntp", False, None), "sbd gated lora": ("sbd", True, None),
+                "sbd gated lora, data targets": ("sbd", True, "data"), "sbd ungated lora": ("sbd", False, None)}
     runs = {name: [] for name in settings}
     for _ in range(args.rounds):
-        for name, (objective, gated) in settings.items():
-            runs[name].append(run(args, objective, gated))
-    print(f"\nmachine: {machine()}\nbatch {args.batch_size} x {args.seq_len} tokens, LoRA rank {args.lora_rank}, "
+        for name, (objective, gated, targets) in settings.items():
+            runs[name].append(run(args, objective, gated, targets))
+    print(f"\nmachine: {machine()}\ndata: {args.data or 'synthetic text'}, batch {args.batch_size} x {args.seq_len} tokens, LoRA rank {args.lora_rank}, "
           f"layers {args.num_layers}, {args.rounds} interleaved rounds of {args.iters} steps (first step of each excluded)")
     print("| setting | s/step (median) | range | x NTP step | peak GB | x NTP peak |\n|---|---|---|---|---|---|")
     rows = []
@@ -69,27 +75,30 @@ def compare(args):
         rows.append({"setting": name, "s_per_step": steps, "ratio_to_ntp": ratio, "peak_memory_gb": peak})
         print(f"| {name} | {statistics.median(steps):.2f} | {min(steps):.2f}-{max(steps):.2f} | "
               f"{statistics.median(ratio):.2f}x | {peak:.2f} | {peak / base_peak:.2f}x |")
-    save({"machine": machine(), "batch": [args.batch_size, args.seq_len], "rows": rows, "runs": runs}, args.out)
+    save({"machine": machine(), "data": args.data or "synthetic text", "mask_prompt": args.mask_prompt,
+          "batch": [args.batch_size, args.seq_len], "rows": rows, "runs": runs}, args.out)
 
 
-def run(args, objective: str, gated: bool) -> dict:
+def run(args, objective: str, gated: bool, targets=None) -> dict:
     import mlx.core as mx
 
     mx.reset_peak_memory()
     model, tokenizer = load(args.model, adapter_path=False)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
-        data.mkdir()
-        # Long enough that every sequence is cut to exactly seq_len tokens.
-        examples = make_examples("arithmetic", 40 * args.batch_size, seed=0)
-        texts = [" ".join(e["prompt"] + e["completion"] for e in examples[i : i + 40]) for i in range(0, len(examples), 40)]
-        (data / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        data = Path(args.data) if args.data else Path(tmp) / "data"
+        if not args.data:
+            data.mkdir()
+            # Long enough that every sequence is cut to exactly seq_len tokens.
+            examples = make_examples("arithmetic", 40 * args.batch_size, seed=0)
+            texts = [" ".join(e["prompt"] + e["completion"] for e in examples[i : i + 40])
+                     for i in range(0, len(examples), 40)]
+            (data / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         cfg = TrainConfig(
             model=args.model, data=str(data), adapter_path=str(Path(tmp) / "adapters"), iters=args.iters,
             batch_size=args.batch_size, max_seq_length=args.seq_len, num_layers=args.num_layers,
             lora_parameters={"rank": args.lora_rank, "scale": 20.0, "dropout": 0.0}, steps_per_report=1,
             steps_per_save=10**9, steps_per_eval=10**9, grad_checkpoint=args.grad_checkpoint, warmup=1,
-            objective=objective, gated=gated,
+            objective=objective, gated=gated, mask_prompt=args.mask_prompt, targets=targets,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the truncation warning is the point here
@@ -100,7 +109,7 @@ def run(args, objective: str, gated: bool) -> dict:
     summary = {
         "machine": machine(),
         "model": args.model or "SmolLM2-135M-Instruct (built-in)",
-        "objective": objective, "gated": gated,
+        "objective": objective, "gated": gated, "targets": targets or "default",
         "batch": f"{args.batch_size} x {args.seq_len} tokens"
         + (f" (doubled input {2 * args.seq_len})" if objective == "sbd" else ""),
         "lora": f"rank {args.lora_rank}, layers {args.num_layers}", "grad_checkpoint": args.grad_checkpoint,

@@ -176,7 +176,7 @@ def test_two_processes_equal_one(setup, reference, tmp_path):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), key
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
-    assert out.count("val NTP") == 2  # two evaluations, printed once each (rank 0)
+    assert out.count("val_ntp") == 2  # two evaluations, printed once each (rank 0)
 
 
 @pytest.mark.slow

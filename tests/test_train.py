@@ -150,6 +150,7 @@ def test_cli_train_generate_fuse_generate(setup, tmp_path):
                                  "--iters", "3", "--batch-size", "4", "-c", str(config), "--lora-rank", "2",
                                  "--ungated"])  # an ungated adapter can be fused
     assert result.exit_code == 0, result.output
+    assert "Held-out prompts (8 chat, 8 code" in result.output and "tokens per forward" in result.output
     written = json.loads((adapters / "adapter_config.json").read_text())
     assert written["lora_parameters"]["rank"] == 2 and written["lora_parameters"]["scale"] == 4.0  # flag beats file
     assert written["sbd"]["block_size_max"] == 4
@@ -390,3 +391,29 @@ def test_trimmed_noised_half_gives_the_same_loss_and_gradients(setup, gated, tar
     g, r = dict(tree_flatten(t_grad)), dict(tree_flatten(f_grad))
     for key in r:
         assert np.abs(np.array(g[key]) - np.array(r[key])).max() <= 1e-4 * (np.abs(np.array(r[key])).max() + 1e-6), key
+
+
+@pytest.mark.slow
+def test_cli_train_without_data_builds_the_builtin_text_set(setup, tmp_path):
+    """No --data: the run writes plain text of the standard library's train/valid modules into <adapter>/data and
+    trains a gated adapter on the base's own distributions (soft targets, full masking); the last line reports
+    tokens per forward on held-out prompts. --resume reuses the written data."""
+    from mlx_sbd import stdlib_text
+
+    base, _ = setup
+    adapters = tmp_path / "ad"
+    args = ["train", "--model", str(base), "--adapter-path", str(adapters), "--iters", "2", "--batch-size", "2",
+            "--max-seq-length", "64", "--block-size-max", "4", "--no-compile", "--heldout", "2"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line)["text"] for line in (adapters / "data" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) > 1000 and any(r.startswith("def ") for r in rows) and not all(r.startswith("def ") for r in rows)
+    held_out = stdlib_text.code_prompts(stdlib_text.split_modules(0)["test"], 10_000, 0)
+    assert not any(r.startswith(p[:120]) for p in held_out for r in rows)  # never a held-out module's function
+    training = json.loads((adapters / "adapter_config.json").read_text())["sbd"]["training"]
+    assert training["data"] is None and training["targets"] == "soft" and training["noise"] == "full"
+    assert "Held-out prompts (2 chat, 2 code" in result.output
+    mtime = (adapters / "data" / "train.jsonl").stat().st_mtime
+    result = CliRunner().invoke(cli, args[:-2] + ["--heldout", "0", "--iters", "3", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert (adapters / "data" / "train.jsonl").stat().st_mtime == mtime and "Held-out" not in result.output

@@ -18,7 +18,7 @@ YAML_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+
 
 @click.command("train")
 @click.option("--model", default=None, help="Base model (HF repo, folder or .gguf). Default: built-in SmolLM2-135M-Instruct.")
-@click.option("--data", default=None, help="Folder with train.jsonl (and valid.jsonl, test.jsonl). Default: data")
+@click.option("--data", default=None, help="Folder with train.jsonl (and valid.jsonl, test.jsonl). Default: none, built-in text (the Python standard library's own source and docs, written to <adapter-path>/data), labelled by the base model itself (--targets soft)")
 @click.option("--adapter-path", default=None, help="Where the adapter and its checkpoints go. Default: adapters")
 @click.option("--fine-tune-type", default=None, type=click.Choice(["lora", "dora", "full"]), help="Default: lora")
 @click.option("--num-layers", default=None, type=int, help="Blocks (from the top) that get LoRA layers; -1 = all. Default: 16")
@@ -45,10 +45,11 @@ YAML_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+
 @click.option("--init-adapter", default=None, help="Start from this adapter folder's weights (same LoRA shape), with a fresh optimizer and schedule.")
 @click.option("--no-compile", "no_compile", is_flag=True, default=None, help="Run the step eagerly (skips mx.compile).")
 @click.option("--ungated", is_flag=True, default=None, help="Train the paper's way: LoRA on every row, which changes the causal path too. Default: gated LoRA (mask-block rows only; the causal path stays the base model, so verified decoding gives the base model's output).")
-@click.option("--targets", default=None, type=click.Choice(["data", "soft", "base"]), help="What a gated adapter's masked positions learn: the data token, or the base model's own next-token distribution (soft) or its argmax (base), read off the clean half of the same forward, so any text trains it. Default: data")
-@click.option("--noise", default=None, type=click.Choice(["uniform", "full"]), help="Masking: the paper's rate eta ~ U(0,1) per sequence (uniform), or every answer token masked (full: the only blocks verified decoding runs). Default: uniform")
+@click.option("--targets", default=None, type=click.Choice(["data", "soft", "base"]), help="What a gated adapter's masked positions learn: the data token, or the base model's own next-token distribution (soft) or its argmax (base), read off the clean half of the same forward, so any text trains it. Default: soft for gated runs, data with --ungated")
+@click.option("--noise", default=None, type=click.Choice(["uniform", "full"]), help="Masking: the paper's rate eta ~ U(0,1) per sequence (uniform), or every answer token masked (full: the only blocks verified decoding runs). Default: full for gated runs, uniform with --ungated")
+@click.option("--heldout", default=8, show_default=True, type=int, help="After training, measure the adapter's tokens per forward (verified greedy decoding, its own drafts) on this many held-out chat and code prompts; 0 skips.")
 @click.option("-c", "--config", "config_file", default=None, type=click.Path(), help="YAML file of TrainConfig settings.")
-def command(config_file, no_compile, ungated, **flags):
+def command(config_file, no_compile, ungated, heldout, **flags):
     """Fine-tune a Llama/Qwen model with the SBD objective (NTP + masked-block prediction)."""
     from ..train import TrainConfig, train
 
@@ -73,8 +74,26 @@ def command(config_file, no_compile, ungated, **flags):
     train(cfg)
     import mlx.core as mx
 
-    if mx.distributed.init().rank() == 0:  # under mlx.launch: one line, not one per process
-        click.echo(f"Adapter written to {cfg.adapter_path}")
+    if mx.distributed.init().rank() != 0:  # under mlx.launch: one report, not one per process
+        return
+    click.echo(f"Adapter written to {cfg.adapter_path}")
+    if heldout > 0 and cfg.objective == "sbd":
+        click.echo(heldout_line(cfg, heldout))
+
+
+def heldout_line(cfg, n: int) -> str:
+    """What the new adapter gives, measured: tokens per forward on held-out prompts (mlx_sbd.heldout)."""
+    from ..heldout import heldout_prompts, measure
+    from ..loading import load
+
+    model, tokenizer = load(cfg.model, adapter_path=cfg.adapter_path)
+    parts = []
+    for kind, prompts in heldout_prompts(tokenizer, n).items():
+        r = measure(model, tokenizer, prompts, max_tokens=64)
+        parts.append(f"{r['tokens_per_forward']:.2f} on {kind}")
+    same = "the base model's output, token for token" if cfg.gated else "the adapter's own one-token output"
+    return (f"Held-out prompts ({n} chat, {n} code, 64 tokens each): tokens per forward of verified decoding with "
+            f"the adapter's drafts: {', '.join(parts)} (greedy output: {same})")
 
 
 def read_yaml(path) -> dict:
