@@ -49,9 +49,15 @@ class GatedLoRALinear(LoRALinear):
         y = self.linear(x)
         if n == 0:
             return y
-        z = (self.dropout(x[..., T - n :, :]) @ self.lora_a) @ self.lora_b
-        tail = y[..., T - n :, :] + (self.scale * z).astype(x.dtype)
-        return tail if n == T else mx.concatenate([y[..., : T - n, :], tail], axis=-2)
+        # Few ops, not few flops: the rank-r product runs on every row, the gate column zeroes it on causal rows,
+        # and addmm adds it in. Slicing the mask rows out and concatenating them back cost twice the ops (a forward
+        # has one such layer per projection per block, and on small models every op's dispatch shows).
+        xa = self.dropout(x) @ self.lora_a
+        if n < T:
+            xa = xa * self.gate.column(T, xa.dtype)
+        if xa.dtype != y.dtype:  # a half-precision base: add the product in float32, then cast (mlx_lm's rounding)
+            return y + (self.scale * (xa @ self.lora_b)).astype(y.dtype)
+        return mx.addmm(y, xa, self.lora_b, alpha=self.scale)
 
 
 class GatedDoRALinear(DoRALinear):

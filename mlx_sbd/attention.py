@@ -55,8 +55,18 @@ def block_attention(q, k, v, scale: float, offset: int, causal_point: int) -> mx
     out = metal_block_attention(q, k, v, scale, offset, causal_point)
     if out is not None:
         return out
-    mask = inference_mask(q.shape[2], offset, causal_point)
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=step_mask(q.shape[2], offset, causal_point))
+
+
+_step_mask = [None, None]  # (key, mask) of the forward now running: every layer asks for the same one
+
+
+def step_mask(q_len: int, offset: int, causal_point: int) -> mx.array:
+    """masks.inference_mask, built once per forward instead of once per layer (a few ops each, dozens of layers)."""
+    key = (q_len, offset, causal_point)
+    if _step_mask[0] != key:
+        _step_mask[:] = key, inference_mask(q_len, offset, causal_point)
+    return _step_mask[1]
 
 
 def span_attention(q, k, v, scale: float, mask: SpanMask) -> mx.array:

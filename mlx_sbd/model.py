@@ -28,6 +28,14 @@ class Gate:
     One per model, shared by its gated LoRA layers (adapter.py); SBDModel.forward sets it."""
 
     rows = 0
+    _column = None  # ((T, rows, dtype), [T, 1]): built once per forward, shared by every gated layer
+
+    def column(self, T: int, dtype) -> mx.array:
+        """[T, 1]: 1 on the last `rows` of T rows (mask rows), 0 on the others."""
+        key = (T, self.rows, dtype)
+        if self._column is None or self._column[0] != key:
+            self._column = (key, (mx.arange(T) >= T - self.rows).astype(dtype)[:, None])
+        return self._column[1]
 
 
 @dataclass(frozen=True)
