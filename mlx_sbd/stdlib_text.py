@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import inspect
 import random
+import re
 import sys
 import warnings
 from typing import Dict, List, Optional
@@ -112,6 +113,14 @@ def documented(mod_name: str):
                      if not name.startswith("_") and callable(obj) and getattr(obj, "__module__", None) == mod_name]
 
 
+def each_documented(modules: List[str]):
+    """(name, module, its callables) of each module of `modules` that imports here (documented), in order."""
+    for mod_name in modules:
+        found = documented(mod_name)
+        if found is not None:
+            yield (mod_name, *found)
+
+
 def first_paragraph(doc: str, limit: int = 320) -> str:
     return inspect.cleandoc(doc).split("\n\n")[0].strip()[:limit]
 
@@ -120,11 +129,7 @@ def doc_texts(modules: List[str], n: int, seed: int = 0, limit: int = 1200) -> L
     """Up to n plain-text rows: whole docstrings (cut at a paragraph break before `limit` characters) of the
     modules and of their public callables, in a seeded random order."""
     texts = []
-    for mod_name in modules:
-        found = documented(mod_name)
-        if found is None:
-            continue
-        mod, callables = found
+    for _, mod, callables in each_documented(modules):
         for doc in [inspect.getdoc(mod)] + [doc for _, _, doc in callables]:
             if not doc or len(doc) < 200:
                 continue
@@ -140,18 +145,15 @@ def chat_prompts(modules: List[str], seed: int = 0) -> List[str]:
     """Questions a user might ask about the modules (their docstrings in instruction templates), seeded order."""
     rng = random.Random(seed)
     items = []
-    for mod_name in modules:
-        found = documented(mod_name)
-        if found is None:
-            continue
-        mod, callables = found
+    for mod_name, mod, callables in each_documented(modules):
         if mod.__doc__ and len(mod.__doc__) > 40:
             items += [t.format(mod=mod_name, doc=first_paragraph(mod.__doc__)) for t in MODULE_TEMPLATES]
         for name, obj, doc in callables:
             if not doc or len(doc) < 40:
                 continue
             try:
-                sig = str(inspect.signature(obj))
+                # defaults like <object object at 0x7f...> name an address: the same prompt in every process
+                sig = re.sub(r" at 0x[0-9a-fA-F]+", "", str(inspect.signature(obj)))
             except (TypeError, ValueError):
                 sig = "(...)"
             items.append(rng.choice(TEMPLATES).format(name=f"{mod_name}.{name}", sig=sig, doc=first_paragraph(doc)))

@@ -42,6 +42,8 @@ def main(out, n_train, n_valid, n_test, n_synthetic, n_text, max_tokens, seed, b
     out.mkdir(parents=True, exist_ok=True)
     for split, n in {"test": n_test, "valid": n_valid, "train": n_train}.items():
         path = out / f"{split}.jsonl"
+        if n == 0:  # no file rather than an empty one, which training refuses
+            continue
         done = path.read_text().count("\n") if path.exists() else 0  # resume a stopped run
         todo = prompts[split][done:n]
         with open(path, "a") as f, tqdm(desc=f"{split} answers", initial=done, total=n) as bar:
@@ -61,7 +63,7 @@ def main(out, n_train, n_valid, n_test, n_synthetic, n_text, max_tokens, seed, b
     modules = split_modules(seed)
     rng = random.Random(seed)
     for split in ("train", "valid", "test"):
-        lines = (out / f"{split}.jsonl").read_text().splitlines()
+        lines = (out / f"{split}.jsonl").read_text().splitlines() if (out / f"{split}.jsonl").is_file() else []
         if split != "test":
             count = n_synthetic if split == "train" else max(n_synthetic // 10, 2)
             for task in ("arithmetic", "reverse"):
@@ -72,6 +74,8 @@ def main(out, n_train, n_valid, n_test, n_synthetic, n_text, max_tokens, seed, b
                 texts = doc_texts(modules[split], n_text if split == "train" else max(n_text // 10, 2), seed)
                 lines += [json.dumps({"text": t}) for t in texts]
         rng.shuffle(lines)
+        if not lines:
+            continue
         (mix / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
         print(f"{mix / split}.jsonl: {len(lines)} rows")
 

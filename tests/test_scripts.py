@@ -40,6 +40,15 @@ def test_text_rows_never_come_from_held_out_modules():
     assert set(modules["train"]).isdisjoint(modules["test"]) and set(modules["valid"]).isdisjoint(modules["test"])
 
 
+def test_held_out_prompts_are_the_same_in_every_process():
+    """Prompts quote signatures; a default like <object object at 0x7f...> would make them differ between runs."""
+    code = ("import hashlib; from mlx_sbd import stdlib_text as s; m = s.split_modules(0)['test']; "
+            "print(hashlib.sha256(repr((s.chat_prompts(m), s.code_prompts(m, 50))).encode()).hexdigest())")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(runs) == 1
+
+
 @pytest.mark.slow
 def test_repro_table1_trains_one_model_per_process_then_evaluates(tmp_path):
     """`--train-only sbd` trains the pretrained base and the SBD model and nothing else; the plain command then
