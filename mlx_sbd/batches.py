@@ -66,6 +66,13 @@ def make_batch(seqs: Sequence[Tuple[List[int], int]], k: int, rng: np.random.Gen
     first_block = np.maximum(((offsets + shifts) // k) * k - shifts, 0)
     s = int(first_block.min() // PAD_TO * PAD_TO) if trim else 0  # trim=False: the whole noised copy (tests)
     positions = np.concatenate([np.arange(L), np.arange(s, L)]).astype(np.int32)
+    # Draft positions: masked tokens after another masked token of their block. The first masked token of a block
+    # sees everything before it, as the causal row before it does; verified decoding takes that token from the
+    # causal row and uses the block's later rows as drafts (decode.verify_step), so only these are drafts.
+    block = (pos + shifts[:, None]) // k
+    after_masked = np.zeros_like(masked)
+    after_masked[:, 1:] = masked[:, :-1] & (block[:, 1:] == block[:, :-1])
+    drafts = masked & after_masked
 
     return {
         "tokens": mx.array(np.concatenate([clean, noised[:, s:]], axis=1)),  # [B, L + L - s]
@@ -76,6 +83,7 @@ def make_batch(seqs: Sequence[Tuple[List[int], int]], k: int, rng: np.random.Gen
         "ntp_weights": mx.array(ntp_weights.astype(np.float32)),
         "matp_targets": mx.array(clean[:, s:]),  # [B, L - s]
         "matp_weights": mx.array(masked[:, s:].astype(np.float32)),
+        "draft_weights": mx.array(drafts[:, s:].astype(np.float32)),  # [B, L - s]: masked and a draft position
     }
 
 

@@ -40,8 +40,9 @@ def sbd_loss(model, batch: Batch):
 
 def gated_sbd_loss(model, batch: Batch, targets: str = "data"):
     """sbd_loss for a gated adapter, in two passes (see above): same masks, same normalisation; -> the tuple of
-    sbd_loss plus `hits`, the masked positions whose argmax is the base's next token there (teacher-forced: the
-    clean half's argmax at the previous position), i.e. drafts the verifier would accept after a correct prefix.
+    sbd_loss plus `hits`, the draft positions (batches.make_batch: masked, after a masked token of their block)
+    whose argmax is the base's next token there (teacher-forced: the clean half's argmax at the previous position),
+    i.e. drafts the verifier would accept after a correct prefix.
 
     targets (TARGETS): what a masked position j learns. "data": the data token x_j (on the base model's own greedy
     answers it is the base's next token, what the verifier accepts). "soft": the base's whole next-token distribution
@@ -72,7 +73,7 @@ def gated_sbd_loss(model, batch: Batch, targets: str = "data"):
         soft = mx.logsumexp(logits, axis=-1) - (mx.softmax(prev, axis=-1) * logits).sum(axis=-1)
         matp_ce = mx.where(first, nn.losses.cross_entropy(logits, data), soft)
     weights = batch["matp_weights"]
-    hits = ((mx.argmax(logits, axis=-1) == base_next) * weights).sum()
+    hits = ((mx.argmax(logits, axis=-1) == base_next) * batch["draft_weights"]).sum()
     n_ntp = batch["ntp_weights"].sum()
     ntp = ntp_ce.sum() / mx.maximum(n_ntp, 1)
     matp = (matp_ce * weights).sum() / mx.maximum(weights.sum(), 1)

@@ -34,8 +34,10 @@ def shard(batch, seqs, k: int, rows: slice):
 
 
 def label_totals(batch) -> mx.array:
-    """[2]: NTP labels and masked tokens in the whole global batch (at least 1 each): the loss denominators."""
-    return mx.maximum(mx.stack([batch["ntp_weights"].sum(), batch["matp_weights"].sum()]), 1)
+    """[3]: NTP labels, masked tokens and draft positions (batches.make_batch) in the whole global batch (at least 1
+    each): the loss denominators, and the draft accuracy's."""
+    return mx.maximum(mx.stack([batch["ntp_weights"].sum(), batch["matp_weights"].sum(),
+                                batch["draft_weights"].sum()]), 1)
 
 def shard_loss(model, batch, totals, loss_fn):
     """This rank's share of the global-batch loss -> (loss, ntp share, matp share, hits). loss_fn's per-token means

@@ -50,8 +50,8 @@ class Reports:
     """What the steps since the last report added up to (losses and hits are this rank's shares)."""
     ntp: float = 0.0
     matp: float = 0.0
-    hits: float = 0.0  # masked positions whose argmax is the base's next token (gated runs)
-    masked: float = 0.0  # masked positions of the global batches
+    hits: float = 0.0  # draft positions whose argmax is the base's next token (gated runs)
+    drafts: float = 0.0  # draft positions of the global batches (batches.make_batch)
     tokens: int = 0
     seconds: float = 0.0
     steps: int = 0
@@ -61,7 +61,7 @@ class Reports:
         ntp, matp, hits = global_sum(np.array([self.ntp, self.matp, self.hits]), world)
         out = {"step": step, "ntp": float(ntp) / self.steps, "matp": float(matp) / self.steps}
         if gated:  # teacher-forced: the share of drafts the verifier would accept after a correct prefix
-            out["draft_acc"] = float(hits) / max(self.masked, 1)
+            out["draft_acc"] = float(hits) / max(self.drafts, 1)
         return {**out, "tokens_per_s": self.tokens / self.seconds, "s_per_step": self.seconds / self.steps,
                 "grad_norm": self.grad_norm / self.steps, "lr": lr, "peak_memory_gb": mx.get_peak_memory() / 1e9}
 
@@ -158,7 +158,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
             since.ntp += ntp.item() / accum
             since.matp += matp.item() / accum
             since.hits += hits.item()
-            since.masked += totals[1].item()
+            since.drafts += totals[2].item()
             since.tokens += sum(len(s) for s, _ in seqs)
         since.seconds += time.perf_counter() - tic
         since.steps += 1
@@ -199,7 +199,10 @@ def builtin_data(adapter_path: Path, main: bool) -> Path:
 def noised_batch(seqs, k: int, rng, cfg: TrainConfig):
     """The doubled batch of `seqs` with cfg's noise: the paper's η ~ U(0, 1), or every eligible token masked."""
     eta = np.ones(len(seqs)) if cfg.noise == "full" else None
-    return make_batch(seqs, k, rng, eta=eta, shift_blocks=cfg.shift_blocks)
+    batch = make_batch(seqs, k, rng, eta=eta, shift_blocks=cfg.shift_blocks)
+    if cfg.drafts_only:  # MATP on draft positions only (the first masked token of a block is never a draft)
+        batch["matp_weights"] = batch["draft_weights"]
+    return batch
 
 
 def evaluate(model, dataset, cfg: TrainConfig, world, loss_fn) -> dict:
@@ -214,7 +217,7 @@ def evaluate(model, dataset, cfg: TrainConfig, world, loss_fn) -> dict:
     if cfg.val_batches >= 0:
         batches = batches[: cfg.val_batches]
     sums = np.zeros(3)  # this rank's (NTP, MATP, hits) shares, summed over batches
-    masked = 0.0
+    drafts = 0.0
     for b, idx in enumerate(batches):
         rng = np.random.default_rng([cfg.seed, 1 << 30, b])
         k = int(rng.integers(2, cfg.block_size_max + 1))
@@ -224,11 +227,11 @@ def evaluate(model, dataset, cfg: TrainConfig, world, loss_fn) -> dict:
         _, n, m, hits = shard_loss(model, shard(batch, seqs, k, rows), totals, loss_fn)
         mx.eval(n, m, hits)
         sums += (n.item(), m.item(), hits.item())
-        masked += totals[1].item()
+        drafts += totals[2].item()
     ntp, matp, hits = global_sum(sums, world)
     out = {"val_ntp": float(ntp / len(batches)), "val_matp": float(matp / len(batches))}
     if cfg.gated:
-        out["val_draft_acc"] = float(hits / max(masked, 1))
+        out["val_draft_acc"] = float(hits / max(drafts, 1))
     return out
 
 

@@ -55,6 +55,9 @@ class TrainConfig:
     # Masking (loss.NOISES): "uniform" = the paper's η ~ U(0, 1) per sequence; "full" = every eligible token masked,
     # the only blocks verified decoding ever runs (a fully masked block after the accepted tokens). None: as targets.
     noise: Optional[str] = None
+    # MATP on draft positions only (batches.make_batch): not on the first masked token of a block, whose guess
+    # verified decoding never uses (the causal row before it supplies that token). Gated runs only.
+    drafts_only: bool = False
 
     def resolve_gating(self) -> None:
         """Fill in gated / shift_blocks from the fine-tune type and objective when they are left unset."""
@@ -71,6 +74,9 @@ class TrainConfig:
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.drafts_only and not self.gated:
+            raise SBDError("--drafts-only trains a drafter for verified decoding; the paper's (ungated) loop reveals "
+                           "every masked position, so drop --drafts-only or --ungated")
         if self.targets != "data" and not self.gated:
             raise SBDError(f"--targets {self.targets} learns from the base model's own distribution, which only a gated "
                            "adapter leaves unchanged; use --targets data with --ungated")

@@ -43,6 +43,26 @@ def test_toy_batch_by_hand():
     np.testing.assert_array_equal(np.array(b["mask"]), np.array(training_mask(L, 2, np.array([5, 3]))))
 
 
+def test_draft_positions_by_hand():
+    """Draft positions are masked tokens after a masked token of their own block: prompt [1, 2, 3] + answer of 7, all
+    masked, k = 4. With the grid shifted by 1 blocks are {0,1,2}, {3..6}, {7..9}: 3 opens a block after the clean
+    prompt and 7 a new block, so 4, 5, 6, 8, 9 are drafts. Then a loop over random shifts and noise."""
+    seq = ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 3)
+    for seed in range(50):
+        b = make_batch([seq], k=4, rng=np.random.default_rng(seed), eta=[1.0], shift_blocks=True, trim=False)
+        if int(np.array(b["block_shifts"])[0]) == 1:
+            break
+    np.testing.assert_array_equal(np.array(b["draft_weights"])[0], padded([0, 0, 0, 0, 1, 1, 1, 0, 1, 1]))
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        n, k = int(rng.integers(3, 40)), int(rng.integers(2, 9))
+        b = make_batch([(list(range(1, n + 1)), int(rng.integers(0, n)))], k=k, rng=rng, shift_blocks=True, trim=False)
+        o = int(np.array(b["block_shifts"])[0])
+        masked = np.array(b["matp_weights"])[0] > 0
+        want = [j > 0 and masked[j] and masked[j - 1] and (j + o) % k != 0 for j in range(len(masked))]
+        np.testing.assert_array_equal(np.array(b["draft_weights"])[0] > 0, want)
+
+
 def test_padding_never_attended_nor_in_loss():
     seqs = [([3, 4, 5, 6, 7, 2], 0), ([8, 2], 0)]
     b = make_batch(seqs, k=4, rng=np.random.default_rng(1))
