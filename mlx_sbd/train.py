@@ -54,6 +54,7 @@ class Reports:
     drafts: float = 0.0  # draft positions of the global batches (batches.make_batch)
     tokens: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time (all its threads): a step's work even on a busy machine
     steps: int = 0
     grad_norm: float = 0.0
 
@@ -63,7 +64,7 @@ class Reports:
         if gated:  # teacher-forced: the share of drafts the verifier would accept after a correct prefix
             out["draft_acc"] = float(hits) / max(self.drafts, 1)
         return {**out, "tokens_per_s": self.tokens / self.seconds, "s_per_step": self.seconds / self.steps,
-                "grad_norm": self.grad_norm / self.steps, "lr": lr, "peak_memory_gb": mx.get_peak_memory() / 1e9}
+                "cpu_s_per_step": self.cpu_seconds / self.steps, "grad_norm": self.grad_norm / self.steps, "lr": lr, "peak_memory_gb": mx.get_peak_memory() / 1e9}
 
 
 def lr_schedule(cfg: TrainConfig):
@@ -145,7 +146,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
                 bar.write(f"step {step}: " + "  ".join(f"{name} {value:.3f}" for name, value in val.items()))
                 log(adapter_path, {"step": step, **val})
             model.train()
-        tic = time.perf_counter()
+        tic, cpu_tic = time.perf_counter(), time.process_time()
         mx.random.seed((cfg.seed * 1_000_003 + step) * size + rank)  # LoRA dropout: a different key per rank
         k = int(np.random.default_rng([cfg.seed, step]).integers(2, cfg.block_size_max + 1))
         grad = None
@@ -161,6 +162,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
             since.drafts += totals[2].item()
             since.tokens += sum(len(s) for s, _ in seqs)
         since.seconds += time.perf_counter() - tic
+        since.cpu_seconds += time.process_time() - cpu_tic
         since.steps += 1
         since.grad_norm += norm.item()
         check_finite(ntp.item(), matp.item(), norm.item(), step + 1)  # before anything of this step is saved

@@ -10,8 +10,9 @@ from .loss import LOSSES, NOISES, TARGETS
 from .model import SBDSettings
 
 
-# What a gated run trains on unless told (measured in BENCHMARKS.md §8: the base's own distributions as targets on
-# fully masked blocks buy more accepted drafts per hour than the paper's data tokens at η ~ U(0, 1)).
+# What a gated run trains on unless told: the base's own distributions as targets (any text is training data, no
+# answers to generate first; BENCHMARKS.md §8 compares it with hard labels on the model's own answers at equal
+# wall-clock) on fully masked blocks, the only blocks verified decoding runs.
 GATED_DEFAULTS = {"targets": "soft", "noise": "full"}
 
 
