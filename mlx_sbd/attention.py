@@ -7,7 +7,7 @@ materialising the mask; everywhere else (and for shapes the kernel does not cove
 mx.fast.scaled_dot_product_attention runs with the equivalent boolean mask.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 import mlx.core as mx
@@ -18,9 +18,16 @@ from .metal_kernel import metal_block_attention, metal_span_attention
 
 @dataclass(frozen=True)
 class BlockMask:
-    """The SBD inference mask of one decode step, as two scalars (see masks.inference_mask)."""
+    """The SBD inference mask of one decode step, as two scalars (see masks.inference_mask). One forward builds one
+    and every layer gets it, so the boolean mask SDPA needs is built once per forward, by the first layer to ask."""
 
     causal_point: int
+    _dense: dict = field(default_factory=dict, compare=False, repr=False)  # (q_len, offset) -> [q_len, S] bool
+
+    def dense(self, q_len: int, offset: int) -> mx.array:
+        if (q_len, offset) not in self._dense:
+            self._dense[q_len, offset] = inference_mask(q_len, offset, self.causal_point)
+        return self._dense[q_len, offset]
 
 
 @dataclass(frozen=True)
@@ -44,29 +51,18 @@ Mask = Union[None, str, mx.array, BlockMask, SpanMask]
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
     """q: [B, Hq, T, D]; k, v: [B, Hkv, S, D] (cache + new keys). Returns [B, Hq, T, D]."""
     if isinstance(mask, BlockMask):
-        return block_attention(q, k, v, scale, k.shape[2] - q.shape[2], mask.causal_point)
+        return block_attention(q, k, v, scale, k.shape[2] - q.shape[2], mask)
     if isinstance(mask, SpanMask):
         return span_attention(q, k, v, scale, mask)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
-def block_attention(q, k, v, scale: float, offset: int, causal_point: int) -> mx.array:
+def block_attention(q, k, v, scale: float, offset: int, mask: BlockMask) -> mx.array:
     """Decode-step attention: new query i (position offset + i) sees key j iff j <= offset + i or i >= causal_point."""
-    out = metal_block_attention(q, k, v, scale, offset, causal_point)
+    out = metal_block_attention(q, k, v, scale, offset, mask.causal_point)
     if out is not None:
         return out
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=step_mask(q.shape[2], offset, causal_point))
-
-
-_step_mask = [None, None]  # (key, mask) of the forward now running: every layer asks for the same one
-
-
-def step_mask(q_len: int, offset: int, causal_point: int) -> mx.array:
-    """masks.inference_mask, built once per forward instead of once per layer (a few ops each, dozens of layers)."""
-    key = (q_len, offset, causal_point)
-    if _step_mask[0] != key:
-        _step_mask[:] = key, inference_mask(q_len, offset, causal_point)
-    return _step_mask[1]
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask.dense(q.shape[2], offset))
 
 
 def span_attention(q, k, v, scale: float, mask: SpanMask) -> mx.array:

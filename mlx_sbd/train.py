@@ -64,7 +64,8 @@ class Reports:
         if gated:  # teacher-forced: the share of drafts the verifier would accept after a correct prefix
             out["draft_acc"] = float(hits) / max(self.drafts, 1)
         return {**out, "tokens_per_s": self.tokens / self.seconds, "s_per_step": self.seconds / self.steps,
-                "cpu_s_per_step": self.cpu_seconds / self.steps, "grad_norm": self.grad_norm / self.steps, "lr": lr, "peak_memory_gb": mx.get_peak_memory() / 1e9}
+                "cpu_s_per_step": self.cpu_seconds / self.steps, "grad_norm": self.grad_norm / self.steps, "lr": lr,
+                "peak_memory_gb": mx.get_peak_memory() / 1e9}
 
 
 def lr_schedule(cfg: TrainConfig):

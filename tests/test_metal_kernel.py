@@ -260,7 +260,7 @@ def test_reference_path_matches_numpy(case):
     offset, cp = case[4], case[5]
     lay = block_layout(case)
     (mq, mk_, mv), (q, k, v), scale = to_mx(lay, "float32")
-    got = np.array(block_attention(mq, mk_, mv, scale, offset, cp))
+    got = np.array(block_attention(mq, mk_, mv, scale, offset, BlockMask(cp)))
     assert np.abs(got - reference(q, k, v, scale, lay.allowed)).max() <= 1e-5
 
 
@@ -313,7 +313,7 @@ def test_metal_kernel_matches_reference(case, dtype):
     offset, cp = case[4], case[5]
     lay = block_layout(case)
     (mq, mk_, mv), (q, k, v), scale = to_mx(lay, dtype)
-    got = mk.metal_block_attention(mq, mk_, mv, scale, offset, cp)
+    got = mk.metal_block_attention(mq, mk_, mv, scale, offset, BlockMask(cp))
     assert got is not None and got.dtype == mq.dtype
     want = reference(*(np.array(a.astype(mx.float32)) for a in (mq, mk_, mv)), scale, lay.allowed)
     assert np.abs(np.array(got.astype(mx.float32)) - want).max() <= METAL_TOL[dtype]
