@@ -49,12 +49,11 @@ class GatedLoRALinear(LoRALinear):
         y = self.linear(x)
         if n == 0:
             return y
-        # Few ops, not few flops: the rank-r product runs on every row, the gate column zeroes it on causal rows,
-        # and addmm adds it in. Slicing the mask rows out and concatenating them back cost twice the ops (a forward
-        # has one such layer per projection per block, and on small models every op's dispatch shows).
-        xa = self.dropout(x) @ self.lora_a
-        if n < T:
-            xa = xa * self.gate.column(T, xa.dtype)
+        # Few ops, not few flops: the rank-r product runs on every row of the input with its causal rows zeroed
+        # (once for the projections that share it), and addmm adds it in. Slicing the mask rows out and
+        # concatenating them back cost twice the ops (a forward has one such layer per projection per block, and
+        # on small models every op's dispatch shows).
+        xa = self.dropout(x if n == T else self.gate.masked(x)) @ self.lora_a
         if xa.dtype != y.dtype:  # a half-precision base: add the product in float32, then cast (mlx_lm's rounding)
             return y + (self.scale * (xa @ self.lora_b)).astype(y.dtype)
         return mx.addmm(y, xa, self.lora_b, alpha=self.scale)

@@ -79,13 +79,13 @@ def measure(model, rows: Sequence[int] = ROWS, context: int = 256, repeats: int 
 def time_forward(model, cache, rows: int, masks: int, repeats: int) -> float:
     """Median seconds of one decode forward of `rows` rows, the last `masks` of them a mask block, over `cache`
     (left as it was)."""
-    x = mx.array([[1] * (rows - masks) + [MASK_ID] * masks], mx.int32)
+    x = mx.array([1] * (rows - masks) + [MASK_ID] * masks, mx.int32)  # one sequence, [rows]: as decode.verify_step
     mask = BlockMask(causal_point=rows - masks) if masks else "causal"
     times = []
     for i in range(repeats + 1):  # the first run warms up (graph, allocations) and is not counted
         tic = time.perf_counter()
         h = model.forward(x, mask=mask, cache=cache, return_hidden=True, mask_rows=masks)
-        mx.eval(model.logits(h[0]).argmax(axis=-1))
+        mx.eval(model.logits(h).argmax(axis=-1))
         if i:
             times.append(time.perf_counter() - tic)
         for c in cache:

@@ -152,13 +152,13 @@ def filtered_probs(logits: mx.array, temp: float, top_p: float, top_k: int) -> m
     return mx.softmax(logprobs / temp, axis=-1)
 
 
-def draft_length(logits: mx.array, gamma: float) -> mx.array:
+def draft_length(logits: mx.array, gamma: float):
     """How many leading drafts to propose: the EB rule on a prefix, i.e. drafts while the entropies (nats) of the
     drafts before them sum to <= gamma; at least one. gamma = inf proposes them all without computing entropies
-    (an exp over the vocabulary per row, which MLX's x86 CPU back-end runs scalar)."""
+    (an exp over the vocabulary per row, which MLX's x86 CPU back-end runs scalar), as a Python int."""
     n = logits.shape[0]
     if gamma == float("inf") or n == 0:
-        return mx.array(n)
+        return n
     h = entropy(log_softmax(logits))
     return ((mx.cumsum(h) - h) <= gamma).sum()
 
@@ -169,10 +169,11 @@ def verify_step(model: SBDModel, cache: SBDCache, inputs: mx.array, m: int, k: i
     after the drafts (the linear layout), or with `predraft` m + 1, block i after d_i (masks.predraft_spans), so the
     next drafts exist whatever the verifier accepts.
 
-    Returns (result, q_next), all lazy: result = [a, n, d1..dm, t, e1..e(k-1)] int32, with a the accepted drafts,
-    t the token after them, e the next drafts of which n are proposed (from the block after d_a); q_next [k-1, V]
-    the probabilities the e were drawn from (None when greedy). q [m, V]: what the drafts were drawn from (None
-    when greedy: one-hot). The cache grows by every row; the caller trims what was not accepted."""
+    Returns (a, n, t, e, q_next), all lazy: a the accepted drafts, t the token after them, e [k-1] the next drafts
+    of which n are proposed (from the block after d_a); q_next [k-1, V] the probabilities the e were drawn from (None
+    when greedy). q [m, V]: what the drafts were drawn from (None when greedy: one-hot). Separate arrays, not one
+    packed result: on small models every op of the step shows, and the caller reads them after one evaluation.
+    The cache grows by every row; the caller trims what was not accepted."""
     rows = inputs.shape[0]
     blocks = (m + 1 if predraft else 1) if k else 0
     c = rows - blocks * k  # first mask row
@@ -182,46 +183,39 @@ def verify_step(model: SBDModel, cache: SBDCache, inputs: mx.array, m: int, k: i
         mask = make_span_mask(visible, lo, hi, cache.offset + rows)
     else:
         mask = BlockMask(causal_point=c) if k else "causal"
-    h = model.forward(inputs[None], positions=positions, mask=mask, cache=cache.layers, return_hidden=True,
-                      mask_rows=blocks * k)[0]
-    if blocks > 1:  # the block after d_a, once a is known (on the device: no sync)
-        causal = model.logits(h[c - m - 1 : c])
-    else:
-        logits = model.logits(mx.concatenate([h[c - m - 1 : c], h[c + 1 :]]))  # rows x, d1..dm and M2..Mk only
-        causal, masked = logits[: m + 1], logits[m + 1 :]
+    h = model.forward(inputs, positions=positions, mask=mask, cache=cache.layers, return_hidden=True,
+                      mask_rows=blocks * k)  # [rows, hidden]
     drafts = inputs[c - m : c]
 
     def after(a):  # logits of the next drafts' rows: M2..Mk of the block that assumed a accepted drafts
-        if blocks <= 1:
-            return masked
         return model.logits(mx.take(h[c:].reshape(blocks, k, -1), a, axis=0)[1:])
 
-    if temp == 0:
-        targets = causal.argmax(axis=-1).astype(mx.int32)  # [m+1]: the causal path's token at each position
+    if temp == 0 and blocks <= 1:  # greedy, linear: one lm-head call and one argmax for causal and mask rows
+        logits = model.logits(mx.concatenate([h[c - m - 1 : c], h[c + 1 :]]))  # rows x, d1..dm and M2..Mk only
+        targets = logits.argmax(-1)
         a = mx.cumprod(targets[:m] == drafts).sum() if m else mx.array(0)
-        t = targets[a]
-        masked = after(a) if k else causal[:0]
-        e = masked.argmax(axis=-1).astype(mx.int32) if k else mx.zeros((0,), mx.int32)
-        q_next = None
+        return a, draft_length(logits[m + 1 :], gamma), targets[a], targets[m + 1 :], None
+    causal = model.logits(h[c - m - 1 : c])
+    masked = None if blocks > 1 else model.logits(h[c + 1 :])  # the rows after M1: what M1 predicts, x's row does
+    if temp == 0:  # greedy, pre-drafting: the block after d_a, once a is known (on the device: no sync)
+        targets = causal.argmax(-1)
+        a = mx.cumprod(targets[:m] == drafts).sum() if m else mx.array(0)
+        masked = after(a)
+        return a, draft_length(masked, gamma), targets[a], masked.argmax(-1), None
+    p = filtered_probs(causal, temp, top_p, top_k)  # [m+1, V]
+    if m:
+        pd = mx.take_along_axis(p[:m], drafts[:, None], axis=-1)[:, 0]
+        qd = mx.take_along_axis(q, drafts[:, None], axis=-1)[:, 0]
+        a = mx.cumprod(mx.random.uniform(shape=(m,)) * qd < pd).sum()  # accept with probability min(1, p/q)
+        residual = mx.concatenate([mx.maximum(p[:m] - q, 0.0), p[m:]])  # after all m: plain p
     else:
-        p = filtered_probs(causal, temp, top_p, top_k)  # [m+1, V]
-        if m:
-            pd = mx.take_along_axis(p[:m], drafts[:, None], axis=-1)[:, 0]
-            qd = mx.take_along_axis(q, drafts[:, None], axis=-1)[:, 0]
-            a = mx.cumprod(mx.random.uniform(shape=(m,)) * qd < pd).sum()  # accept with probability min(1, p/q)
-            residual = mx.concatenate([mx.maximum(p[:m] - q, 0.0), p[m:]])  # after all m: plain p
-        else:
-            a, residual = mx.array(0), p
-        t = mx.random.categorical(mx.log(residual[a]))  # categorical normalises norm(max(0, p - q)) itself
-        masked = after(a) if k else causal[:0]
-        if k:
-            q_next = filtered_probs(masked, temp, top_p, top_k)
-            e = mx.random.categorical(mx.log(q_next)).astype(mx.int32)
-        else:  # no mask block in this forward: no next drafts
-            q_next, e = None, mx.zeros((0,), mx.int32)
-    n = draft_length(masked, gamma)
-    result = mx.concatenate([mx.stack([a, n]).astype(mx.int32), drafts, t.reshape(1).astype(mx.int32), e])
-    return result, q_next
+        a, residual = mx.array(0), p
+    t = mx.random.categorical(mx.log(residual[a]))  # categorical normalises norm(max(0, p - q)) itself
+    if not k:  # no mask block in this forward: no next drafts
+        return a, mx.array(0), t, mx.zeros((0,), mx.int32), None
+    masked = after(a) if blocks > 1 else masked
+    q_next = filtered_probs(masked, temp, top_p, top_k)
+    return a, draft_length(masked, gamma), t, mx.random.categorical(mx.log(q_next)), q_next
 
 
 def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma: float, temp: float, top_p: float,
@@ -236,8 +230,8 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
     vocab = model.args.vocab_size
 
     def launch(masked: Optional[List[int]], q_masked: Optional[mx.array]):
-        """Build and start the next forward -> (result, q_next, m, mask rows, rows, source, predraft), or None when
-        nothing is left to do."""
+        """Build and start the next forward -> (its lazy outputs, drafts, mask rows, rows, source, predraft), or None
+        when nothing is left to do."""
         left, room = max_tokens - produced, max_length - cache.offset - len(cache.pending)
         if left <= 0 or room <= 0:
             return None
@@ -254,22 +248,22 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
         mask_rows = (m + 1 if predraft else 1) * k
         inputs = mx.array(cache.pending + drafts + [MASK_ID] * mask_rows, mx.int32)
         with mx.stream(generation_stream):
-            result, q_next = verify_step(model, cache, inputs, m, k, q, gamma=gamma, temp=temp, top_p=top_p,
-                                         top_k=top_k, predraft=predraft)
-        mx.async_eval(result, *([] if q_next is None else [q_next]))
-        return result, q_next, m, mask_rows, inputs.shape[0], source, predraft
+            out = verify_step(model, cache, inputs, m, k, q, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k,
+                              predraft=predraft)
+        mx.async_eval(*(x for x in out if isinstance(x, mx.array)))
+        return out, drafts, mask_rows, inputs.shape[0], source, predraft
 
     flight = launch(None, None)
     try:
         while flight is not None:
-            result, q_next, m, mask_rows, n_rows, source, predraft = flight
-            flight = None
+            (a, n, t, e, q_next), drafts, mask_rows, n_rows, source, predraft = flight
+            flight, m = None, len(drafts)
             rows += n_rows
-            r = result.tolist()  # the one host sync per forward
-            a, n, t, e = r[0], r[1], r[2 + m], r[3 + m :]
+            a = a.item()  # the one wait per forward: the others were evaluated with it
+            n, t, e = n if isinstance(n, int) else n.item(), t.item(), e.tolist()
             nfe, drafted, accepted = nfe + 1, drafted + m, accepted + a
             drafter.record(source, m, a)
-            new = r[2 : 2 + a] + [t]  # the accepted drafts (their K/V are in the cache) and t (not yet)
+            new = drafts[:a] + [t]  # the accepted drafts (their K/V are in the cache) and t (not yet)
             stop = next((i for i, tok in enumerate(new) if tok in eos_ids), None)
             # EOS ends the conversation: nothing after it is kept. (max_tokens needs no cut here: launch proposes at
             # most left - 1 drafts, so a forward never yields more than what is left.)
@@ -291,8 +285,8 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
         yield Step([], nfe, drafted, accepted, "length", rows)
     finally:
         if flight is not None:  # closed with a forward in flight: its rows leave the cache, pending stays pending
-            mx.eval(flight[0])
-            trim_prompt_cache(cache.layers, flight[4])
+            mx.eval(*(x for x in flight[0] if isinstance(x, mx.array)))
+            trim_prompt_cache(cache.layers, flight[3])
 
 
 # --- plain next-token decoding -------------------------------------------------------------------------------
@@ -342,11 +336,10 @@ def block_forward(model: SBDModel, tokens: List[int], k: int, cache: SBDCache, c
     Returns the block's log-probabilities [k, vocab], led with `causal` by the prefix's last position (the causal
     path's prediction of the block's first token): [k + 1, vocab]. Leaves only the prefix's K/V in the cache.
     """
-    x = mx.array(tokens)[None]
-    h = model.forward(x, mask=BlockMask(causal_point=len(tokens) - k), cache=cache.layers, return_hidden=True,
-                      mask_rows=k)
+    h = model.forward(mx.array(tokens), mask=BlockMask(causal_point=len(tokens) - k), cache=cache.layers,
+                      return_hidden=True, mask_rows=k)
     trim_prompt_cache(cache.layers, k)
-    return log_softmax(model.logits(h[0, -k - causal :]))
+    return log_softmax(model.logits(h[-k - causal :]))
 
 
 def sbd_steps(

@@ -41,12 +41,18 @@ def training_mask(L: int, k: int, lengths: Optional[mx.array] = None, offsets: O
     return mask[:, None]
 
 
-@lru_cache(maxsize=8)  # every layer of a decode step asks for the same mask: build it once
 def inference_mask(q_len: int, offset: int, causal_point: int) -> mx.array:
-    """Mask [q_len, offset + q_len] for a decode step: queries `i >= causal_point` see everything."""
-    i = mx.arange(q_len)[:, None]
-    j = mx.arange(offset + q_len)[None, :]
-    return (j <= offset + i) | (i >= causal_point)
+    """Mask [q_len, offset + q_len] for a decode step: queries `i >= causal_point` see everything. Every query sees
+    all `offset` cached keys, so the mask is its last q_len columns (which depend on q_len and causal_point only,
+    built once) padded on the left with True: one op per decode step, not eight."""
+    tail = _new_keys_mask(q_len, causal_point)
+    return mx.pad(tail, [(0, 0), (offset, 0)], constant_values=True) if offset else tail
+
+
+@lru_cache(maxsize=64)
+def _new_keys_mask(q_len: int, causal_point: int) -> mx.array:
+    i, j = mx.arange(q_len)[:, None], mx.arange(q_len)[None, :]
+    return (j <= i) | (i >= causal_point)  # evaluated with the first step that uses it, then a constant
 
 
 def span_mask(visible: mx.array, lo: mx.array, hi: mx.array, n_keys: int) -> mx.array:

@@ -27,15 +27,30 @@ class Gate:
     """How many trailing rows of the forward now running are mask-block rows (0: none, the plain causal call).
     One per model, shared by its gated LoRA layers (adapter.py); SBDModel.forward sets it."""
 
-    rows = 0
-    _column = None  # ((T, rows, dtype), [T, 1]): built once per forward, shared by every gated layer
+    def __init__(self):
+        self.rows = 0
+        self._columns = {}  # (T, rows, dtype) -> [T, 1]: decoding repeats a few shapes, so each is built once
+        self._last = (None, None)  # (x, x on mask rows only): q/k/v (and gate/up) share their input
 
     def column(self, T: int, dtype) -> mx.array:
         """[T, 1]: 1 on the last `rows` of T rows (mask rows), 0 on the others."""
         key = (T, self.rows, dtype)
-        if self._column is None or self._column[0] != key:
-            self._column = (key, (mx.arange(T) >= T - self.rows).astype(dtype)[:, None])
-        return self._column[1]
+        if key not in self._columns:
+            if len(self._columns) >= 256:  # many prompt lengths (a server): start over rather than grow
+                self._columns.clear()
+            self._columns[key] = (mx.arange(T) >= T - self.rows).astype(dtype)[:, None]
+        return self._columns[key]
+
+    def masked(self, x: mx.array) -> mx.array:
+        """x [..., T, d] with its causal rows zeroed, computed once for the projections that share x (the same
+        array object: holding it keeps its id from being reused)."""
+        if self._last[0] is not x:
+            self._last = (x, x * self.column(x.shape[-2], x.dtype))
+        return self._last[1]
+
+    def done(self) -> None:
+        """The forward is over: drop the held input."""
+        self._last = (None, None)
 
 
 @dataclass(frozen=True)
@@ -110,11 +125,14 @@ class SBDModel(nn.Module):
         mask_rows: int = 0,
         checkpoint: Optional[bool] = None,
     ) -> mx.array:
-        """tokens [B, T]; absolute positions [B, T] or [T] (None: cache offset + 0..T-1); mask over (cache + new) keys:
+        """tokens [B, T], or [T] for one sequence, which then runs as [T, hidden] throughout (a decode step: the
+        batch axis costs a flatten and an unflatten around every matmul, and on small models every op shows);
+        absolute positions [B, T] or [T] (None: cache offset + 0..T-1); mask over (cache + new) keys:
         None, "causal", a boolean array broadcastable to [B, H, T, S], or a BlockMask. `mask_rows`: how many trailing
         rows are mask-block rows, the only ones a gated adapter's LoRA reaches (ignored by ungated weights).
         `checkpoint` (default: grad_checkpoint, when there is no cache) recomputes each block in the backward pass.
-        Returns logits [B, T, vocab] (or the final hidden states [B, T, hidden] with return_hidden)."""
+        Returns logits [B, T, vocab] (or the final hidden states [B, T, hidden] with return_hidden), [T, ...] for
+        tokens [T]."""
         h = self.embed(tokens)
         if positions is not None and positions.ndim == 1:
             positions = mx.broadcast_to(positions, tokens.shape)
@@ -127,6 +145,7 @@ class SBDModel(nn.Module):
                 h = checkpointed_block(layer, h, positions, mask, c) if checkpoint else block(layer, h, positions, mask, c)
         finally:
             self.gate.rows = 0  # the plain causal call (model(tokens), mlx_lm's generate) is always the base
+            self.gate.done()
         h = self.lm.model.norm(h)
         return h if return_hidden else self.logits(h)
 
@@ -170,8 +189,8 @@ class PrefixKV:
 
 
 def self_attention(attn: nn.Module, x: mx.array, positions, mask: Mask, cache) -> mx.array:
-    """One mlx_lm attention module run with explicit positions and mask. x: [B, T, dim]."""
-    B, T, _ = x.shape
+    """One mlx_lm attention module run with explicit positions and mask. x: [B, T, dim] or [T, dim] (one sequence)."""
+    B, T = (1, x.shape[0]) if x.ndim == 2 else x.shape[:2]
     q = attn.q_proj(x).reshape(B, T, attn.n_heads, -1)
     k = attn.k_proj(x).reshape(B, T, attn.n_kv_heads, -1)
     v = attn.v_proj(x).reshape(B, T, attn.n_kv_heads, -1)
@@ -183,7 +202,7 @@ def self_attention(attn: nn.Module, x: mx.array, positions, mask: Mask, cache) -
     if cache is not None:
         k, v = cache.update_and_fetch(k, v)
     out = attention(q, k, v, attn.scale, mask)
-    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(*x.shape[:-1], -1))
 
 
 def apply_rope(rope: nn.Module, x: mx.array, positions: Optional[mx.array], offset: int) -> mx.array:

@@ -20,7 +20,8 @@ from mlx_sbd import decode
 from mlx_sbd.adapter import load_adapter, make_trainable, save_adapter
 from mlx_sbd.errors import SBDError
 from mlx_sbd.loading import load_model
-from mlx_sbd.model import SBDSettings
+from mlx_sbd.attention import BlockMask
+from mlx_sbd.model import MASK_ID, SBDSettings
 from mlx_sbd.tiny import make_tiny_model
 
 PROMPTS = [[10, 20, 30, 11, 21], [5, 6, 7, 8, 9, 10, 11, 12, 13], [40], [33, 34, 33, 34, 33, 34, 33]]
@@ -89,6 +90,30 @@ def test_gated_adapter_is_gated_and_changes_only_mask_rows(gated):
     assert np.abs(np.array(full[0, :-4]) - np.array(ref[0, :-4])).max() <= 1e-5
     assert np.abs(np.array(full[0, -4:]) - np.array(ref[0, -4:])).max() > 1e-2
     assert '"gated": true' in (gated[1] / "adapter_config.json").read_text()
+
+
+def test_one_sequence_form_is_the_batched_forward_and_gated(gated):
+    """forward(tokens [T]) (the decode step's form: [T, hidden] throughout, the gated input shared by the projections
+    that read it) gives forward(tokens[None])[0] over a cache with a BlockMask, and its causal rows are the base's."""
+    base, _, model, _ = gated
+    plain = load_model(base)
+    tokens = mx.array([3, 9, 4, 1, 7, MASK_ID, MASK_ID, MASK_ID], mx.int32)
+    outs = {}
+    for name, m, x in [("1d", model, tokens), ("2d", model, tokens[None]), ("base", plain, tokens)]:
+        cache = m.make_cache()
+        m.lm(mx.array([[5, 6, 2, 8]]), cache=cache)
+        out = m.forward(x, mask=BlockMask(causal_point=5), cache=cache, mask_rows=3)
+        outs[name] = np.array(out[0] if x.ndim == 2 else out)
+    assert outs["1d"].shape == (8, model.args.vocab_size)
+    np.testing.assert_allclose(outs["1d"], outs["2d"], atol=1e-5)
+    assert np.abs(outs["1d"][:5] - outs["base"][:5]).max() <= 1e-5  # causal rows: the base model
+    assert np.abs(outs["1d"][5:] - outs["base"][5:]).max() > 1e-2  # mask rows: the adapter
+    # The mask rows again with no causal row in the forward (every row gated: no row selection at all), over a cache
+    # that holds the causal rows' base K/V: what they see in the step.
+    cache = model.make_cache()
+    model.lm(mx.array([[5, 6, 2, 8, 3, 9, 4, 1, 7]]), cache=cache)
+    alone = model.forward(mx.array([MASK_ID] * 3, mx.int32), mask=None, cache=cache, mask_rows=3)
+    np.testing.assert_allclose(outs["1d"][5:], np.array(alone), atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["linear", "predraft"])
