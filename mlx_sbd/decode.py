@@ -198,8 +198,8 @@ def verify_step(model: SBDModel, cache: SBDCache, inputs: mx.array, m: int, k: i
         return None, draft_length(logits[m + 1 :], gamma), targets[: m + 1], targets[m + 1 :], None
     causal = model.logits(h[c - m - 1 : c])
     masked = None if blocks > 1 else model.logits(h[c + 1 :])  # the rows after M1: what M1 predicts, x's row does
-    if temp == 0:  # greedy, pre-drafting: the block after d_a, once a is known (on the device: no sync)
-        targets = causal.argmax(-1)
+    if temp == 0:  # greedy, pre-drafting: the block after d_a, once a is known (on the device: no sync; the
+        targets = causal.argmax(-1)  # host counts the same a again from the targets, as in the linear layout)
         a = mx.cumprod(targets[:m] == drafts).sum() if m else mx.array(0)
         masked = after(a)
         return None, draft_length(masked, gamma), targets, masked.argmax(-1), None
@@ -213,7 +213,7 @@ def verify_step(model: SBDModel, cache: SBDCache, inputs: mx.array, m: int, k: i
         a, residual = mx.array(0), p
     t = mx.random.categorical(mx.log(residual[a]))  # categorical normalises norm(max(0, p - q)) itself
     if not k:  # no mask block in this forward: no next drafts
-        return a, mx.array(0), t, mx.zeros((0,), mx.int32), None
+        return a, 0, t, mx.zeros((0,), mx.int32), None
     masked = after(a) if blocks > 1 else masked
     q_next = filtered_probs(masked, temp, top_p, top_k)
     return a, draft_length(masked, gamma), t, mx.random.categorical(mx.log(q_next)), q_next
@@ -268,9 +268,12 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
             (a, n, t, e, q_next), drafts, mask_rows, n_rows, source, predraft = flight
             flight, m = None, len(drafts)
             rows += n_rows
-            t = t.tolist()  # the one wait per forward: the others were evaluated with it
-            a = agreed(drafts, t) if a is None else a.item()
-            t = t[a] if isinstance(t, list) else t
+            if a is None:  # greedy: t holds the causal rows' tokens; the agreeing drafts are counted here
+                targets = t.tolist()  # the one wait per forward: the others were evaluated with it
+                a = agreed(drafts, targets)
+                t = targets[a]
+            else:
+                a, t = a.item(), t.item()
             n, e = n if isinstance(n, int) else n.item(), e.tolist()
             nfe, drafted, accepted = nfe + 1, drafted + m, accepted + a
             drafter.record(source, m, a)

@@ -18,9 +18,9 @@ from mlx_lm.generate import generate_step
 import mlx_sbd
 from mlx_sbd import decode
 from mlx_sbd.adapter import load_adapter, make_trainable, save_adapter
+from mlx_sbd.attention import BlockMask
 from mlx_sbd.errors import SBDError
 from mlx_sbd.loading import load_model
-from mlx_sbd.attention import BlockMask
 from mlx_sbd.model import MASK_ID, SBDSettings
 from mlx_sbd.tiny import make_tiny_model
 
