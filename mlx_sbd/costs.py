@@ -6,8 +6,16 @@ memory-bound GPU about 1x (mlx-examples #1281: on M1/M2 Ultra speculative decodi
 not free). The measurement is the decode forward itself (model.forward with the verified mask over a KV cache of
 `context` tokens), a few repeats per row count, median.
 
-Cache: ~/.cache/mlx_sbd/rows_time/<key>.json (MLX_SBD_CACHE overrides the folder), key = the model's shapes and
-dtype, the device and the MLX version; delete the file to measure again.
+Rows cost more over a longer cache (every row attends to every cached key: on these CPUs 17 rows cost 2.4x one row
+over 512 tokens and 5x over 6000, BENCHMARKS 7), so time(rows) is kept per context bucket (CONTEXTS, 4x apart) and
+read linearly between buckets: `ContextCost(rows, context)`. The first bucket is measured before the first verified
+forward; a longer one only when a generation's context first passes the bucket below it, so short chats never pay
+for measuring long contexts. The cache's keys and values are random (their values do not change the time), not a
+prefill: measuring 4096 tokens costs the forwards, not a 4096-token prefill.
+
+Cache: ~/.cache/mlx_sbd/rows_time/<key>.json (MLX_SBD_CACHE overrides the folder), one file per model and device
+holding every bucket measured so far; key = the model's shapes and dtype, the device and the MLX version; delete
+the file to measure again.
 """
 
 import hashlib
@@ -19,7 +27,7 @@ import statistics
 import time
 from bisect import bisect_left
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import mlx.core as mx
 
@@ -27,6 +35,7 @@ from .attention import BlockMask
 from .model import MASK_ID
 
 ROWS = (1, 2, 4, 8, 16, 32)
+CONTEXTS = (256, 1024, 4096, 16384)  # the context buckets time(rows) is measured at
 
 
 class RowCost:
@@ -37,7 +46,8 @@ class RowCost:
         # more rows never cost less: a running max irons out timing noise (2 rows "faster" than 1)
         self.times = list(itertools.accumulate((times[r] for r in self.rows), max))
 
-    def __call__(self, rows: int) -> float:
+    def __call__(self, rows: int, context: Optional[int] = None) -> float:
+        """(`context` is ignored: one table, measured at one context.)"""
         r, t = self.rows, self.times
         if rows <= r[0]:
             return t[0]
@@ -51,11 +61,38 @@ class RowCost:
         return {str(r): t for r, t in zip(self.rows, self.times)}
 
 
+class ContextCost:
+    """time(rows, context): a RowCost per context bucket, linear in the context between buckets (attention's work
+    grows linearly with it) and never less over a longer context; below the first bucket, its value. `grow(context)`
+    measures a bucket ({rows: seconds}) the first time a context passes the largest one measured; without it, the
+    last two buckets' slope continues."""
+
+    def __init__(self, tables: Dict[int, Dict[int, float]], grow: Optional[Callable[[int], Dict[int, float]]] = None):
+        self.tables = {c: RowCost(t) for c, t in tables.items()}
+        self.grow = grow
+
+    def __call__(self, rows: int, context: int = 0) -> float:
+        while self.grow is not None and context > max(self.tables) and max(self.tables) < CONTEXTS[-1]:
+            bucket = next(c for c in CONTEXTS if c > max(self.tables))
+            self.tables[bucket] = RowCost(self.grow(bucket))
+        contexts = sorted(self.tables)
+        if context <= contexts[0] or len(contexts) == 1:
+            return self.tables[contexts[0]](rows)
+        i = min(bisect_left(contexts, context), len(contexts) - 1)
+        (c0, c1) = contexts[i - 1], contexts[i]
+        t0 = self.tables[c0](rows)
+        t1 = max(t0, self.tables[c1](rows))
+        return t0 + (t1 - t0) * (context - c0) / (c1 - c0)
+
+    def to_dict(self) -> dict:
+        return {str(c): t.to_dict() for c, t in sorted(self.tables.items())}
+
+
 def cache_folder() -> Path:
     return Path(os.environ.get("MLX_SBD_CACHE", Path.home() / ".cache" / "mlx_sbd")) / "rows_time"
 
 
-def model_key(model, context: int) -> str:
+def model_key(model) -> str:
     args = model.args
     dtype = str(model.lm.model.embed_tokens.weight.dtype)
     shape = {k: getattr(args, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers",
@@ -63,17 +100,27 @@ def model_key(model, context: int) -> str:
                                                 "vocab_size")}
     device = str(mx.default_device()) + (mx.metal.device_info().get("device_name", "") if mx.metal.is_available() else
                                          platform.processor() + str(os.cpu_count()))
-    text = json.dumps([shape, dtype, device, mx.__version__, context, os.environ.get("LD_PRELOAD", "")], sort_keys=True)
+    text = json.dumps([shape, dtype, device, mx.__version__, CONTEXTS, os.environ.get("LD_PRELOAD", "")], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def measure(model, rows: Sequence[int] = ROWS, context: int = 256, repeats: int = 5) -> Dict[int, float]:
     """Median seconds of one verified-layout decode forward over `context` cached tokens, for each row count."""
-    cache = model.make_cache()
-    model.lm.model(mx.zeros((1, context), mx.int32), cache=cache)  # the context: K/V of `context` tokens
-    mx.eval([c.state for c in cache])
+    cache = filled_cache(model, context)
     # a mask block in the second half, as verified forwards carry
     return {r: time_forward(model, cache, r, r // 2 if r >= 4 else 0, repeats) for r in rows}
+
+
+def filled_cache(model, context: int):
+    """A KV cache holding `context` tokens of random keys and values (shapes and dtype from a one-token forward)."""
+    cache = model.make_cache()
+    model.lm.model(mx.zeros((1, 1), mx.int32), cache=cache)
+    if context > 1:
+        for c in cache:
+            more = lambda a: mx.random.normal(a.shape[:2] + (context - 1,) + a.shape[3:]).astype(a.dtype)  # noqa: E731
+            c.update_and_fetch(more(c.keys), more(c.values))
+    mx.eval([(c.keys, c.values) for c in cache])
+    return cache
 
 
 def time_forward(model, cache, rows: int, masks: int, repeats: int) -> float:
@@ -93,30 +140,41 @@ def time_forward(model, cache, rows: int, masks: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def row_cost(model, context: int = 256, refresh: bool = False) -> RowCost:
-    """time(rows) for this model on this device: from the cache, or measured now (~a second or two) and cached."""
-    path = cache_folder() / f"{model_key(model, context)}.json"
+def row_cost(model, refresh: bool = False) -> ContextCost:
+    """time(rows, context) for this model on this device: the buckets cached so far, or the first bucket measured
+    now (~a second or two); each bucket measured later (ContextCost.grow) is added to the cache file."""
+    path = cache_folder() / f"{model_key(model)}.json"
+    tables = {}
     if not refresh:
         try:
-            return RowCost({int(r): float(t) for r, t in json.loads(path.read_text())["seconds"].items()})
-        except (OSError, ValueError, KeyError, TypeError):
+            saved = json.loads(path.read_text())["seconds"]
+            tables = {int(c): {int(r): float(t) for r, t in times.items()} for c, times in saved.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            tables = {}
+
+    def grow(context: int) -> Dict[int, float]:
+        times = measure(model, context=context, repeats=5 if context <= CONTEXTS[0] else 3)
+        tables[context] = times
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"seconds": {str(c): {str(r): t for r, t in ts.items()} for c, ts in tables.items()},
+                                       "mlx": mx.__version__}))
+            tmp.replace(path)
+        except OSError:  # a read-only home: measure again next time, decode anyway
             pass
-    times = measure(model, context=context)
-    cost = RowCost(times)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seconds": cost.to_dict(), "context": context, "mlx": mx.__version__}))
-        tmp.replace(path)
-    except OSError:  # a read-only home: measure again next time, decode anyway
-        pass
-    return cost
+        return times
+
+    if CONTEXTS[0] not in tables:
+        tables = {}
+        grow(CONTEXTS[0])
+    return ContextCost(dict(tables), grow)
 
 
-_memo: Dict[int, RowCost] = {}
+_memo: Dict[int, ContextCost] = {}
 
 
-def cached_row_cost(model) -> Optional[RowCost]:
+def cached_row_cost(model) -> Optional[ContextCost]:
     """row_cost once per model object in this process."""
     if id(model) not in _memo:
         _memo[id(model)] = row_cost(model)

@@ -246,7 +246,7 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
             return None
         # drafts past the budget or the context are never needed
         drafts, source, k, predraft = drafter.plan(cache.tokens, masked, min(left - 1, room - 1), len(cache.pending),
-                                                   room)
+                                                   room, cache.offset)
         m = len(drafts)
         k = min(k, room - m)  # block i's masks reach position m_i + k at most: room - m bounds every block
         k = k if k >= 2 and left - m > 1 else 0  # no mask block when its drafts could not be used

@@ -142,7 +142,7 @@ class Drafter:
 
     Fixed modes: sbd (the mask block's drafts, block_size masks every forward), lookup (no mask block), both (the
     mask block's drafts when valid, else lookup's). auto chooses per forward, from time(rows) measured on this device
-    (costs.row_cost) and the acceptance seen so far per source and draft position (for lookup, per matched n-gram
+    (costs.row_cost, at the current context length) and the acceptance seen so far per source and draft position (for lookup, per matched n-gram
     size: a 3-gram match is a stronger draft than a 1-gram one), the drafts and mask block that maximise expected
     tokens per second:
         rate(m, k) = (1 + A(m) + P_all(m) * gain(k)) / time(pending + m + k)
@@ -174,8 +174,9 @@ class Drafter:
         return [], "sbd"
 
     def plan(self, tokens: Sequence[int], masked: Optional[List[int]], limit: int, pending: int,
-             room: int) -> Tuple[List[int], str, int, bool]:
-        """(drafts, source, mask block size, pre-drafting) of the next forward; `room` bounds drafts + masks."""
+             room: int, context: int = 0) -> Tuple[List[int], str, int, bool]:
+        """(drafts, source, mask block size, pre-drafting) of the next forward; `room` bounds drafts + masks;
+        `context`: the tokens already in the KV cache, which every row attends to (rows cost more over a longer one)."""
         if self.mode != "auto" or self.cost is None:
             drafts, source = self.propose(tokens, masked, limit)
             self.last_key = source
@@ -205,7 +206,7 @@ class Drafter:
                     for predraft in (layouts if k and m else [False]):
                         # pre-drafting: m + 1 blocks, and the next drafts exist whatever passes
                         rows = pending + m + (m + 1 if predraft else 1) * k
-                        rate = (1 + expected[m] + (1.0 if predraft else p_all[m]) * gain) / self.cost(rows)
+                        rate = (1 + expected[m] + (1.0 if predraft else p_all[m]) * gain) / self.cost(rows, context)
                         if best is None or rate > best[0]:
                             best = (rate, drafts[:m], source, k, key, predraft)
         _, drafts, source, k, self.last_key, predraft = best

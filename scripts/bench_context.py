@@ -1,12 +1,15 @@
-"""How the cost of a verified forward grows with the context: time(rows) / time(1) at several cache lengths, for
-the decode step's attention as it is (one SDPA call with the boolean block mask) and split into two SDPA calls
-that need no mask array (the causal rows over the keys up to the last causal row with mask="causal", the mask
-block over every key with no mask).
+"""How the cost of a verified forward grows with the context: time(rows) / time(1) at several cache lengths, with
+the CPU's decode attention as shipped (grouped-query heads folded into the rows, attention.folded_attention) and as
+MLX's own SDPA runs it (its unfused fallback on the CPU), beside mlx_lm's own one-token step over the same cache.
 
     python scripts/bench_context.py --contexts 512,2048,6000,8000 --rows 1,9,17
+
+Rows: the linear layout after one committed token (x + rows - 1 masks), as costs.time_forward runs it.
 """
 
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -20,46 +23,56 @@ from mlx_sbd import attention  # noqa: E402
 from mlx_sbd.costs import time_forward  # noqa: E402
 
 
-def split_block_attention(q, k, v, scale, offset, causal_point):
-    """Causal rows: keys up to offset + causal_point with SDPA's own causal mask; block rows: every key, no mask."""
-    parts = []
-    if causal_point > 0:
-        n = offset + causal_point
-        parts.append(mx.fast.scaled_dot_product_attention(q[:, :, :causal_point], k[:, :, :n], v[:, :, :n],
-                                                          scale=scale, mask="causal"))
-    if causal_point < q.shape[2]:
-        parts.append(mx.fast.scaled_dot_product_attention(q[:, :, causal_point:], k, v, scale=scale))
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+def mlx_lm_step(model, cache, repeats: int) -> float:
+    """Median seconds of mlx_lm's own one-token forward (its attention, its mask) over `cache`, left as it was."""
+    x = mx.array([[1]], mx.int32)
+    times = []
+    for i in range(repeats + 1):
+        tic = time.perf_counter()
+        mx.eval(model.lm(x, cache=cache).argmax(axis=-1))
+        if i:
+            times.append(time.perf_counter() - tic)
+        for c in cache:
+            c.trim(1)
+    return statistics.median(times)
 
 
 @click.command()
 @click.option("--contexts", default="512,2048,6000,8000", show_default=True)
 @click.option("--rows", "row_counts", default="1,9,17", show_default=True)
 @click.option("--repeats", default=5, show_default=True)
+@click.option("--rounds", default=2, show_default=True, help="Interleaved rounds of both attentions per context.")
 @click.option("--out", default="results/bench_context.json", show_default=True)
-def main(contexts, row_counts, repeats, out):
+def main(contexts, row_counts, repeats, rounds, out):
     model, _ = mlx_sbd.load()
     contexts = [int(c) for c in contexts.split(",")]
     row_counts = [int(r) for r in row_counts.split(",")]
-    reference = attention.block_attention
-    results = {"machine": machine(), "dtype": str(model.lm.model.embed_tokens.weight.dtype), "seconds": {}}
-    print(f"{'context':>7} {'variant':>8} " + " ".join(f"{'t(' + str(r) + ') ms':>10}" for r in row_counts)
+    fold = attention.FOLD_MAX_ROWS
+    results = {"machine": machine(), "dtype": str(model.lm.model.embed_tokens.weight.dtype), "rounds": rounds,
+               "repeats": repeats, "seconds": {}, "mlx_lm_step": {}}
+    print(f"{'context':>7} {'attention':>9} {'mlx_lm t(1)':>11} " + " ".join(f"{'t(' + str(r) + ') ms':>10}" for r in row_counts)
           + " " + " ".join(f"{'x t(1) @' + str(r):>10}" for r in row_counts[1:]))
     for ctx in contexts:
         cache = model.make_cache()
         for i in range(0, ctx, 512):
             model.lm.model(mx.zeros((1, min(512, ctx - i)), mx.int32), cache=cache)
             mx.eval([c.state for c in cache])
-        for name, fn in (("mask", reference), ("split", split_block_attention)):
-            attention.block_attention = fn
-            try:
-                # the linear layout after one committed token: x + (rows - 1) masks
-                t = {r: time_forward(model, cache, r, r - 1, repeats) for r in row_counts}
-            finally:
-                attention.block_attention = reference
-            results["seconds"][f"{ctx}/{name}"] = t
-            print(f"{ctx:7d} {name:>8} " + " ".join(f"{1e3 * t[r]:10.1f}" for r in row_counts) + " "
-                  + " ".join(f"{t[r] / t[row_counts[0]]:10.2f}" for r in row_counts[1:]))
+        runs = {"folded": [], "sdpa": []}
+        base = []
+        for _ in range(rounds):
+            base.append(mlx_lm_step(model, cache, repeats))
+            for name, limit in (("folded", fold), ("sdpa", 0)):
+                attention.FOLD_MAX_ROWS = limit
+                try:
+                    runs[name].append({r: time_forward(model, cache, r, r - 1, repeats) for r in row_counts})
+                finally:
+                    attention.FOLD_MAX_ROWS = fold
+        results["mlx_lm_step"][str(ctx)] = base
+        for name, rs in runs.items():
+            t = {r: statistics.median(run[r] for run in rs) for r in row_counts}
+            results["seconds"][f"{ctx}/{name}"] = {"median": t, "rounds": rs}
+            print(f"{ctx:7d} {name:>9} {1e3 * statistics.median(base):11.1f} " + " ".join(f"{1e3 * t[r]:10.1f}" for r in row_counts)
+                  + " " + " ".join(f"{t[r] / t[row_counts[0]]:10.2f}" for r in row_counts[1:]), flush=True)
     save(results, out)
 
 

@@ -1,4 +1,5 @@
-"""time(rows) (costs.py): interpolation against numpy, and the per-device cache (measured once, then read)."""
+"""time(rows) (costs.py): interpolation against numpy in rows and in context, and the per-device cache (each
+context bucket measured once, when a context first needs it, then read)."""
 
 import numpy as np
 
@@ -17,19 +18,59 @@ def test_row_cost_interpolates_and_never_decreases():
     assert cost(0) == 1.0
 
 
+def test_context_cost_interpolates_in_context_and_never_decreases():
+    short = {1: 1.0, 8: 2.0}
+    long = {1: 1.5, 8: 1.8}  # 8 rows "cheaper" over the longer context: timing noise, held at the shorter one's
+    cost = costs.ContextCost({256: short, 1024: long})
+    for rows in (1, 4, 8):
+        at = [costs.RowCost(short)(rows), max(costs.RowCost(short)(rows), costs.RowCost(long)(rows))]
+        for context in (0, 256, 300, 640, 1024):
+            assert np.isclose(cost(rows, context), np.interp(context, [256, 1024], at))
+        # past the last bucket, and nothing to measure it with: the last slope continues
+        assert np.isclose(cost(rows, 2048), at[1] + (at[1] - at[0]) * (2048 - 1024) / (1024 - 256))
+
+
+def tiny(path):
+    return load_model(make_tiny_model(path, hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                                      num_attention_heads=2, num_key_value_heads=1))
+
+
 def test_row_cost_is_measured_once_per_device_and_model(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_SBD_CACHE", str(tmp_path))
-    model = load_model(make_tiny_model(tmp_path / "m", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
-                                       num_attention_heads=2, num_key_value_heads=1))
+    model = tiny(tmp_path / "m")
     calls = []
     real = costs.measure
-    monkeypatch.setattr(costs, "measure", lambda *a, **k: calls.append(1) or real(*a, **k))
-    first = costs.row_cost(model, context=16)
-    second = costs.row_cost(model, context=16)
-    assert len(calls) == 1 and first.times == second.times and first.rows == list(costs.ROWS)
+    monkeypatch.setattr(costs, "measure", lambda *a, **k: calls.append(k["context"]) or real(*a, **k))
+    first = costs.row_cost(model)
+    second = costs.row_cost(model)
+    assert calls == [costs.CONTEXTS[0]] and first.to_dict() == second.to_dict()
+    assert first.tables[costs.CONTEXTS[0]].rows == list(costs.ROWS)
     assert len(list((tmp_path / "rows_time").glob("*.json"))) == 1
-    costs.row_cost(model, context=16, refresh=True)
+    costs.row_cost(model, refresh=True)
     assert len(calls) == 2
     (next((tmp_path / "rows_time").glob("*.json"))).write_text("{broken")  # a torn file: measured again
-    costs.row_cost(model, context=16)
+    costs.row_cost(model)
     assert len(calls) == 3
+
+
+def test_a_longer_context_measures_its_bucket_once(tmp_path, monkeypatch):
+    """A context past the first bucket measures the next one (with a cache of that many keys), once: the file keeps
+    it for the next process, and contexts below it measure nothing more."""
+    monkeypatch.setenv("MLX_SBD_CACHE", str(tmp_path))
+    model = tiny(tmp_path / "m")
+    calls, sizes = [], []
+    real_measure, real_fill = costs.measure, costs.filled_cache
+    monkeypatch.setattr(costs, "measure", lambda *a, **k: calls.append(k["context"]) or real_measure(*a, **k))
+    monkeypatch.setattr(costs, "filled_cache", lambda m, c: sizes.append(c) or real_fill(m, c))
+    cost = costs.row_cost(model)
+    cost(4, 100)
+    cost(4, costs.CONTEXTS[0])
+    assert calls == [costs.CONTEXTS[0]]
+    cost(4, costs.CONTEXTS[0] + 1)
+    cost(8, costs.CONTEXTS[1] - 1)
+    assert calls == list(costs.CONTEXTS[:2]) and sizes == calls
+    cache = costs.filled_cache(model, 300)
+    assert all(c.offset == 300 for c in cache)
+    again = costs.row_cost(model)  # a new process: both buckets from the file
+    again(4, costs.CONTEXTS[1])
+    assert calls == list(costs.CONTEXTS[:2]) and again.to_dict() == cost.to_dict()

@@ -121,11 +121,11 @@ def test_auto_follows_the_cost_of_rows():
     from mlx_sbd.drafting import PRIOR_WEIGHT, PRIORS
 
     tokens = [1, 2, 3, 4, 9, 1, 2, 3]  # the 3-gram 1 2 3 occurred before: lookup proposes 4 9 1 2 3
-    free = Drafter("auto", has_adapter=True, cost=lambda rows: 1.0, block_size=4)
+    free = Drafter("auto", has_adapter=True, cost=lambda rows, context=0: 1.0, block_size=4)
     assert free.plan(tokens, None, 10, 1, 100) == ([4, 9, 1, 2, 3], "lookup", 4, False)  # linear: fewer rows, same
-    predraft = Drafter("auto", has_adapter=True, cost=lambda rows: 1.0, block_size=4, layout="predraft")
+    predraft = Drafter("auto", has_adapter=True, cost=lambda rows, context=0: 1.0, block_size=4, layout="predraft")
     assert predraft.plan(tokens, None, 10, 1, 100) == ([4, 9, 1, 2, 3], "lookup", 4, True)
-    cost = lambda rows: 1 + 0.6 * (rows - 1)  # noqa: E731  (steep: a CPU is ~0.05-0.25 per extra row)
+    cost = lambda rows, context=0: 1 + 0.6 * (rows - 1)  # noqa: E731  (steep: a CPU is ~0.05-0.25 per extra row)
     weak = [5, 7, 8, 5]  # only the 1-gram 5 occurred before: lookup proposes 7 8 5, a weak draft
     steep = Drafter("auto", has_adapter=False, cost=cost, block_size=4)
     assert steep.plan(weak, None, 10, 1, 100) == ([], "lookup", 0, False)
@@ -137,6 +137,24 @@ def test_auto_follows_the_cost_of_rows():
     a = [(PRIOR_WEIGHT * first + 20) / (PRIOR_WEIGHT + 20)] + [(PRIOR_WEIGHT * rest + 20) / (PRIOR_WEIGHT + 20)] * 2
     rates = [(1 + sum(np.prod(a[:i]) for i in range(1, m + 1))) / cost(1 + m) for m in range(4)]
     assert k == 0 and len(drafts) == int(np.argmax(rates)) == 3
+
+
+def test_auto_sends_fewer_rows_over_a_longer_context():
+    """Rows attend to every cached key, so over a long context they cost more (costs.ContextCost): the same drafts
+    that pay for their rows over a short cache do not over a long one. The choice against the rate rule by hand."""
+    from mlx_sbd.drafting import PRIORS
+
+    tokens = [1, 2, 3, 4, 9, 1, 2, 3]  # lookup proposes 4 9 1 2 3 from a 3-gram match
+    cost = lambda rows, context=0: 1 + 0.02 * (rows - 1) * (1 + context / 256)  # noqa: E731
+    first, rest = PRIORS[("lookup", 3)]
+    a = [first] + [rest] * 4
+    for context, want in ((0, 5), (20000, None)):
+        drafts, source, k, _ = Drafter("auto", has_adapter=False, cost=cost).plan(tokens, None, 10, 1, 100, context)
+        rates = [(1 + sum(np.prod(a[:i]) for i in range(1, m + 1))) / cost(1 + m, context) for m in range(6)]
+        assert source == "lookup" and k == 0 and len(drafts) == int(np.argmax(rates))
+        if want is not None:
+            assert len(drafts) == want
+    assert len(drafts) < 5  # the long context cut the drafts
 
 
 def test_drafter_takes_the_mask_blocks_drafts_when_valid():
@@ -165,10 +183,10 @@ def test_acceptance_carries_over_between_generations_and_fades():
     from mlx_sbd.drafting import MEMORY, Acceptance
 
     shared = {}
-    first = Drafter("auto", cost=lambda rows: 1.0, acceptance=shared)
+    first = Drafter("auto", cost=lambda rows, context=0: 1.0, acceptance=shared)
     first.last_key = ("lookup", 1)
     first.record("lookup", 3, 3)
-    second = Drafter("auto", cost=lambda rows: 1.0, acceptance=shared)
+    second = Drafter("auto", cost=lambda rows, context=0: 1.0, acceptance=shared)
     assert second._rate(("lookup", 1)) is first._rate(("lookup", 1))
     a = Acceptance((0.5, 0.5))
     for _ in range(1000):
@@ -180,7 +198,7 @@ def test_acceptance_carries_over_between_generations_and_fades():
 
 def test_auto_with_a_block_longer_than_the_acceptance_table():
     """Server requests may ask for blocks up to 256: auto then weighs the first 64 draft positions (it crashed)."""
-    d = Drafter("auto", has_adapter=True, cost=lambda rows: 1.0, block_size=100, layout="predraft")
+    d = Drafter("auto", has_adapter=True, cost=lambda rows, context=0: 1.0, block_size=100, layout="predraft")
     drafts, source, k, predraft = d.plan([1, 2, 3], list(range(99)), 200, 1, 1000)
     # free rows: as many drafts as add anything (at a 1/2 prior, past ~52 the gain is below float precision)
     assert source == "sbd" and 40 <= len(drafts) <= 64 and k == 100 and predraft

@@ -1,0 +1,46 @@
+"""The CPU decode attention (attention.sdpa / folded_attention: grouped-query heads folded into the rows) against a
+numpy re-derivation and against MLX's own SDPA, over the masks decode forwards use."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_sbd import attention
+from mlx_sbd.masks import inference_mask
+
+
+def numpy_attention(q, k, v, scale, mask):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)  # query head h reads kv head h // groups
+    s = scale * q @ k.swapaxes(-1, -2)
+    if mask is not None:
+        s = np.where(np.asarray(mask), s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    return (w / w.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 1), (8, 2), (4, 4)])
+@pytest.mark.parametrize("rows,cached", [(1, 40), (5, 0), (9, 37), (17, 200)])
+def test_decode_attention_is_attention(heads, kv_heads, rows, cached):
+    rng = np.random.default_rng(rows * 100 + heads)
+    q = mx.array(rng.normal(size=(1, heads, rows, 16)).astype(np.float32))
+    k, v = (mx.array(rng.normal(size=(1, kv_heads, cached + rows, 16)).astype(np.float32)) for _ in range(2))
+    masks = {"none": None, "causal": "causal", "block": inference_mask(rows, cached, max(rows - 3, 0))}
+    for name, mask in masks.items():
+        dense = None if mask is None else (inference_mask(rows, cached, rows) if mask == "causal" else mask)
+        got = attention.sdpa(q, k, v, 0.25, mask)
+        assert np.allclose(np.asarray(got), numpy_attention(q, k, v, 0.25, dense), atol=1e-5), name
+        # on the CPU the same arithmetic as MLX's own SDPA (its fallback), so the same numbers
+        same = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+        assert np.allclose(np.asarray(got), np.asarray(same), atol=1e-6), name
+
+
+def test_folded_attention_in_half_precision():
+    rng = np.random.default_rng(0)
+    q = mx.array(rng.normal(size=(1, 6, 9, 32)), mx.float16)
+    k, v = (mx.array(rng.normal(size=(1, 2, 50, 32)), mx.float16) for _ in range(2))
+    mask = inference_mask(9, 41, 4)
+    got = attention.folded_attention(q, k, v, 32 ** -0.5, mask)
+    assert got.dtype == mx.float16
+    assert np.allclose(np.asarray(got.astype(mx.float32)), numpy_attention(q, k, v, 32 ** -0.5, mask), atol=2e-2)
