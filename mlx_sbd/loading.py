@@ -21,8 +21,9 @@ from .backend import compute_dtype, warn_if_slow_blas
 from .errors import SBDError
 from .model import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, SBDModel, SBDSettings
 
-# The SBD LoRA adapter trained for the built-in model (recipe: its README.md), applied by load() by default.
-DEFAULT_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-instruct-sbd"
+# The SBD adapter trained for the built-in model (recipe: its README.md), applied by load() by default. It is gated:
+# its LoRA reaches only mask rows, so verified decoding with it gives the base model's own output.
+DEFAULT_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-instruct-sbd-gated"
 HF_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 
 

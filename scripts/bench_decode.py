@@ -7,13 +7,16 @@ k - 1 drafts, so k sets the draft length) and with pre-drafting (a block of k af
 the default, which chooses source, drafts and layout per forward. Per setting: tokens per forward, rows per forward,
 tokens/s, the ratio to mlx_lm in the same round (median and range over interleaved rounds), and the tokens/s that
 time(rows) predicts for the forwards the setting actually ran (sum of time(rows) over its forwards: the model's
-cost alone, no host work), with the gap measured/predicted - 1. time(rows) is measured here first
-(costs.measure, the decode forward over a 256-token cache). The model behind it (BENCHMARKS.md 7):
+cost alone, no host work), with the gap measured/predicted - 1. time(rows, context) is the one auto uses
+(costs.row_cost: the decode forward over caches of 256, 1024, 4096... tokens, read at each forward's context).
+--context N puts a passage of real text (standard-library source) before each question so the prompt is about N
+tokens: the same settings over a long cache. The model behind it (BENCHMARKS.md 7):
     tokens/s = tokens per forward / time(rows per forward)
 the paper's Eq. 16 generalised to verified layouts.
 
     python scripts/bench_decode.py --rounds 2
     python scripts/bench_decode.py --adapter-path mlx_sbd/adapters/smollm2-135m-instruct-sbd-gated
+    python scripts/bench_decode.py --context 6000 --linear 3 --predraft 2 --prompts 2 --max-tokens 48
 """
 
 import statistics
@@ -30,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, save  # noqa: E402
 
 import mlx_sbd  # noqa: E402
-from mlx_sbd.costs import ROWS, RowCost, measure  # noqa: E402
+from mlx_sbd.costs import row_cost  # noqa: E402
 from mlx_sbd.generate import encode_prompt  # noqa: E402
 
 PROMPTS = [
@@ -46,18 +49,34 @@ def run_mlx_lm(model, tokenizer, ids, max_tokens):
     for last in mlx_lm_stream_generate(model.lm, tokenizer, mx.array(ids), max_tokens=max_tokens):
         pass
     n = last.generation_tokens
-    return {"tokens": n, "seconds": n / last.generation_tps, "nfe": n, "rows": [1] * n, "start": start}
+    return {"tokens": n, "seconds": n / last.generation_tps, "nfe": n, "rows": [1] * n,
+            "contexts": [len(ids) + i for i in range(n)], "start": start}
 
 
 def run_sbd(model, tokenizer, ids, max_tokens, **kw):
-    last, prev, rows, start = None, 0, [], time.perf_counter()
+    last, prev, rows, contexts, produced, start = None, 0, [], [], 0, time.perf_counter()
     for last in mlx_sbd.stream_generate(model, tokenizer, ids, max_tokens=max_tokens, **kw):
-        if last.rows > prev:
-            rows.append(last.rows - prev)  # verified / plain decoding: one response per forward
-        prev = last.rows
+        if last.rows > prev:  # verified / plain decoding: one response per forward
+            rows.append(last.rows - prev)
+            contexts.append(len(ids) + produced)  # about the cache it ran over (the prompt and the answer so far)
+        prev, produced = last.rows, last.generation_tokens
     n = last.generation_tokens
     return {"tokens": n, "seconds": n / last.generation_tps if n else 0.0, "nfe": last.nfe, "rows": rows,
-            "drafted": last.drafted, "accepted": last.accepted, "start": start}
+            "contexts": contexts, "drafted": last.drafted, "accepted": last.accepted, "start": start}
+
+
+def long_prompt(tokenizer, question: str, tokens: int) -> list:
+    """`question` after about `tokens` tokens of standard-library source, as a chat prompt."""
+    import inspect
+
+    import collections
+    import email.message
+    import json
+    import textwrap
+    text = "".join(inspect.getsource(m) for m in (collections, json, email.message, textwrap, inspect))
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    passage = tokenizer.decode(ids[:tokens])
+    return encode_prompt(tokenizer, f"Here is some Python source:\n\n{passage}\n\n{question}")
 
 
 @click.command()
@@ -68,10 +87,12 @@ def run_sbd(model, tokenizer, ids, max_tokens, **kw):
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--prompts", "n_prompts", default=len(PROMPTS), show_default=True)
 @click.option("--rounds", default=2, show_default=True, help="Interleaved rounds over all settings.")
+@click.option("--context", default=0, show_default=True, help="Put about this many tokens of real text before each "
+              "prompt (0: the prompts alone).")
 @click.option("--out", default="results/bench_decode.json", show_default=True)
-def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, out):
+def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, context, out):
     sbd_model, tokenizer = mlx_sbd.load(model, adapter_path=adapter_path)
-    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS[:n_prompts]]
+    prompts = [long_prompt(tokenizer, p, context) if context else encode_prompt(tokenizer, p) for p in PROMPTS[:n_prompts]]
     lossy_k = sbd_model.sbd.block_size if sbd_model.sbd else 8
     settings = {"mlx_lm": None, "ntp": dict(draft="none"), f"lossy k={lossy_k}": dict(verify=False)}
     for k in [int(x) for x in linear.split(",") if x]:
@@ -81,8 +102,7 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, o
     settings["auto (default)"] = dict(draft="auto")
 
     run_sbd(sbd_model, tokenizer, prompts[0], 8)  # warm-up: allocations, and auto's time(rows) measured and cached
-    times = measure(sbd_model, rows=ROWS, context=256)
-    cost = RowCost(times)
+    cost = row_cost(sbd_model)  # what auto reads: measured per context bucket, as the runs need
     names = list(settings)
     runs = {name: [[] for _ in range(rounds)] for name in names}
     with tqdm(total=rounds * len(prompts) * len(names), desc="decoding") as bar:
@@ -105,8 +125,9 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, o
         first = rr[0]
         tokens, nfe = sum(r["tokens"] for r in first), sum(r["nfe"] for r in first)
         all_rows = [n for r in first for n in r["rows"]]
+        all_contexts = [c for r in first for c in r["contexts"]]
         lossy = name.startswith("lossy")
-        predicted = None if lossy or not all_rows else tokens / sum(cost(n) for n in all_rows)
+        predicted = None if lossy or not all_rows else tokens / sum(cost(n, c) for n, c in zip(all_rows, all_contexts))
         drafted = sum(r.get("drafted", 0) for r in first)
         row = dict(setting=name, tokens=tokens, nfe=nfe, tokens_per_forward=tokens / max(nfe, 1),
                    rows_per_forward=(sum(all_rows) / len(all_rows)) if all_rows else None,
@@ -121,7 +142,10 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, o
 
     print(f"\nmachine: {machine()}\ndtype: {sbd_model.lm.model.embed_tokens.weight.dtype}, adapter: "
           f"{adapter_path or 'built-in default'}")
-    print("time(rows) ms: " + ", ".join(f"{r}: {t * 1e3:.1f}" for r, t in times.items()))
+    times = cost.to_dict()
+    for c, t in times.items():
+        print(f"time(rows) ms over {c} cached tokens: " + ", ".join(f"{r}: {s * 1e3:.1f}" for r, s in t.items()))
+    print(f"prompt tokens: {[len(p) for p in prompts]}")
     print(f"{rounds} rounds; x mlx_lm = median over rounds of tok/s over mlx_lm's in the same round [range]")
     print(f"{'setting':16} {'tok/fwd':>7} {'rows/fwd':>8} {'accept':>6} {'tok/s':>7} {'x mlx_lm':>8} {'range':>11} "
           f"{'predicted':>9} {'gap':>6}")
@@ -134,7 +158,8 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, o
               f"{r['ratio_lo']:5.2f}-{r['ratio_hi']:.2f} {pred} {gap}")
     print(f"auto / best fixed ({best['setting']}): {auto['tps'] / best['tps']:.3f} (target >= 0.95)")
     save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
-          "max_tokens": max_tokens, "rounds": rounds, "time_rows": times, "rows": rows_out,
+          "max_tokens": max_tokens, "rounds": rounds, "context": context, "prompt_tokens": [len(p) for p in prompts],
+          "time_rows": times, "rows": rows_out,
           "auto_over_best_fixed": auto["tps"] / best["tps"], "best_fixed": best["setting"],
           "runs": runs}, out)
 

@@ -1,4 +1,5 @@
-"""The SBD adapter shipped for the built-in SmolLM2: applied by default, removable, and actually decoding blocks.
+"""The SBD adapter shipped for the built-in SmolLM2: gated (the causal path is the base model), applied by default,
+removable, and actually drafting.
 
 The prompts below are about standard-library modules of the held-out split of scripts/make_distill_data.py
 (never seen in training), so "several tokens per forward" is a property of the trained adapter, not of memory.
@@ -9,9 +10,10 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from mlx_lm.tuner.lora import LoRALinear
+import mlx.core as mx
 
 import mlx_sbd
+from mlx_sbd.adapter import is_gated
 from mlx_sbd.cli import cli
 from mlx_sbd.loading import DEFAULT_ADAPTER
 
@@ -19,14 +21,11 @@ pytestmark = pytest.mark.slow
 HELD_OUT = "What is the Python standard library module `sched` used for?"
 
 
-def first_q_proj(model):
-    return np.array(model.lm.model.layers[0].self_attn.q_proj.weight)
-
-
 def test_adapter_is_shipped_and_trained_for_the_built_in_model():
     config = json.loads((DEFAULT_ADAPTER / "adapter_config.json").read_text())
     base, _ = mlx_sbd.load(adapter_path=False)
     assert config["sbd"]["base"] == {k: getattr(base.args, k) for k in config["sbd"]["base"]}
+    assert config["gated"] is True  # the default's output is the base model's (verified decoding)
     assert (DEFAULT_ADAPTER / "README.md").read_text().count("mlx-sbd train") >= 1  # the recipe ships with it
     # The recorded training paths are the recipe's (relative, as a user reproducing it has them), not the machine's.
     training = config["sbd"]["training"]
@@ -35,20 +34,27 @@ def test_adapter_is_shipped_and_trained_for_the_built_in_model():
 
 
 def test_load_without_arguments_applies_it_and_false_removes_it():
-    """load() fuses the LoRA into the weights (plain Linear layers, base cost per forward)."""
+    """load() applies the gated LoRA (never fused: it acts on mask rows only), so the causal forward is the plain
+    base model's, and the mask rows are not."""
     model, _ = mlx_sbd.load()
     plain, _ = mlx_sbd.load(adapter_path=False)
-    assert model.sbd is not None and plain.sbd is None
-    assert not any(isinstance(m, LoRALinear) for _, m in model.lm.named_modules())
-    assert np.abs(first_q_proj(model) - first_q_proj(plain)).max() > 1e-3
+    assert model.sbd is not None and plain.sbd is None and is_gated(model) and not is_gated(plain)
+    x = mx.array([[1, 2, 3, 4, 5]])
+    assert np.array_equal(np.array(model(x)), np.array(plain(x)))
+    masked = mx.array([1, 2, 3, -1, -1])
+    a = model.forward(masked, mask=mx.ones((5, 5), mx.bool_), mask_rows=2, return_hidden=True)
+    b = plain.forward(masked, mask=mx.ones((5, 5), mx.bool_), mask_rows=2, return_hidden=True)
+    assert np.abs(np.array(a[3:]) - np.array(b[3:])).max() > 1e-3
 
 
-def test_default_decoding_takes_fewer_forwards_than_tokens():
+def test_the_adapters_drafts_pass():
+    """With the mask block's drafts every forward, verified decoding takes fewer forwards than tokens on a held-out
+    prompt. (`--draft auto`, the default, sends them only when their expected gain pays for their rows: on these
+    CPUs it mostly does not for this 50-step adapter, BENCHMARKS 6.)"""
     model, tokenizer = mlx_sbd.load()
-    *_, last = mlx_sbd.stream_generate(model, tokenizer, HELD_OUT, max_tokens=64,
+    *_, last = mlx_sbd.stream_generate(model, tokenizer, HELD_OUT, max_tokens=64, draft="sbd",
                                        block_size=model.sbd.block_size, gamma=model.sbd.gamma)
     assert last.generation_tokens >= 32
-    # The plain base reveals under one token per forward at these settings (BENCHMARKS.md); the adapter more than one.
     assert last.generation_tokens / last.nfe >= 1.15, (last.generation_tokens, last.nfe)
 
 

@@ -20,5 +20,6 @@ def test_wheel_holds_every_module_the_kernel_and_the_default_adapter(tmp_path):
     assert sources <= names, sorted(sources - names)
     assert "mlx_sbd/metal/block_attention.metal" in names
     adapter = {str(p.relative_to(ROOT)) for p in (ROOT / "mlx_sbd" / "adapters").rglob("*") if p.is_file()}
-    assert {f"mlx_sbd/adapters/smollm2-135m-instruct-sbd/{f}" for f in
-            ("adapters.safetensors", "adapter_config.json", "sbd.safetensors", "README.md")} <= adapter <= names
+    assert {f"mlx_sbd/adapters/{folder}/{f}" for f in
+            ("adapters.safetensors", "adapter_config.json", "sbd.safetensors", "README.md")
+            for folder in ("smollm2-135m-instruct-sbd-gated", "smollm2-135m-instruct-sbd")} <= adapter <= names

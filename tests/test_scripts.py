@@ -118,8 +118,9 @@ def test_teacher_forcing_a_models_own_sbd_output_replays_its_decode(k, gamma):
 def test_bench_decode_interleaves_rounds_and_takes_each_rounds_ratio(tmp_path):
     """Shared machines drift, so bench_decode runs every setting once per prompt within a round before the next
     round starts, and a setting's ratio is the median of its per-round tokens/s over mlx_lm's in that round; the
-    prediction is the tokens over the sum of time(rows) of the forwards it ran. Both re-derived from the raw runs."""
-    from mlx_sbd.costs import RowCost
+    prediction is the tokens over the sum of time(rows, context) of the forwards it ran. Both re-derived from the raw
+    runs."""
+    from mlx_sbd.costs import ContextCost
 
     out = tmp_path / "bench.json"
     script = Path(__file__).parents[1] / "scripts" / "bench_decode.py"
@@ -136,7 +137,7 @@ def test_bench_decode_interleaves_rounds_and_takes_each_rounds_ratio(tmp_path):
     def tps(rr):
         return sum(run["tokens"] for run in rr) / sum(run["seconds"] for run in rr)
 
-    cost = RowCost({int(k): v for k, v in result["time_rows"].items()})
+    cost = ContextCost({int(c): {int(r): t for r, t in ts.items()} for c, ts in result["time_rows"].items()})
     for r in rows:
         ratios = sorted(tps(runs[r["setting"]][rnd]) / tps(runs["mlx_lm"][rnd]) for rnd in range(3))
         assert r["ratio"] == pytest.approx(ratios[1])
@@ -144,7 +145,9 @@ def test_bench_decode_interleaves_rounds_and_takes_each_rounds_ratio(tmp_path):
         assert r["tokens"] == sum(run["tokens"] for run in first) and r["nfe"] <= r["tokens"] + 2
         if r["predicted_tps"]:
             forwards = [n for run in first for n in run["rows"]]
-            assert len(forwards) == r["nfe"] and r["predicted_tps"] == pytest.approx(r["tokens"] / sum(map(cost, forwards)))
+            contexts = [c for run in first for c in run["contexts"]]
+            assert len(forwards) == len(contexts) == r["nfe"]
+            assert r["predicted_tps"] == pytest.approx(r["tokens"] / sum(map(cost, forwards, contexts)))
     assert rows[0]["ratio_lo"] == rows[0]["ratio_hi"] == pytest.approx(1.0)
 
 

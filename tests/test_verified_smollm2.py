@@ -6,6 +6,8 @@
   max_tokens fall inside accepted drafts, which the test checks happened.
 """
 
+from pathlib import Path
+
 import mlx.core as mx
 import mlx_lm
 import pytest
@@ -20,6 +22,7 @@ from mlx_sbd.loading import load_model
 from mlx_sbd.model import SBDSettings
 
 pytestmark = pytest.mark.slow
+UNGATED = Path(mlx_sbd.__file__).parent / "adapters" / "smollm2-135m-instruct-sbd"  # the paper's way: LoRA on every row
 
 PROMPTS = [
     "What is the capital of France?",
@@ -99,7 +102,7 @@ def test_stop_strings_and_multi_turn_cache(base, gated):
 def test_shipped_ungated_adapter_equals_its_own_one_token_output():
     """With the shipped (ungated) adapter verified decoding reproduces the SBD model's own block_size=1 output,
     including where EOS or max_tokens fall inside accepted drafts."""
-    model, tokenizer = mlx_sbd.load()
+    model, tokenizer = mlx_sbd.load(adapter_path=UNGATED)
     eos_in_drafts = cut_in_drafts = False
     for i, p in enumerate(PROMPTS[:5]):
         ids = encode_prompt(tokenizer, p)
@@ -126,8 +129,11 @@ def test_readme_first_command_prints_what_block_size_one_prints():
     runner = CliRunner()
     default = runner.invoke(cli, ["generate", "-p", "What is the capital of France?", "--quiet"])
     one = runner.invoke(cli, ["generate", "-p", "What is the capital of France?", "--quiet", "--block-size", "1"])
-    assert default.exit_code == one.exit_code == 0
-    assert default.output == one.output and "Paris" in default.output
+    # the shipped adapter is gated: its output is the plain base model's, one token per forward
+    plain = runner.invoke(cli, ["generate", "-p", "What is the capital of France?", "--quiet", "--no-adapter",
+                                "--draft", "none"])
+    assert default.exit_code == one.exit_code == plain.exit_code == 0
+    assert default.output == one.output == plain.output and "Paris" in default.output
 
 
 COPY_PROMPTS = [
