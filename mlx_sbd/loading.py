@@ -24,6 +24,8 @@ from .model import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, SBDModel, SBDSet
 # The SBD adapter trained for the built-in model (recipe: its README.md), applied by load() by default. It is gated:
 # its LoRA reaches only mask rows, so verified decoding with it gives the base model's own output.
 DEFAULT_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-instruct-sbd-gated"
+# The paper's ungated adapter for it (LoRA on every row: its causal path is its own), shipped beside the default.
+UNGATED_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-instruct-sbd"
 HF_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 
 

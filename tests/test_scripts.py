@@ -13,6 +13,7 @@ import pytest
 
 import mlx_sbd
 from mlx_sbd.generate import encode_prompt
+from mlx_sbd.loading import UNGATED_ADAPTER
 from mlx_sbd.samplers import budget_reveal, make_selector
 from mlx_sbd.tasks import alphabet, write_dataset
 from mlx_sbd.tiny import make_tiny_model
@@ -101,8 +102,9 @@ def test_bench_distributed_trains_a_config_on_one_and_two_processes_alike(tmp_pa
 def test_teacher_forcing_a_models_own_sbd_output_replays_its_decode(k, gamma):
     """learning_curve scores checkpoints by teacher-forced block decoding in one batched layout. Fed the text the
     real SBD decode loop (KV cache, aligned blocks, EB rule) produced, it must spend the same forwards on it and
-    never reveal a token other than the one written, or its numbers are not what decoding would do."""
-    model, tokenizer = mlx_sbd.load()
+    never reveal a token other than the one written, or its numbers are not what decoding would do. (The lossy
+    loop's tool, so the paper's ungated adapter: a gated one's mask rows are only ever the trailing rows.)"""
+    model, tokenizer = mlx_sbd.load(adapter_path=UNGATED_ADAPTER)
     messages = [{"role": "user", "content": "What is the Python standard library module `sched` used for?"}]
     ids = encode_prompt(tokenizer, messages)
     out, last = [], None

@@ -6,8 +6,6 @@
   max_tokens fall inside accepted drafts, which the test checks happened.
 """
 
-from pathlib import Path
-
 import mlx.core as mx
 import mlx_lm
 import pytest
@@ -18,11 +16,10 @@ import mlx_sbd
 from mlx_sbd.adapter import make_trainable, save_adapter
 from mlx_sbd.generate import encode_prompt
 from mlx_sbd.gguf import default_model_path
-from mlx_sbd.loading import load_model
+from mlx_sbd.loading import UNGATED_ADAPTER, load_model
 from mlx_sbd.model import SBDSettings
 
 pytestmark = pytest.mark.slow
-UNGATED = Path(mlx_sbd.__file__).parent / "adapters" / "smollm2-135m-instruct-sbd"  # the paper's way: LoRA on every row
 
 PROMPTS = [
     "What is the capital of France?",
@@ -102,7 +99,7 @@ def test_stop_strings_and_multi_turn_cache(base, gated):
 def test_shipped_ungated_adapter_equals_its_own_one_token_output():
     """With the shipped (ungated) adapter verified decoding reproduces the SBD model's own block_size=1 output,
     including where EOS or max_tokens fall inside accepted drafts."""
-    model, tokenizer = mlx_sbd.load(adapter_path=UNGATED)
+    model, tokenizer = mlx_sbd.load(adapter_path=UNGATED_ADAPTER)
     eos_in_drafts = cut_in_drafts = False
     for i, p in enumerate(PROMPTS[:5]):
         ids = encode_prompt(tokenizer, p)
