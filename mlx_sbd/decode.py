@@ -36,7 +36,7 @@ from .drafting import Drafter, PromptLookup, learned
 from .errors import SBDError
 from .masks import predraft_spans
 from .model import MASK_ID, SBDModel
-from .samplers import entropy
+from .samplers import logits_entropy
 
 
 @dataclass
@@ -159,7 +159,7 @@ def draft_length(logits: mx.array, gamma: float):
     n = logits.shape[0]
     if gamma == float("inf") or n == 0:
         return n
-    h = entropy(log_softmax(logits))
+    h = logits_entropy(logits)
     return ((mx.cumsum(h) - h) <= gamma).sum()
 
 

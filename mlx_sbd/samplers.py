@@ -36,6 +36,17 @@ def entropy(logprobs: mx.array) -> mx.array:
     return mx.maximum(-plogp.sum(axis=-1), 0.0)
 
 
+def logits_entropy(logits: mx.array) -> mx.array:
+    """Entropy in nats over the last axis of logits, in one exp over the vocabulary instead of entropy(log_softmax)'s
+    two (MLX's x86 CPU back-end computes exp one element at a time: ~1.6 ms per 49k-token row, BENCHMARKS 7):
+    H = log Z - sum(e * d) / Z with d = logits - max, e = exp(d), Z = sum(e)."""
+    d = logits.astype(mx.float32)
+    d = d - d.max(axis=-1, keepdims=True)
+    e = mx.exp(d)
+    z = e.sum(axis=-1)
+    return mx.maximum(mx.log(z) - mx.where(e > 0, e * d, 0.0).sum(axis=-1) / z, 0.0)
+
+
 def _confidence(logprobs: mx.array) -> mx.array:
     """Probability of the most likely token: [k, V] -> [k]."""
     return mx.exp(logprobs.max(axis=-1))

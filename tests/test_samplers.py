@@ -279,3 +279,18 @@ def test_token_sampler_bad_arguments():
     for kw in ({"temp": -1.0}, {"top_p": 1.5}, {"top_k": -2}):
         with pytest.raises(SBDError):
             make_token_sampler(**kw)
+
+
+def test_logits_entropy_is_the_entropy_of_the_softmax():
+    """The one-exp entropy the verified loop's draft length uses, against numpy's softmax entropy, from peaked to
+    flat rows, with masked (-inf) entries and at a large vocabulary."""
+    from mlx_sbd.samplers import logits_entropy
+
+    rng = np.random.default_rng(5)
+    for scale, vocab in ((0.01, 7), (1.0, 50), (10.0, 50), (100.0, 50), (3.0, 49152)):
+        logits = (rng.normal(size=(4, vocab)) * scale).astype(np.float32)
+        logits[0, : vocab // 2] = -np.inf
+        lp = logits - np.log(np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        want = np_entropy(lp)
+        got = np.array(logits_entropy(mx.array(logits)))
+        assert np.allclose(got, want, atol=2e-4 * max(1.0, np.log(vocab))), (scale, vocab, got, want)
