@@ -46,8 +46,7 @@ class RowCost:
         # more rows never cost less: a running max irons out timing noise (2 rows "faster" than 1)
         self.times = list(itertools.accumulate((times[r] for r in self.rows), max))
 
-    def __call__(self, rows: int, context: Optional[int] = None) -> float:
-        """(`context` is ignored: one table, measured at one context.)"""
+    def __call__(self, rows: int) -> float:
         r, t = self.rows, self.times
         if rows <= r[0]:
             return t[0]
@@ -63,18 +62,24 @@ class RowCost:
 
 class ContextCost:
     """time(rows, context): a RowCost per context bucket, linear in the context between buckets (attention's work
-    grows linearly with it) and never less over a longer context; below the first bucket, its value. `grow(context)`
-    measures a bucket ({rows: seconds}) the first time a context passes the largest one measured; without it, the
-    last two buckets' slope continues."""
+    grows linearly with it) and never less over a longer context; below the first bucket, its value. With `measure`
+    (context -> {rows: seconds}), a bucket is measured the first time a context passes the largest one measured,
+    and `save(self)` is called after; without it, the last two buckets' slope continues."""
 
-    def __init__(self, tables: Dict[int, Dict[int, float]], grow: Optional[Callable[[int], Dict[int, float]]] = None):
+    def __init__(self, tables: Dict[int, Dict[int, float]], measure: Optional[Callable[[int], Dict[int, float]]] = None,
+                 save: Optional[Callable[["ContextCost"], None]] = None):
         self.tables = {c: RowCost(t) for c, t in tables.items()}
-        self.grow = grow
+        self.measure, self.save = measure, save
+
+    def add(self, context: int) -> None:
+        """Measure the bucket at `context` now (and save)."""
+        self.tables[context] = RowCost(self.measure(context))
+        if self.save is not None:
+            self.save(self)
 
     def __call__(self, rows: int, context: int = 0) -> float:
-        while self.grow is not None and context > max(self.tables) and max(self.tables) < CONTEXTS[-1]:
-            bucket = next(c for c in CONTEXTS if c > max(self.tables))
-            self.tables[bucket] = RowCost(self.grow(bucket))
+        while self.measure is not None and context > max(self.tables) and max(self.tables) < CONTEXTS[-1]:
+            self.add(next(c for c in CONTEXTS if c > max(self.tables)))
         contexts = sorted(self.tables)
         if context <= contexts[0] or len(contexts) == 1:
             return self.tables[contexts[0]](rows)
@@ -142,7 +147,7 @@ def time_forward(model, cache, rows: int, masks: int, repeats: int) -> float:
 
 def row_cost(model, refresh: bool = False) -> ContextCost:
     """time(rows, context) for this model on this device: the buckets cached so far, or the first bucket measured
-    now (~a second or two); each bucket measured later (ContextCost.grow) is added to the cache file."""
+    now (~a second or two); each bucket measured later (ContextCost.add) is written to the cache file too."""
     path = cache_folder() / f"{model_key(model)}.json"
     tables = {}
     if not refresh:
@@ -152,23 +157,20 @@ def row_cost(model, refresh: bool = False) -> ContextCost:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             tables = {}
 
-    def grow(context: int) -> Dict[int, float]:
-        times = measure(model, context=context, repeats=5 if context <= CONTEXTS[0] else 3)
-        tables[context] = times
+    def save(cost: ContextCost) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"seconds": {str(c): {str(r): t for r, t in ts.items()} for c, ts in tables.items()},
-                                       "mlx": mx.__version__}))
+            tmp.write_text(json.dumps({"seconds": cost.to_dict(), "mlx": mx.__version__}))
             tmp.replace(path)
         except OSError:  # a read-only home: measure again next time, decode anyway
             pass
-        return times
 
-    if CONTEXTS[0] not in tables:
-        tables = {}
-        grow(CONTEXTS[0])
-    return ContextCost(dict(tables), grow)
+    cost = ContextCost(tables if CONTEXTS[0] in tables else {}, save=save,
+                       measure=lambda context: measure(model, context=context, repeats=5 if context <= CONTEXTS[0] else 3))
+    if not cost.tables:
+        cost.add(CONTEXTS[0])
+    return cost
 
 
 _memo: Dict[int, ContextCost] = {}

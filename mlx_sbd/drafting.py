@@ -142,9 +142,9 @@ class Drafter:
 
     Fixed modes: sbd (the mask block's drafts, block_size masks every forward), lookup (no mask block), both (the
     mask block's drafts when valid, else lookup's). auto chooses per forward, from time(rows) measured on this device
-    (costs.row_cost, at the current context length) and the acceptance seen so far per source and draft position (for lookup, per matched n-gram
-    size: a 3-gram match is a stronger draft than a 1-gram one), the drafts and mask block that maximise expected
-    tokens per second:
+    (costs.row_cost, read at the current context length) and the acceptance seen so far per source and draft
+    position (for lookup, per matched n-gram size: a 3-gram match is a stronger draft than a 1-gram one), the drafts
+    and mask block that maximise expected tokens per second:
         rate(m, k) = (1 + A(m) + P_all(m) * gain(k)) / time(pending + m + k)
     with A(m) the expected accepted drafts of the first m, P_all(m) the chance all m pass (only then the mask
     block's guesses are the next drafts) and gain(k) what k masks' k-1 drafts add over lookup's next time. A source

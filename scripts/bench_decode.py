@@ -35,6 +35,7 @@ from common import machine, save  # noqa: E402
 import mlx_sbd  # noqa: E402
 from mlx_sbd.costs import row_cost  # noqa: E402
 from mlx_sbd.generate import encode_prompt  # noqa: E402
+from mlx_sbd.stdlib_text import source  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a robot learning to paint.",
@@ -67,13 +68,7 @@ def run_sbd(model, tokenizer, ids, max_tokens, **kw):
 
 def long_prompt(tokenizer, question: str, tokens: int) -> list:
     """`question` after about `tokens` tokens of standard-library source, as a chat prompt."""
-    import inspect
-
-    import collections
-    import email.message
-    import json
-    import textwrap
-    text = "".join(inspect.getsource(m) for m in (collections, json, email.message, textwrap, inspect))
+    text = "".join(source(m) for m in ("collections", "json", "email.message", "textwrap", "inspect"))
     ids = tokenizer.encode(text, add_special_tokens=False)
     passage = tokenizer.decode(ids[:tokens])
     return encode_prompt(tokenizer, f"Here is some Python source:\n\n{passage}\n\n{question}")
