@@ -153,6 +153,15 @@ def copy_adapter(src, dest, dtype=None, sbd: dict = None) -> None:
     _atomic(dest / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
 
 
+def record_draft_acceptance(path, rates) -> None:
+    """Write the drafts' measured acceptance per position (heldout.measure) into the adapter's "sbd" section, where
+    --draft auto reads its starting estimate (SBDSettings.draft_acceptance). The weights are not touched."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    config["sbd"] = {**config.get("sbd", {}), "draft_acceptance": [float(r) for r in rates] or None}
+    _atomic(path / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+
+
 def read_adapter_config(path) -> dict:
     """adapter_config.json of an adapter folder, checked to be a complete, consistent mlx-sbd adapter."""
     path = Path(path)

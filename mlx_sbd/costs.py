@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import time
+import weakref
 from bisect import bisect_left
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
@@ -32,7 +33,7 @@ from typing import Callable, Dict, Optional, Sequence
 import mlx.core as mx
 
 from .attention import BlockMask
-from .model import MASK_ID
+from .model import MASK_ID, PerModel
 
 ROWS = (1, 2, 4, 8, 16, 32)
 CONTEXTS = (256, 1024, 4096, 16384)  # the context buckets time(rows) is measured at
@@ -166,18 +167,20 @@ def row_cost(model, refresh: bool = False) -> ContextCost:
         except OSError:  # a read-only home: measure again next time, decode anyway
             pass
 
-    cost = ContextCost(tables if CONTEXTS[0] in tables else {}, save=save,
-                       measure=lambda context: measure(model, context=context, repeats=5 if context <= CONTEXTS[0] else 3))
+    model_ref = weakref.ref(model)  # the cost is kept per model (cached_row_cost), and must not keep it alive
+
+    def measure_bucket(context: int) -> Dict[int, float]:
+        return measure(model_ref(), context=context, repeats=5 if context <= CONTEXTS[0] else 3)
+
+    cost = ContextCost(tables if CONTEXTS[0] in tables else {}, measure=measure_bucket, save=save)
     if not cost.tables:
         cost.add(CONTEXTS[0])
     return cost
 
 
-_memo: Dict[int, ContextCost] = {}
+_memo = PerModel()
 
 
 def cached_row_cost(model) -> Optional[ContextCost]:
     """row_cost once per model object in this process."""
-    if id(model) not in _memo:
-        _memo[id(model)] = row_cost(model)
-    return _memo[id(model)]
+    return _memo.get(model, None, lambda: row_cost(model))

@@ -18,6 +18,7 @@ lookup's otherwise, i.e. exactly after the rejections that leave the mask block 
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import SBDError
+from .model import PerModel
 
 DRAFTS = ("auto", "sbd", "lookup", "both", "none")
 LAYOUTS = ("linear", "predraft", "auto")  # one mask block after the drafts, or one after each (decode.verify_step)
@@ -91,8 +92,9 @@ class PromptLookup:
 
 # Prior acceptance rates, measured on the development prompts of scripts/bench_lookup.py (SmolLM2, n-gram sizes
 # 1-3): a lookup draft's first token passes ~20% of the time after a 1-gram match, ~45% after a 2-gram, ~80% after
-# a 3-gram; once the first passed, the next ones pass ~80% of the time whatever the match. The mask block's are
-# unknown until seen (1/2). Each prior weighs as much as PRIOR_WEIGHT observed drafts.
+# a 3-gram; once the first passed, the next ones pass ~80% of the time whatever the match. The mask block's come
+# from its adapter (SBDSettings.draft_acceptance, measured on held-out prompts when it was made), else are unknown
+# until seen (1/2). Each prior weighs as much as PRIOR_WEIGHT observed drafts.
 PRIORS = {("lookup", 1): (0.2, 0.8), ("lookup", 2): (0.45, 0.8), ("lookup", 3): (0.8, 0.8)}
 DEFAULT_PRIOR = (0.5, 0.5)
 PRIOR_WEIGHT = 4.0
@@ -102,12 +104,12 @@ MEMORY = 64.0  # observations per position an estimate keeps: older ones fade (h
 
 class Acceptance:
     """Per draft position j: how often a draft at j was accepted when the drafts before it were, starting from a
-    prior (first position, later positions) that weighs PRIOR_WEIGHT observations."""
+    prior (a rate per position, the last one for every later position) that weighs PRIOR_WEIGHT observations."""
 
-    def __init__(self, prior=DEFAULT_PRIOR, size: int = 64):
-        first, rest = prior
+    def __init__(self, prior: Sequence[float] = DEFAULT_PRIOR, size: int = 64):
+        rates = list(prior) + [prior[-1]] * (size - len(prior))
         self.tried = [PRIOR_WEIGHT] * size
-        self.passed = [PRIOR_WEIGHT * first] + [PRIOR_WEIGHT * rest] * (size - 1)
+        self.passed = [PRIOR_WEIGHT * p for p in rates[:size]]
 
     def record(self, drafted: int, accepted: int) -> None:
         for j in range(min(accepted + (accepted < drafted), len(self.tried))):
@@ -127,13 +129,19 @@ class Acceptance:
         return out
 
 
-_learned: Dict[tuple, dict] = {}
+_learned = PerModel()
 
 
 def learned(model, block_size: int) -> dict:
     """The acceptance estimates of this model (and mask block size) in this process, shared by its generations:
     a server or chat stops paying for exploration after its first answers."""
-    return _learned.setdefault((id(model), block_size), {})
+    return _learned.get(model, block_size, dict)
+
+
+def forget(model) -> None:
+    """Drop what this process learned of the model's drafts: its next generation starts from the priors, as in a
+    new process (scripts/bench_decode.py --cold)."""
+    _learned.drop(model)
 
 
 class Drafter:
@@ -152,7 +160,8 @@ class Drafter:
     (a GPU at batch 1) drafts are long and the mask block always runs; on these CPUs only likely drafts are sent."""
 
     def __init__(self, mode: str, lookup: Optional[PromptLookup] = None, has_adapter: bool = True, cost=None,
-                 block_size: int = 0, layout: str = "linear", acceptance: Optional[dict] = None):
+                 block_size: int = 0, layout: str = "linear", acceptance: Optional[dict] = None,
+                 sbd_prior: Optional[Sequence[float]] = None):
         if layout not in LAYOUTS:
             raise SBDError(f"layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
         self.mode, self.layout = mode, layout
@@ -160,6 +169,7 @@ class Drafter:
         self.lookup = lookup if lookup is not None or not uses_lookup else PromptLookup()
         self.block_size = block_size if (mode in ("sbd", "both") or (mode == "auto" and has_adapter)) else 0
         self.cost = cost
+        self.sbd_prior = list(sbd_prior) if sbd_prior else list(DEFAULT_PRIOR)  # the mask block's, per position
         # acceptance per source: pass the same dict to every generation of a model to carry it over (learned())
         self.acceptance: Dict[object, Acceptance] = {} if acceptance is None else acceptance
         self.last_key = None
@@ -215,7 +225,11 @@ class Drafter:
     def _rate(self, key) -> Acceptance:
         if key not in self.acceptance:
             n = key[1] if isinstance(key, tuple) else 0
-            self.acceptance[key] = Acceptance(PRIORS.get(("lookup", min(n, 3)), DEFAULT_PRIOR) if n else DEFAULT_PRIOR)
+            if key == "sbd":
+                prior = self.sbd_prior
+            else:
+                prior = PRIORS.get(("lookup", min(n, 3)), DEFAULT_PRIOR) if n else DEFAULT_PRIOR
+            self.acceptance[key] = Acceptance(prior)
         return self.acceptance[key]
 
     def record(self, source: str, drafted: int, accepted: int) -> None:

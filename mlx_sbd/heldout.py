@@ -29,19 +29,53 @@ def heldout_prompts(tokenizer, n: int, seed: int = 0, kinds=KINDS) -> Dict[str, 
     return out
 
 
+MIN_TRIED = 20  # a position's acceptance is reported once drafts reached it this often
+
+
 def measure(model, tokenizer, prompts: List[List[int]], max_tokens: int = 64, block_size=None,
             draft: str = "sbd", gamma: float = float("inf")) -> dict:
-    """Verified greedy decoding of each prompt -> {tokens, forwards, tokens_per_forward, per_prompt}. gamma=inf
-    drafts every position of the block each forward, so the number is what the adapter's drafts can give."""
+    """Verified greedy decoding of each prompt -> {tokens, forwards, tokens_per_forward, per_prompt,
+    draft_acceptance, draft_tried}. gamma=inf drafts every position of the block each forward, so the number is
+    what the adapter's drafts can give. draft_acceptance[j]: how often a draft at position j passed when the drafts
+    before it did (positions reached at least MIN_TRIED times), what --draft auto starts from for this adapter."""
     tokens = forwards = 0
     per_prompt = []
+    tried, passed = [], []
     for ids in tqdm(prompts, desc="held-out prompts", unit="prompt", leave=False):
-        last = None
+        last, drafted, accepted = None, 0, 0
         for last in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, block_size=block_size,
                                      gamma=gamma, draft=draft):
-            pass
+            count_positions(tried, passed, last.drafted - drafted, last.accepted - accepted)
+            drafted, accepted = last.drafted, last.accepted
         tokens += last.generation_tokens
         forwards += last.nfe
         per_prompt.append(last.tokens_per_forward)
     return {"tokens": tokens, "forwards": forwards, "tokens_per_forward": tokens / max(forwards, 1),
-            "per_prompt": per_prompt}
+            "per_prompt": per_prompt, "draft_tried": tried, "draft_passed": passed,
+            "draft_acceptance": acceptance_rates(tried, passed)}
+
+
+def add_counts(a: List[int], b: List[int]) -> List[int]:
+    """Per-position counts of two measurements added (lists of different lengths)."""
+    return [x + y for x, y in zip(a + [0] * (len(b) - len(a)), b + [0] * (len(a) - len(b)))]
+
+
+def acceptance_rates(tried: List[int], passed: List[int]) -> List[float]:
+    """passed / tried per position, for the leading positions reached at least MIN_TRIED times."""
+    rates = []
+    for t, p in zip(tried, passed):
+        if t < MIN_TRIED:
+            break
+        rates.append(round(p / t, 4))
+    return rates
+
+
+def count_positions(tried: List[int], passed: List[int], drafted: int, accepted: int) -> None:
+    """One forward's verdict per draft position: the first `accepted` drafts passed; the one after them (if any was
+    sent) was tried and failed; later ones were never judged (a draft counts only when those before it passed)."""
+    for j in range(min(accepted + 1, drafted)):
+        if j == len(tried):
+            tried.append(0)
+            passed.append(0)
+        tried[j] += 1
+        passed[j] += j < accepted

@@ -7,8 +7,9 @@ embedding substituted wherever a token id is MASK_ID. The mask token is not in t
 sampler can never emit it.
 """
 
+import weakref
 from dataclasses import asdict, dataclass, fields
-from typing import Any, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +22,26 @@ MASK_ID = -1  # token id meaning "masked position"; never a vocabulary row
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class PerModel:
+    """Values kept for each live model object (its measured costs, its learned acceptance): keyed by id(model) and
+    dropped when the model is freed, because a model loaded later can get a freed one's id."""
+
+    def __init__(self):
+        self._items: Dict[Tuple[int, Any], Any] = {}
+
+    def get(self, model, key: Any, make: Callable[[], Any]) -> Any:
+        k = (id(model), key)
+        if k not in self._items:
+            self._items[k] = make()
+            weakref.finalize(model, self._items.pop, k, None)
+        return self._items[k]
+
+    def drop(self, model) -> None:
+        """Forget every value kept for `model` (as if it were new)."""
+        for k in [k for k in self._items if k[0] == id(model)]:
+            del self._items[k]
 
 
 class Gate:
@@ -64,6 +85,9 @@ class SBDSettings:
     block_size_max: int = 16
     block_size: int = 16  # recommended decode block size
     gamma: float = 0.1  # recommended EB-Sampler budget
+    # How often the mask block's draft at each position passed verification, given the drafts before it did,
+    # measured on held-out prompts when the adapter was made (heldout.measure): --draft auto's starting estimate.
+    draft_acceptance: Optional[List[float]] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "SBDSettings":

@@ -9,6 +9,9 @@ tokens/s, the ratio to mlx_lm in the same round (median and range over interleav
 time(rows) predicts for the forwards the setting actually ran (sum of time(rows) over its forwards: the model's
 cost alone, no host work), with the gap measured/predicted - 1. time(rows, context) is the one auto uses
 (costs.row_cost: the decode forward over caches of 256, 1024, 4096... tokens, read at each forward's context).
+--cold starts every auto answer from the priors, as a new process (one `mlx-sbd generate`) does: what auto learned
+of the drafts in earlier answers is forgotten; with an adapter that records its drafts' measured acceptance
+(SBDSettings.draft_acceptance) a second auto row runs without it, so the prior's worth is measured.
 --context N puts a passage of real text (standard-library source) before each question so the prompt is about N
 tokens: the same settings over a long cache. The model behind it (BENCHMARKS.md 7):
     tokens/s = tokens per forward / time(rows per forward)
@@ -19,6 +22,7 @@ the paper's Eq. 16 generalised to verified layouts.
     python scripts/bench_decode.py --context 6000 --linear 3 --predraft 2 --prompts 2 --max-tokens 48
 """
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -34,6 +38,7 @@ from common import machine, save  # noqa: E402
 
 import mlx_sbd  # noqa: E402
 from mlx_sbd.costs import row_cost  # noqa: E402
+from mlx_sbd.drafting import forget  # noqa: E402
 from mlx_sbd.generate import encode_prompt  # noqa: E402
 from mlx_sbd.stdlib_text import source  # noqa: E402
 
@@ -54,7 +59,13 @@ def run_mlx_lm(model, tokenizer, ids, max_tokens):
             "contexts": [len(ids) + i for i in range(n)], "start": start}
 
 
-def run_sbd(model, tokenizer, ids, max_tokens, **kw):
+def run_sbd(model, tokenizer, ids, max_tokens, no_prior=False, **kw):
+    if no_prior:  # the adapter as if it recorded no acceptance of its drafts: auto starts from 1/2 per position
+        sbd, model.sbd = model.sbd, dataclasses.replace(model.sbd, draft_acceptance=None)
+        try:
+            return run_sbd(model, tokenizer, ids, max_tokens, **kw)
+        finally:
+            model.sbd = sbd
     last, prev, rows, contexts, produced, start = None, 0, [], [], 0, time.perf_counter()
     for last in mlx_sbd.stream_generate(model, tokenizer, ids, max_tokens=max_tokens, **kw):
         if last.rows > prev:  # verified / plain decoding: one response per forward
@@ -84,8 +95,10 @@ def long_prompt(tokenizer, question: str, tokens: int) -> list:
 @click.option("--rounds", default=2, show_default=True, help="Interleaved rounds over all settings.")
 @click.option("--context", default=0, show_default=True, help="Put about this many tokens of real text before each "
               "prompt (0: the prompts alone).")
+@click.option("--cold", is_flag=True, help="Every auto answer starts from the priors, as in a new process (and an "
+              "'auto, no prior' row when the adapter records its drafts' acceptance).")
 @click.option("--out", default="results/bench_decode.json", show_default=True)
-def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, context, out):
+def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, context, cold, out):
     sbd_model, tokenizer = mlx_sbd.load(model, adapter_path=adapter_path)
     prompts = [long_prompt(tokenizer, p, context) if context else encode_prompt(tokenizer, p) for p in PROMPTS[:n_prompts]]
     lossy_k = sbd_model.sbd.block_size if sbd_model.sbd else 8
@@ -95,6 +108,8 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
     for k in [int(x) for x in predraft.split(",") if x]:
         settings[f"predraft k={k}"] = dict(draft="sbd", block_size=k, gamma=float("inf"), layout="predraft")
     settings["auto (default)"] = dict(draft="auto")
+    if cold and sbd_model.sbd is not None and sbd_model.sbd.draft_acceptance:
+        settings["auto, no prior"] = dict(draft="auto", no_prior=True)
 
     run_sbd(sbd_model, tokenizer, prompts[0], 8)  # warm-up: allocations, and auto's time(rows) measured and cached
     cost = row_cost(sbd_model)  # what auto reads: measured per context bucket, as the runs need
@@ -106,8 +121,12 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
                 order = names[(rnd + i) % len(names):] + names[: (rnd + i) % len(names)]
                 for name in order:
                     kw = settings[name]
-                    run = (run_mlx_lm(sbd_model, tokenizer, ids, max_tokens) if kw is None
-                           else run_sbd(sbd_model, tokenizer, ids, max_tokens, **kw))
+                    if kw is None:
+                        run = run_mlx_lm(sbd_model, tokenizer, ids, max_tokens)
+                    else:
+                        if cold:
+                            forget(sbd_model)
+                        run = run_sbd(sbd_model, tokenizer, ids, max_tokens, **kw)
                     runs[name][rnd].append(run)
                     bar.update()
 
@@ -131,7 +150,7 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
                    ratio_hi=max(ratio), predicted_tps=predicted,
                    gap=(statistics.median(tps) / predicted - 1) if predicted else None)
         rows_out.append(row)
-    fixed = [r for r in rows_out if r["setting"] not in ("mlx_lm", "auto (default)") and not r["setting"].startswith("lossy")]
+    fixed = [r for r in rows_out if r["setting"] != "mlx_lm" and not r["setting"].startswith(("auto", "lossy"))]
     best = max(fixed, key=lambda r: r["tps"])
     auto = next(r for r in rows_out if r["setting"] == "auto (default)")
 
@@ -153,7 +172,7 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
               f"{r['ratio_lo']:5.2f}-{r['ratio_hi']:.2f} {pred} {gap}")
     print(f"auto / best fixed ({best['setting']}): {auto['tps'] / best['tps']:.3f} (target >= 0.95)")
     save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
-          "max_tokens": max_tokens, "rounds": rounds, "context": context, "prompt_tokens": [len(p) for p in prompts],
+          "max_tokens": max_tokens, "rounds": rounds, "context": context, "cold": cold, "prompt_tokens": [len(p) for p in prompts],
           "time_rows": times, "rows": rows_out,
           "auto_over_best_fixed": auto["tps"] / best["tps"], "best_fixed": best["setting"],
           "runs": runs}, out)

@@ -2,7 +2,9 @@
 
 The prompts come from the standard library modules held out of every training set this project builds
 (mlx_sbd.heldout); decoding is greedy, verified, draft="sbd", gamma=inf (every block position drafted), so the
-number measures the adapter. Prints a table and writes the raw numbers as JSON.
+number measures the adapter. Prints a table and writes the raw numbers as JSON. With --record, each adapter's
+drafts' acceptance per position (chat and code together) is written into its config, as `mlx-sbd train` does
+after training: --draft auto starts from it.
 
     python scripts/eval_drafts.py --adapter gated=mlx_sbd/adapters/smollm2-135m-instruct-sbd-gated --n 12
 """
@@ -13,7 +15,8 @@ import click
 from common import machine, save
 
 import mlx_sbd
-from mlx_sbd.heldout import KINDS, heldout_prompts, measure
+from mlx_sbd.adapter import record_draft_acceptance
+from mlx_sbd.heldout import KINDS, acceptance_rates, add_counts, heldout_prompts, measure
 
 
 @click.command()
@@ -24,12 +27,15 @@ from mlx_sbd.heldout import KINDS, heldout_prompts, measure
 @click.option("--block-size", default=None, type=int, help="Default: the adapter's.")
 @click.option("--kinds", default=",".join(KINDS), show_default=True)
 @click.option("--out", default="results/eval_drafts.json", show_default=True)
-def main(adapters, model, n, max_tokens, block_size, kinds, out):
+@click.option("--record", is_flag=True, help="Write each adapter's measured acceptance per draft position into its "
+              "adapter_config.json (--draft auto's starting estimate).")
+def main(adapters, model, n, max_tokens, block_size, kinds, out, record):
     rows = []
     prompts = None
     for spec in adapters:
         name, _, path = spec.partition("=")
         m, tokenizer = mlx_sbd.load(model, adapter_path=path)
+        tried, passed = [], []
         if prompts is None:
             prompts = heldout_prompts(tokenizer, n, kinds=kinds.split(","))
         for kind, ids in prompts.items():
@@ -39,6 +45,14 @@ def main(adapters, model, n, max_tokens, block_size, kinds, out):
             rows.append(r)
             print(f"{name:24s} {kind:5s} tokens/forward {r['tokens_per_forward']:.2f}  ({r['tokens']} tokens, "
                   f"{r['forwards']} forwards, {r['seconds']:.0f} s)", flush=True)
+            tried, passed = add_counts(tried, r["draft_tried"]), add_counts(passed, r["draft_passed"])
+        rates = acceptance_rates(tried, passed)
+        print(f"{name:24s} acceptance per draft position: {rates}")
+        rows.append({"adapter": name, "path": path, "kind": "all", "draft_tried": tried, "draft_passed": passed,
+                     "draft_acceptance": rates})
+        if record:
+            record_draft_acceptance(path, rates)
+            print(f"recorded in {path}")
     save({"machine": machine(), "n": n, "max_tokens": max_tokens, "block_size": block_size, "rows": rows}, out)
     print(f"raw results -> {out}")
 

@@ -116,3 +116,19 @@ def test_load_fuses_the_lora_into_plain_linears(trained):
     assert any(isinstance(m, LoRALinear) for _, m in trained_model.lm.named_modules())
     np.testing.assert_allclose(sbd_logits(model), sbd_logits(trained_model), atol=1e-4)
     np.testing.assert_allclose(np.array(model(TOKENS)), np.array(trained_model(TOKENS)), atol=1e-4)
+
+
+def test_recorded_draft_acceptance_is_loaded(trained, tmp_path):
+    """record_draft_acceptance writes the rates into the config without touching the weights (their save id still
+    agrees) and the loaded model's settings carry them."""
+    import shutil
+
+    from mlx_sbd.adapter import record_draft_acceptance
+    base, path, model = trained
+    copy = tmp_path / "ad"
+    shutil.copytree(path, copy)
+    record_draft_acceptance(copy, [0.5, 0.25])
+    loaded, _ = load(base)
+    load_adapter(loaded, copy)
+    assert loaded.sbd.draft_acceptance == [0.5, 0.25]
+    np.testing.assert_array_equal(sbd_logits(loaded), sbd_logits(model))

@@ -74,3 +74,30 @@ def test_a_longer_context_measures_its_bucket_once(tmp_path, monkeypatch):
     again = costs.row_cost(model)  # a new process: both buckets from the file
     again(4, costs.CONTEXTS[1])
     assert calls == list(costs.CONTEXTS[:2]) and again.to_dict() == cost.to_dict()
+
+
+def test_per_model_values_die_with_their_model(tmp_path, monkeypatch):
+    """Learned acceptance and time(rows) belong to one model object: a model loaded after another is freed (and
+    often given its id) starts fresh instead of inheriting the freed one's estimates."""
+    import gc
+
+    from mlx_sbd.drafting import learned
+
+    monkeypatch.setenv("MLX_SBD_CACHE", str(tmp_path))
+    folder = make_tiny_model(tmp_path / "m", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                             num_attention_heads=2, num_key_value_heads=1)
+    from mlx_sbd import drafting
+    before = len(costs._memo._items), len(drafting._learned._items)  # other tests' models may still be alive
+    seen_ids, reused = set(), 0
+    for _ in range(12):
+        model = load_model(folder)
+        reused += id(model) in seen_ids
+        seen_ids.add(id(model))
+        assert learned(model, 8) == {}, "a new model inherited a freed model's acceptance estimates"
+        learned(model, 8)["sbd"] = "estimates of this model"
+        assert learned(model, 8)["sbd"] == "estimates of this model"  # kept while the model lives
+        assert costs.cached_row_cost(model) is costs.cached_row_cost(model)
+        del model
+        gc.collect()
+    assert (len(costs._memo._items), len(drafting._learned._items)) == before  # nothing kept for a freed model
+    print(f"ids reused: {reused} of 12")

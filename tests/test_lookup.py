@@ -202,3 +202,69 @@ def test_auto_with_a_block_longer_than_the_acceptance_table():
     drafts, source, k, predraft = d.plan([1, 2, 3], list(range(99)), 200, 1, 1000)
     # free rows: as many drafts as add anything (at a 1/2 prior, past ~52 the gain is below float precision)
     assert source == "sbd" and 40 <= len(drafts) <= 64 and k == 100 and predraft
+
+
+def hand_rate_choice(prior, cost, masked, block_size, pending=1):
+    """The rate rule written out for the mask block's drafts alone: (m drafts, k masks) maximising
+    (1 + A(m) + P_all(m) * A(k - 1)) / cost(pending + m + k), with A(i) = sum over j <= i of prod(prior[:j])."""
+    p = list(prior) + [prior[-1]] * 64
+    A = lambda i: sum(np.prod(p[:j]) for j in range(1, i + 1))  # noqa: E731
+    best = None
+    for m in range(len(masked) + 1):
+        for k in (block_size, 0):
+            p_all = np.prod(p[:m])
+            rate = (1 + A(m) + (p_all * A(k - 1) if k else 0.0)) / cost(pending + m + k)
+            if best is None or rate > best[0] + 1e-12:
+                best = (rate, m, k)
+    return best[1:]
+
+
+def test_auto_starts_from_the_adapters_measured_acceptance():
+    """An adapter that records how its drafts did on held-out prompts (SBDSettings.draft_acceptance) gives auto its
+    starting estimate per position: the first plan follows the rate rule with those rates, not the blind 1/2."""
+    cost = lambda rows, context=0: 1 + 0.03 * (rows - 1)  # noqa: E731
+    masked, tokens = [7, 8, 9, 10, 11, 12, 13], [1, 2, 3, 4, 5, 6]  # nothing repeats: lookup has nothing
+    measured = [0.6, 0.3, 0.1]  # later positions take the last rate
+    choices = {}
+    for name, prior in (("measured", measured), ("none", None)):
+        d = Drafter("auto", has_adapter=True, cost=cost, block_size=8, sbd_prior=prior)
+        drafts, source, k, _ = d.plan(tokens, masked, 10, 1, 100)
+        choices[name] = (len(drafts), k)
+        assert source == "sbd" and choices[name] == hand_rate_choice(prior or [0.5], cost, masked, 8)
+    assert choices["measured"] != choices["none"]  # the measured rates changed the choice (fewer drafts)
+
+
+def test_held_out_acceptance_per_position():
+    """heldout.count_positions against its definition over a list of forwards: position j was judged in a forward
+    that sent more than j drafts and accepted at least j; it passed where more than j were accepted."""
+    from mlx_sbd.heldout import MIN_TRIED, acceptance_rates, count_positions
+
+    rng = random.Random(0)
+    forwards = [(m, rng.randint(0, m)) for m in (rng.choice([0, 1, 3, 7]) for _ in range(500))]
+    tried, passed = [], []
+    for m, a in forwards:
+        count_positions(tried, passed, m, a)
+    for j in range(8):
+        want_tried = sum(m > j and a >= j for m, a in forwards)
+        want_passed = sum(a > j for m, a in forwards)
+        assert (tried[j] if j < len(tried) else 0, passed[j] if j < len(passed) else 0) == (want_tried, want_passed)
+    rates = acceptance_rates(tried, passed)
+    assert len(rates) == sum(t >= MIN_TRIED for t in tried) and all(0 <= r <= 1 for r in rates)
+
+
+def test_held_out_measure_counts_every_verified_draft(gated):
+    """measure's per-position counts add up to the drafts the decoder reports (its accepted total, and one judged
+    first position per forward that sent drafts)."""
+    from mlx_sbd.heldout import measure
+
+    _, _, model, tokenizer = gated
+    r = measure(model, tokenizer, PROMPTS + [REPEATING], max_tokens=24, block_size=4, draft="lookup")
+    accepted = drafted_forwards = 0
+    for ids in PROMPTS + [REPEATING]:
+        drafted = got = 0
+        for step in mlx_sbd.stream_generate(model, tokenizer, ids, max_tokens=24, block_size=4, gamma=float("inf"),
+                                            draft="lookup"):
+            drafted_forwards += step.drafted > drafted
+            drafted, got = step.drafted, step.accepted
+        accepted += got
+    assert sum(r["draft_passed"]) == accepted > 0 and r["draft_tried"][0] == drafted_forwards

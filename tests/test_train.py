@@ -413,6 +413,8 @@ def test_cli_train_without_data_builds_the_builtin_text_set(setup, tmp_path):
     training = json.loads((adapters / "adapter_config.json").read_text())["sbd"]["training"]
     assert training["data"] is None and training["targets"] == "soft" and training["noise"] == "full"
     assert "Held-out prompts (2 chat, 2 code" in result.output
+    rates = json.loads((adapters / "adapter_config.json").read_text())["sbd"]["draft_acceptance"]  # auto's prior
+    assert rates and all(0 <= r <= 1 for r in rates)
     mtime = (adapters / "data" / "train.jsonl").stat().st_mtime
     result = CliRunner().invoke(cli, args[:-2] + ["--heldout", "0", "--iters", "3", "--resume"])
     assert result.exit_code == 0, result.output
