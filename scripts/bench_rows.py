@@ -3,7 +3,7 @@ own per-token time: the number that decides how many drafts (and whether a mask 
 carry. Runs unchanged on a Mac (Metal), a CUDA machine (MLX's CUDA back-end) or the CPU.
 
     python scripts/bench_rows.py --models smollm2-135m,qwen3-0.6b --dtype bfloat16
-    python scripts/bench_rows.py --models llama-3.1-8b --context 1024 --out results/bench_rows_gpu.json
+    python scripts/bench_rows.py --models llama-3.1-8b --context 512,4096 --out results/bench_rows_gpu.json
 
 With --acceptance (a JSON list of per-position conditional acceptance rates, e.g. measured by
 scripts/bench_lookup.py or bench_decode.py on this machine) it also prints the tokens/s that verified decoding would
@@ -11,6 +11,7 @@ reach on this device: the drafter's rate rule (drafting.Drafter) with this devic
 """
 
 import json
+import random
 import statistics
 import sys
 import time
@@ -24,7 +25,7 @@ from mlx_lm.generate import generate_step
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, save  # noqa: E402
 
-from mlx_sbd.costs import RowCost, measure  # noqa: E402
+from mlx_sbd.costs import RowCost, filled_cache, measure  # noqa: E402
 from mlx_sbd.model import SBDModel  # noqa: E402
 
 # Shapes from the models' own config.json files (Hugging Face).
@@ -56,6 +57,33 @@ def random_model(name: str, dtype) -> SBDModel:
     return SBDModel(lm, mx.zeros((cfg["hidden_size"],), dtype))
 
 
+def warm_up(seconds: float = 0.5) -> None:
+    """Busy the device for a moment, so that a measurement does not start on an idle, clocked-down GPU."""
+    a = mx.random.normal((2048, 2048))
+    tic = time.perf_counter()
+    while time.perf_counter() - tic < seconds:
+        mx.eval(a @ a)
+
+
+def plain_forward_times(model: SBDModel, context: int, rows, repeats: int) -> dict:
+    """{rows: median seconds} of mlx_lm's own model call on `rows` tokens over the same kind of cache (its causal
+    forward, as mlx_lm's speculative decoding verifies drafts): whether a cost is the device's or our forward's."""
+    cache = filled_cache(model, context)
+    out = {}
+    for r in rows:
+        x = mx.ones((1, r), mx.int32)
+        times = []
+        for i in range(repeats + 1):
+            tic = time.perf_counter()
+            mx.eval(model.lm(x, cache=cache).argmax(axis=-1))
+            if i:
+                times.append(time.perf_counter() - tic)
+            for c in cache:
+                c.trim(r)
+        out[r] = statistics.median(times)
+    return out
+
+
 def mlx_lm_per_token(model: SBDModel, context: int, tokens: int) -> float:
     """Seconds per token of mlx_lm's generate_step after a prompt of `context` tokens (prefill not counted)."""
     it = generate_step(mx.zeros((context,), mx.int32), model.lm, max_tokens=tokens + 1)
@@ -80,35 +108,57 @@ def predicted_rate(cost: RowCost, acceptance, max_drafts: int = 16):
 @click.command()
 @click.option("--models", default="smollm2-135m,qwen3-0.6b,llama-3.1-8b", show_default=True)
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
-@click.option("--context", default=512, show_default=True, help="Tokens already in the KV cache.")
+@click.option("--context", default="512", show_default=True, help="Tokens already in the KV cache (a comma list: "
+              "each is measured).")
 @click.option("--repeats", default=5, show_default=True)
+@click.option("--rounds", default=1, show_default=True, help="Sweeps over the row counts, each in a new random "
+              "order after a warm-up burst of work (a GPU left idle clocks down); the median over rounds is reported, "
+              "with its range.")
 @click.option("--tokens", default=32, show_default=True, help="Tokens timed for mlx_lm's per-token time.")
+@click.option("--plain", is_flag=True, help="Also time mlx_lm's own causal forward over the same row counts.")
 @click.option("--acceptance", default=None, help="JSON list of per-position acceptance rates (optional).")
 @click.option("--out", default="results/bench_rows.json", show_default=True)
-def main(models, dtype, context, repeats, tokens, acceptance, out):
+def main(models, dtype, context, repeats, rounds, tokens, plain, acceptance, out):
     dt = getattr(mx, dtype)
     acc = json.loads(acceptance) if acceptance else None
-    results = {"machine": machine(), "dtype": dtype, "context": context, "device": str(mx.default_device()),
+    contexts = [int(c) for c in str(context).split(",")]
+    results = {"machine": machine(), "dtype": dtype, "contexts": contexts, "device": str(mx.default_device()),
                "models": {}}
     for name in models.split(","):
         model = random_model(name, dt)
-        times = measure(model, rows=ROWS, context=context, repeats=repeats)
-        per_token = statistics.median(mlx_lm_per_token(model, context, tokens) for _ in range(3))
-        cost = RowCost(times)
-        entry = {"seconds": {str(r): t for r, t in times.items()}, "mlx_lm_per_token_s": per_token}
-        print(f"\n{name} ({dtype}, context {context}, {mx.default_device()}): mlx_lm {1e3 * per_token:.2f} ms/token")
-        print(f"{'rows':>5} {'ms':>9} {'x 1 row':>8}")
-        for r in ROWS:
-            print(f"{r:5d} {1e3 * times[r]:9.2f} {times[r] / times[1]:8.2f}")
-        if acc:
-            rate, m = predicted_rate(cost, acc)
-            entry["predicted"] = {"tokens_per_s": rate, "drafts": m, "speedup_vs_mlx_lm": rate * per_token}
-            print(f"predicted with acceptance {acc}: {rate:.1f} tokens/s with {m} drafts, "
-                  f"{rate * per_token:.2f}x mlx_lm")
-        results["models"][name] = entry
+        for ctx in contexts:
+            sweeps, per_tokens, plains = [], [], []
+            for _ in range(rounds):
+                warm_up()
+                sweeps.append(measure(model, rows=random.sample(ROWS, len(ROWS)), context=ctx, repeats=repeats))
+                per_tokens.append(mlx_lm_per_token(model, ctx, tokens))
+                if plain:
+                    plains.append(plain_forward_times(model, ctx, random.sample(ROWS, len(ROWS)), repeats))
+            times = {r: statistics.median(s[r] for s in sweeps) for r in ROWS}
+            per_token = statistics.median(per_tokens)
+            cost = RowCost(times)
+            entry = {"seconds": {str(r): t for r, t in times.items()}, "mlx_lm_per_token_s": per_token,
+                     "rounds": [{str(r): t for r, t in s.items()} for s in sweeps], "mlx_lm_rounds": per_tokens}
+            if plain:
+                entry["plain_seconds"] = {str(r): statistics.median(p[r] for p in plains) for r in ROWS}
+            print(f"\n{name} ({dtype}, context {ctx}, {mx.default_device()}): mlx_lm {1e3 * per_token:.2f} ms/token")
+            print(f"{'rows':>5} {'ms':>9} {'x 1 row':>8} {'range of x 1 row over rounds':>29}")
+            for r in ROWS:
+                ratios = [s[r] / s[1] for s in sweeps]
+                line = f"{r:5d} {1e3 * times[r]:9.2f} {times[r] / times[1]:8.2f} {min(ratios):14.2f}-{max(ratios):.2f}"
+                if plain:
+                    p = entry["plain_seconds"]
+                    line += f"   mlx_lm forward {1e3 * p[str(r)]:8.2f} ms, x 1 row {p[str(r)] / p['1']:.2f}"
+                print(line)
+            if acc:
+                rate, m = predicted_rate(cost, acc)
+                entry["predicted"] = {"tokens_per_s": rate, "drafts": m, "speedup_vs_mlx_lm": rate * per_token}
+                print(f"predicted with acceptance {acc}: {rate:.1f} tokens/s with {m} drafts, "
+                      f"{rate * per_token:.2f}x mlx_lm")
+            results["models"].setdefault(name, {})[str(ctx)] = entry
+            save(results, out)  # after each measurement: a run cut short keeps what it measured
         del model
         mx.clear_cache()
-    save(results, out)
 
 
 if __name__ == "__main__":

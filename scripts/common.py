@@ -17,7 +17,7 @@ def machine() -> dict:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
-        "backend": "metal" if has_metal() else "cpu",
+        "backend": "metal" if has_metal() else "cuda" if getattr(getattr(mx, "cuda", None), "is_available", bool)() else "cpu",
         "blas": blas[fast_blas_loaded()],
         "mlx": mx.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -25,11 +25,13 @@ from mlx_sbd.heldout import KINDS, acceptance_rates, add_counts, heldout_prompts
 @click.option("--n", default=12, show_default=True, help="Prompts of each kind.")
 @click.option("--max-tokens", default=64, show_default=True)
 @click.option("--block-size", default=None, type=int, help="Default: the adapter's.")
+@click.option("--layout", default="linear", show_default=True, type=click.Choice(["linear", "predraft"]),
+              help="predraft: a mask block after each draft, so every forward has drafts (more rows per forward).")
 @click.option("--kinds", default=",".join(KINDS), show_default=True)
 @click.option("--out", default="results/eval_drafts.json", show_default=True)
 @click.option("--record", is_flag=True, help="Write each adapter's measured acceptance per draft position into its "
               "adapter_config.json (--draft auto's starting estimate).")
-def main(adapters, model, n, max_tokens, block_size, kinds, out, record):
+def main(adapters, model, n, max_tokens, block_size, layout, kinds, out, record):
     rows = []
     prompts = None
     for spec in adapters:
@@ -40,7 +42,7 @@ def main(adapters, model, n, max_tokens, block_size, kinds, out, record):
             prompts = heldout_prompts(tokenizer, n, kinds=kinds.split(","))
         for kind, ids in prompts.items():
             tic = time.perf_counter()
-            r = measure(m, tokenizer, ids, max_tokens=max_tokens, block_size=block_size)
+            r = measure(m, tokenizer, ids, max_tokens=max_tokens, block_size=block_size, layout=layout)
             r.update(adapter=name, path=path, kind=kind, seconds=time.perf_counter() - tic)
             rows.append(r)
             print(f"{name:24s} {kind:5s} tokens/forward {r['tokens_per_forward']:.2f}  ({r['tokens']} tokens, "
@@ -53,7 +55,8 @@ def main(adapters, model, n, max_tokens, block_size, kinds, out, record):
         if record:
             record_draft_acceptance(path, rates)
             print(f"recorded in {path}")
-    save({"machine": machine(), "n": n, "max_tokens": max_tokens, "block_size": block_size, "rows": rows}, out)
+    save({"machine": machine(), "n": n, "max_tokens": max_tokens, "block_size": block_size, "layout": layout,
+          "rows": rows}, out)
     print(f"raw results -> {out}")
 
 
