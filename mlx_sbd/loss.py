@@ -69,9 +69,12 @@ def gated_sbd_loss(model, batch: Batch, targets: str = "data"):
         matp_ce = nn.losses.cross_entropy(logits, data)
     elif targets == "base":
         matp_ce = nn.losses.cross_entropy(logits, base_next)
-    else:  # soft: cross-entropy against the base's distribution, logsumexp(z) - sum_v p_v z_v
-        soft = mx.logsumexp(logits, axis=-1) - (mx.softmax(prev, axis=-1) * logits).sum(axis=-1)
-        matp_ce = mx.where(first, nn.losses.cross_entropy(logits, data), soft)
+    else:  # soft: cross-entropy against the base's distribution, logsumexp(z) - sum_v p_v z_v (the data token's
+        # z at position 0). One logsumexp for both: each pass over the vocabulary is an exp per logit, forward and
+        # backward, and a second cross-entropy only for position 0 cost two more.
+        expected = mx.where(first, mx.take_along_axis(logits, data[..., None], axis=-1)[..., 0],
+                            (mx.softmax(prev, axis=-1) * logits).sum(axis=-1))
+        matp_ce = mx.logsumexp(logits, axis=-1) - expected
     weights = batch["matp_weights"]
     hits = ((mx.argmax(logits, axis=-1) == base_next) * batch["draft_weights"]).sum()
     n_ntp = batch["ntp_weights"].sum()
