@@ -35,10 +35,10 @@ MIN_TRIED = 20  # a position's acceptance is reported once drafts reached it thi
 def measure(model, tokenizer, prompts: List[List[int]], max_tokens: int = 64, block_size=None,
             draft: str = "sbd", gamma: float = float("inf"), layout: str = "linear") -> dict:
     """Verified greedy decoding of each prompt -> {tokens, forwards, tokens_per_forward, rows_per_forward, per_prompt,
-    draft_acceptance, draft_tried}. gamma=inf drafts every position of the block each forward, so the number is
-    what the adapter's drafts can give (layout "predraft": drafts on every forward, not only after one that accepted
-    all). draft_acceptance[j]: how often a draft at position j passed when the drafts
-    before it did (positions reached at least MIN_TRIED times), what --draft auto starts from for this adapter."""
+    draft_tried, draft_passed, draft_acceptance}. gamma=inf drafts every position of the block each forward, so the
+    number is what the adapter's drafts can give (layout "predraft": drafts on every forward, not only after one
+    that accepted all). draft_acceptance[j]: how often a draft at position j passed when the drafts before it did
+    (positions reached at least MIN_TRIED times), what --draft auto starts from for this adapter."""
     tokens = forwards = rows = 0
     per_prompt = []
     tried, passed = [], []
@@ -53,13 +53,16 @@ def measure(model, tokenizer, prompts: List[List[int]], max_tokens: int = 64, bl
         rows += last.rows
         per_prompt.append(last.tokens_per_forward)
     return {"tokens": tokens, "forwards": forwards, "tokens_per_forward": tokens / max(forwards, 1),
-            "rows_per_forward": rows / max(forwards, 1), "per_prompt": per_prompt, "draft_tried": tried, "draft_passed": passed,
-            "draft_acceptance": acceptance_rates(tried, passed)}
+            "rows_per_forward": rows / max(forwards, 1), "per_prompt": per_prompt, "draft_tried": tried,
+            "draft_passed": passed, "draft_acceptance": acceptance_rates(tried, passed)}
 
 
-def add_counts(a: List[int], b: List[int]) -> List[int]:
-    """Per-position counts of two measurements added (lists of different lengths)."""
-    return [x + y for x, y in zip(a + [0] * (len(b) - len(a)), b + [0] * (len(a) - len(b)))]
+def pooled(results: List[dict]) -> dict:
+    """The per-position counts of several measure() results added up (chat and code together), with their rates."""
+    n = max((len(r["draft_tried"]) for r in results), default=0)
+    tried = [sum(r["draft_tried"][j] for r in results if j < len(r["draft_tried"])) for j in range(n)]
+    passed = [sum(r["draft_passed"][j] for r in results if j < len(r["draft_passed"])) for j in range(n)]
+    return {"draft_tried": tried, "draft_passed": passed, "draft_acceptance": acceptance_rates(tried, passed)}
 
 
 def acceptance_rates(tried: List[int], passed: List[int]) -> List[float]:

@@ -9,32 +9,17 @@ Rows: the linear layout after one committed token (x + rows - 1 masks), as costs
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import click
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, save  # noqa: E402
+from common import machine, save, time_mlx_lm_forward  # noqa: E402
 
 import mlx_sbd  # noqa: E402
 from mlx_sbd import attention  # noqa: E402
 from mlx_sbd.costs import time_forward  # noqa: E402
-
-
-def mlx_lm_step(model, cache, repeats: int) -> float:
-    """Median seconds of mlx_lm's own one-token forward (its attention, its mask) over `cache`, left as it was."""
-    x = mx.array([[1]], mx.int32)
-    times = []
-    for i in range(repeats + 1):
-        tic = time.perf_counter()
-        mx.eval(model.lm(x, cache=cache).argmax(axis=-1))
-        if i:
-            times.append(time.perf_counter() - tic)
-        for c in cache:
-            c.trim(1)
-    return statistics.median(times)
 
 
 @click.command()
@@ -60,7 +45,7 @@ def main(contexts, row_counts, repeats, rounds, out):
         runs = {"folded": [], "sdpa": []}
         base = []
         for _ in range(rounds):
-            base.append(mlx_lm_step(model, cache, repeats))
+            base.append(time_mlx_lm_forward(model, cache, 1, repeats))
             for name, limit in (("folded", fold), ("sdpa", 0)):
                 attention.FOLD_MAX_ROWS = limit
                 try:

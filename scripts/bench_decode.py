@@ -172,7 +172,8 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
               f"{r['ratio_lo']:5.2f}-{r['ratio_hi']:.2f} {pred} {gap}")
     print(f"auto / best fixed ({best['setting']}): {auto['tps'] / best['tps']:.3f} (target >= 0.95)")
     save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
-          "max_tokens": max_tokens, "rounds": rounds, "context": context, "cold": cold, "prompt_tokens": [len(p) for p in prompts],
+          "max_tokens": max_tokens, "rounds": rounds, "context": context, "cold": cold,
+          "prompt_tokens": [len(p) for p in prompts],
           "time_rows": times, "rows": rows_out,
           "auto_over_best_fixed": auto["tps"] / best["tps"], "best_fixed": best["setting"],
           "runs": runs}, out)

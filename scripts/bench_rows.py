@@ -19,11 +19,10 @@ from pathlib import Path
 
 import click
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.generate import generate_step
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, save  # noqa: E402
+from common import machine, save, time_mlx_lm_forward  # noqa: E402
 
 from mlx_sbd.costs import RowCost, filled_cache, measure  # noqa: E402
 from mlx_sbd.model import SBDModel  # noqa: E402
@@ -69,19 +68,7 @@ def plain_forward_times(model: SBDModel, context: int, rows, repeats: int) -> di
     """{rows: median seconds} of mlx_lm's own model call on `rows` tokens over the same kind of cache (its causal
     forward, as mlx_lm's speculative decoding verifies drafts): whether a cost is the device's or our forward's."""
     cache = filled_cache(model, context)
-    out = {}
-    for r in rows:
-        x = mx.ones((1, r), mx.int32)
-        times = []
-        for i in range(repeats + 1):
-            tic = time.perf_counter()
-            mx.eval(model.lm(x, cache=cache).argmax(axis=-1))
-            if i:
-                times.append(time.perf_counter() - tic)
-            for c in cache:
-                c.trim(r)
-        out[r] = statistics.median(times)
-    return out
+    return {r: time_mlx_lm_forward(model, cache, r, repeats) for r in rows}
 
 
 def mlx_lm_per_token(model: SBDModel, context: int, tokens: int) -> float:

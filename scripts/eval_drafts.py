@@ -16,7 +16,7 @@ from common import machine, save
 
 import mlx_sbd
 from mlx_sbd.adapter import record_draft_acceptance
-from mlx_sbd.heldout import KINDS, acceptance_rates, add_counts, heldout_prompts, measure
+from mlx_sbd.heldout import KINDS, heldout_prompts, measure, pooled
 
 
 @click.command()
@@ -37,7 +37,6 @@ def main(adapters, model, n, max_tokens, block_size, layout, kinds, out, record)
     for spec in adapters:
         name, _, path = spec.partition("=")
         m, tokenizer = mlx_sbd.load(model, adapter_path=path)
-        tried, passed = [], []
         if prompts is None:
             prompts = heldout_prompts(tokenizer, n, kinds=kinds.split(","))
         for kind, ids in prompts.items():
@@ -47,13 +46,11 @@ def main(adapters, model, n, max_tokens, block_size, layout, kinds, out, record)
             rows.append(r)
             print(f"{name:24s} {kind:5s} tokens/forward {r['tokens_per_forward']:.2f}  ({r['tokens']} tokens, "
                   f"{r['forwards']} forwards, {r['seconds']:.0f} s)", flush=True)
-            tried, passed = add_counts(tried, r["draft_tried"]), add_counts(passed, r["draft_passed"])
-        rates = acceptance_rates(tried, passed)
-        print(f"{name:24s} acceptance per draft position: {rates}")
-        rows.append({"adapter": name, "path": path, "kind": "all", "draft_tried": tried, "draft_passed": passed,
-                     "draft_acceptance": rates})
+        both = pooled([r for r in rows if r["adapter"] == name])
+        print(f"{name:24s} acceptance per draft position: {both['draft_acceptance']}")
+        rows.append({"adapter": name, "path": path, "kind": "all", **both})
         if record:
-            record_draft_acceptance(path, rates)
+            record_draft_acceptance(path, both["draft_acceptance"])
             print(f"recorded in {path}")
     save({"machine": machine(), "n": n, "max_tokens": max_tokens, "block_size": block_size, "layout": layout,
           "rows": rows}, out)

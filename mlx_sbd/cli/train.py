@@ -86,16 +86,15 @@ def heldout_line(cfg, n: int) -> str:
     """What the new adapter gives, measured: tokens per forward on held-out prompts (mlx_sbd.heldout). The drafts'
     acceptance per position is written into the adapter, as --draft auto's starting estimate."""
     from ..adapter import record_draft_acceptance
-    from ..heldout import acceptance_rates, add_counts, heldout_prompts, measure
+    from ..heldout import heldout_prompts, measure, pooled
     from ..loading import load
 
     model, tokenizer = load(cfg.model, adapter_path=cfg.adapter_path)
-    parts, tried, passed = [], [], []
+    parts, results = [], []
     for kind, prompts in heldout_prompts(tokenizer, n).items():
-        r = measure(model, tokenizer, prompts, max_tokens=64)
-        parts.append(f"{r['tokens_per_forward']:.2f} on {kind}")
-        tried, passed = add_counts(tried, r["draft_tried"]), add_counts(passed, r["draft_passed"])
-    record_draft_acceptance(cfg.adapter_path, acceptance_rates(tried, passed))
+        results.append(measure(model, tokenizer, prompts, max_tokens=64))
+        parts.append(f"{results[-1]['tokens_per_forward']:.2f} on {kind}")
+    record_draft_acceptance(cfg.adapter_path, pooled(results)["draft_acceptance"])
     same = "the base model's output, token for token" if cfg.gated else "the adapter's own one-token output"
     return (f"Held-out prompts ({n} chat, {n} code, 64 tokens each): tokens per forward of verified decoding with "
             f"the adapter's drafts: {', '.join(parts)} (greedy output: {same})")
