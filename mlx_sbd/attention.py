@@ -9,7 +9,7 @@ grouped-query model, the same computation with the query-head groups folded into
 """
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 import mlx.core as mx
 
@@ -17,12 +17,22 @@ from .masks import inference_mask, span_mask
 from .metal_kernel import metal_block_attention, metal_span_attention
 
 
+# How many cached keys a verified forward's mask rows attend to (None: all). Mask rows only draft: the causal rows
+# verify every token over the whole context, so the output does not depend on it. The adapters are trained on
+# sequences of a few hundred tokens (the shipped one: 320), so the far context buys their drafts little, while on
+# these CPUs every key costs every row an exp that MLX's x86 back-end runs one float at a time (BENCHMARKS 7): with
+# a window, a forward's mask block costs the same over 8k cached tokens as over 1k.
+DRAFT_WINDOW = 1024
+
+
 @dataclass(frozen=True)
 class BlockMask:
     """The SBD inference mask of one decode step, as two scalars (see masks.inference_mask). One forward builds one
-    and every layer gets it, so the boolean mask SDPA needs is built once per forward, by the first layer to ask."""
+    and every layer gets it, so the boolean mask SDPA needs is built once per forward, by the first layer to ask.
+    `window` (verified decoding): the mask rows see only the last `window` cached keys and this forward's rows."""
 
     causal_point: int
+    window: Optional[int] = None
     _dense: dict = field(default_factory=dict, compare=False, repr=False)  # (q_len, offset) -> [q_len, S] bool
 
     def dense(self, q_len: int, offset: int) -> mx.array:
@@ -34,16 +44,20 @@ class BlockMask:
 @dataclass(frozen=True)
 class SpanMask:
     """A verified forward's mask in per-row form (masks.span_mask): row t sees keys j < visible[t] and keys in
-    [lo[t], hi[t]). `dense` is the same mask as a boolean array [T, S], built once per forward, for SDPA."""
+    [lo[t], hi[t]). `dense` is the same mask as a boolean array [T, S], built once per forward, for SDPA. Rows from
+    `mask_from` on are mask rows; with `window`, they see only the last `window` cached keys and this forward's rows."""
 
     visible: mx.array
     lo: mx.array
     hi: mx.array
     dense: mx.array
+    mask_from: int = 0
+    window: Optional[int] = None
 
 
-def make_span_mask(visible: mx.array, lo: mx.array, hi: mx.array, n_keys: int) -> SpanMask:
-    return SpanMask(visible, lo, hi, span_mask(visible, lo, hi, n_keys))
+def make_span_mask(visible: mx.array, lo: mx.array, hi: mx.array, n_keys: int, mask_from: int = 0,
+                   window: Optional[int] = None) -> SpanMask:
+    return SpanMask(visible, lo, hi, span_mask(visible, lo, hi, n_keys), mask_from, window)
 
 
 Mask = Union[None, str, mx.array, BlockMask, SpanMask]
@@ -51,6 +65,11 @@ Mask = Union[None, str, mx.array, BlockMask, SpanMask]
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
     """q: [B, Hq, T, D]; k, v: [B, Hkv, S, D] (cache + new keys). Returns [B, Hq, T, D]."""
+    if isinstance(mask, (BlockMask, SpanMask)) and mask.window is not None:
+        first = k.shape[2] - q.shape[2] - mask.window  # the window's first key
+        c = mask.causal_point if isinstance(mask, BlockMask) else mask.mask_from
+        if first > 0 and c < q.shape[2]:
+            return windowed_attention(q, k, v, scale, mask, c, first)
     if isinstance(mask, BlockMask):
         return block_attention(q, k, v, scale, k.shape[2] - q.shape[2], mask)
     if isinstance(mask, SpanMask):
@@ -91,6 +110,22 @@ def folded_attention(q, k, v, scale: float, mask) -> mx.array:
         scores = scores.reshape(B, n_kv, groups * T, S)
     weights = mx.softmax(scores, axis=-1, precise=True)
     return (weights @ v).reshape(B, n_heads, T, D)
+
+
+def windowed_attention(q, k, v, scale: float, mask: Union[BlockMask, SpanMask], c: int, first: int) -> mx.array:
+    """A verified forward with its mask rows (rows c..T-1) windowed: the causal rows over the keys they see (every
+    cached key and the rows up to theirs), the mask rows over keys first..S-1 only; two attentions, each through
+    attention() (the Metal kernel or SDPA), their rows concatenated."""
+    S, T = k.shape[2], q.shape[2]
+    end = S - T + c  # keys past the causal rows' are mask rows', which no causal row sees
+    if isinstance(mask, BlockMask):  # causal rows: causal; mask rows: every key of the window
+        causal_mask, window_mask = "causal", None
+    else:
+        causal_mask = make_span_mask(mask.visible[:c], mask.lo[:c], mask.hi[:c], end)
+        window_mask = make_span_mask(mask.visible[c:] - first, mask.lo[c:] - first, mask.hi[c:] - first, S - first)
+    causal = attention(q[:, :, :c], k[:, :, :end], v[:, :, :end], scale, causal_mask)
+    masked = attention(q[:, :, c:], k[:, :, first:], v[:, :, first:], scale, window_mask)
+    return mx.concatenate([causal, masked], axis=2)
 
 
 def block_attention(q, k, v, scale: float, offset: int, mask: BlockMask) -> mx.array:

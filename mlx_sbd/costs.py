@@ -14,8 +14,8 @@ for measuring long contexts. The cache's keys and values are random (their value
 prefill: measuring 4096 tokens costs the forwards, not a 4096-token prefill.
 
 Cache: ~/.cache/mlx_sbd/rows_time/<key>.json (MLX_SBD_CACHE overrides the folder), one file per model and device
-holding every bucket measured so far; key = the model's shapes and dtype, the device and the MLX version; delete
-the file to measure again.
+holding every bucket measured so far; key = the model's shapes and dtype, the device, the MLX version and the mask
+rows' window (attention.DRAFT_WINDOW); delete the file to measure again.
 """
 
 import hashlib
@@ -32,6 +32,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import mlx.core as mx
 
+from . import attention
 from .attention import BlockMask
 from .model import MASK_ID, PerModel
 
@@ -106,7 +107,8 @@ def model_key(model) -> str:
                                                 "vocab_size")}
     device = str(mx.default_device()) + (mx.metal.device_info().get("device_name", "") if mx.metal.is_available() else
                                          platform.processor() + str(os.cpu_count()))
-    text = json.dumps([shape, dtype, device, mx.__version__, CONTEXTS, os.environ.get("LD_PRELOAD", "")], sort_keys=True)
+    text = json.dumps([shape, dtype, device, mx.__version__, CONTEXTS, os.environ.get("LD_PRELOAD", ""),
+                       attention.DRAFT_WINDOW], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -133,7 +135,7 @@ def time_forward(model, cache, rows: int, masks: int, repeats: int) -> float:
     """Median seconds of one decode forward of `rows` rows, the last `masks` of them a mask block, over `cache`
     (left as it was)."""
     x = mx.array([1] * (rows - masks) + [MASK_ID] * masks, mx.int32)  # one sequence, [rows]: as decode.verify_step
-    mask = BlockMask(causal_point=rows - masks) if masks else "causal"
+    mask = BlockMask(causal_point=rows - masks, window=attention.DRAFT_WINDOW) if masks else "causal"  # as verify_step
     times = []
     for i in range(repeats + 1):  # the first run warms up (graph, allocations) and is not counted
         tic = time.perf_counter()

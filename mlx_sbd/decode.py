@@ -30,6 +30,7 @@ from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
+from . import attention
 from .attention import BlockMask, make_span_mask
 from .costs import cached_row_cost
 from .drafting import Drafter, PromptLookup, learned
@@ -183,9 +184,9 @@ def verify_step(model: SBDModel, cache: SBDCache, inputs: mx.array, m: int, k: i
     positions = None
     if blocks > 1:
         positions, visible, lo, hi = predraft_spans(cache.offset, c - m, m, k)
-        mask = make_span_mask(visible, lo, hi, cache.offset + rows)
-    else:
-        mask = BlockMask(causal_point=c) if k else "causal"
+        mask = make_span_mask(visible, lo, hi, cache.offset + rows, mask_from=c, window=attention.DRAFT_WINDOW)
+    else:  # mask rows draft from the last DRAFT_WINDOW cached tokens; the causal rows see them all
+        mask = BlockMask(causal_point=c, window=attention.DRAFT_WINDOW) if k else "causal"
     h = model.forward(inputs, positions=positions, mask=mask, cache=cache.layers, return_hidden=True,
                       mask_rows=blocks * k)  # [rows, hidden]
     drafts = inputs[c - m : c]

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, save  # noqa: E402
 
 import mlx_sbd  # noqa: E402
+from mlx_sbd import attention  # noqa: E402
 from mlx_sbd.costs import row_cost  # noqa: E402
 from mlx_sbd.drafting import forget  # noqa: E402
 from mlx_sbd.generate import encode_prompt  # noqa: E402
@@ -97,8 +98,12 @@ def long_prompt(tokenizer, question: str, tokens: int) -> list:
               "prompt (0: the prompts alone).")
 @click.option("--cold", is_flag=True, help="Every auto answer starts from the priors, as in a new process (and an "
               "'auto, no prior' row when the adapter records its drafts' acceptance).")
+@click.option("--draft-window", default=None, help="Cached keys the mask rows attend to: a number, or 'none' for "
+              "all (default: attention.DRAFT_WINDOW, as shipped). The output is the same; drafts and cost change.")
 @click.option("--out", default="results/bench_decode.json", show_default=True)
-def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, context, cold, out):
+def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, context, cold, draft_window, out):
+    if draft_window is not None:
+        attention.DRAFT_WINDOW = None if draft_window == "none" else int(draft_window)
     sbd_model, tokenizer = mlx_sbd.load(model, adapter_path=adapter_path)
     prompts = [long_prompt(tokenizer, p, context) if context else encode_prompt(tokenizer, p) for p in PROMPTS[:n_prompts]]
     lossy_k = sbd_model.sbd.block_size if sbd_model.sbd else 8
@@ -171,8 +176,9 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
         print(f"{r['setting']:16} {r['tokens_per_forward']:7.2f} {rpf} {acc} {r['tps']:7.2f} {r['ratio']:7.3f}x "
               f"{r['ratio_lo']:5.2f}-{r['ratio_hi']:.2f} {pred} {gap}")
     print(f"auto / best fixed ({best['setting']}): {auto['tps'] / best['tps']:.3f} (target >= 0.95)")
+    print(f"mask rows' window: {attention.DRAFT_WINDOW} cached keys")
     save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
-          "max_tokens": max_tokens, "rounds": rounds, "context": context, "cold": cold,
+          "draft_window": attention.DRAFT_WINDOW, "max_tokens": max_tokens, "rounds": rounds, "context": context, "cold": cold,
           "prompt_tokens": [len(p) for p in prompts],
           "time_rows": times, "rows": rows_out,
           "auto_over_best_fixed": auto["tps"] / best["tps"], "best_fixed": best["setting"],

@@ -44,3 +44,37 @@ def test_folded_attention_in_half_precision():
     got = attention.folded_attention(q, k, v, 32 ** -0.5, mask)
     assert got.dtype == mx.float16
     assert np.allclose(np.asarray(got.astype(mx.float32)), numpy_attention(q, k, v, 32 ** -0.5, mask), atol=2e-2)
+
+
+def windowed(dense, rows, mask_from, window):
+    """The window re-derived on a dense mask [T, S]: mask rows (from `mask_from`) lose every cached key before the
+    last `window` ones (S - T cached keys, then the forward's own rows)."""
+    dense = np.array(dense)
+    first = dense.shape[1] - rows - window
+    if first > 0:
+        dense[mask_from:, :first] = False
+    return dense
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4)])
+@pytest.mark.parametrize("cached,window", [(40, 8), (40, 39), (40, 40), (40, 100), (300, 64)])
+def test_mask_rows_attend_to_their_window(heads, kv_heads, cached, window):
+    """Verified forwards' masks with a window (attention.DRAFT_WINDOW): the causal rows see every cached key, the mask
+    rows only the last `window`; both layouts (the linear BlockMask, pre-drafting's SpanMask) against numpy."""
+    from mlx_sbd.masks import predraft_spans, span_mask
+
+    rng = np.random.default_rng(cached + window + heads)
+    pending, m, k = 1, 2, 3
+    _, visible, lo, hi = predraft_spans(cached, pending, m, k)
+    layouts = {"linear": (pending + m + k, attention.BlockMask(pending + m, window=window),
+                          inference_mask(pending + m + k, cached, pending + m)),
+               "predraft": (visible.size, attention.make_span_mask(visible, lo, hi, cached + visible.size, pending + m,
+                                                                   window), span_mask(visible, lo, hi, cached + visible.size))}
+    for name, (rows, mask, dense) in layouts.items():
+        q = mx.array(rng.normal(size=(1, heads, rows, 16)).astype(np.float32))
+        k_, v = (mx.array(rng.normal(size=(1, kv_heads, cached + rows, 16)).astype(np.float32)) for _ in range(2))
+        got = np.asarray(attention.attention(q, k_, v, 0.25, mask))
+        want = numpy_attention(q, k_, v, 0.25, windowed(dense, rows, pending + m, window))
+        assert np.allclose(got, want, atol=1e-5), name
+        if window < cached:  # the test can tell: without the window the mask rows differ
+            assert not np.allclose(got, numpy_attention(q, k_, v, 0.25, dense), atol=1e-3), name

@@ -126,6 +126,29 @@ def test_greedy_equals_mlx_lm_on_the_base(gated, k, gamma, layout):
         assert last.drafted > 0
 
 
+def spy_on_windows(monkeypatch, window):
+    """Set the mask rows' window and count the forwards that ran windowed attention."""
+    from mlx_sbd import attention
+
+    calls, real = [], attention.windowed_attention
+    monkeypatch.setattr(attention, "DRAFT_WINDOW", window)
+    monkeypatch.setattr(attention, "windowed_attention", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["linear", "predraft"])
+def test_mask_rows_window_keeps_the_output(gated, layout, monkeypatch):
+    """Mask rows that see only the last few cached keys (attention.DRAFT_WINDOW, here 3) change the drafts, never
+    the output: the causal rows still see every key."""
+    base, _, model, tokenizer = gated
+    calls = spy_on_windows(monkeypatch, 3)
+    for ids in PROMPTS:
+        got, last = ours(model, tokenizer, ids, max_tokens=40, block_size=4, gamma=1.0, layout=layout)
+        assert got == mlx_lm_greedy(base, ids, 40, tokenizer.eos_token_ids)
+        assert last.drafted > 0
+    assert len(calls) > 100  # the window was in force (every layer of most forwards)
+
+
 @pytest.mark.parametrize("layout", ["linear", "predraft"])
 def test_every_max_tokens_and_eos_cut_is_exact(gated, layout):
     """max_tokens anywhere (inside a block of drafts too) and EOS: output is the reference cut there."""

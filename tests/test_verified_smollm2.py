@@ -79,6 +79,20 @@ def test_gated_adapter_output_is_mlx_lm_on_the_base(base, gated):
         assert steps[-1].drafted > 0
 
 
+@pytest.mark.parametrize("layout", ["linear", "predraft"])
+def test_mask_rows_window_keeps_the_output(base, gated, layout, monkeypatch):
+    """A prompt longer than the mask rows' window (attention.DRAFT_WINDOW, here 32): mlx_lm's output still."""
+    from test_verified import spy_on_windows
+
+    _, lm, ref_tok = base
+    model, tokenizer = gated
+    calls = spy_on_windows(monkeypatch, 32)
+    ids = encode_prompt(tokenizer, " ".join(PROMPTS))  # ~90 tokens
+    got, _ = verified(model, tokenizer, ids, max_tokens=N, block_size=8, gamma=float("inf"), draft="sbd", layout=layout)
+    assert got == reference(lm, ref_tok, ids)
+    assert calls
+
+
 def test_stop_strings_and_multi_turn_cache(base, gated):
     _, lm, ref_tok = base
     model, tokenizer = gated
