@@ -6,9 +6,11 @@ memory-bound GPU about 1x (mlx-examples #1281: on M1/M2 Ultra speculative decodi
 not free). The measurement is the decode forward itself (model.forward with the verified mask over a KV cache of
 `context` tokens), a few repeats per row count, median.
 
-Rows cost more over a longer cache (every row attends to every cached key: on these CPUs 17 rows cost 2.4x one row
-over 512 tokens and 5x over 6000, BENCHMARKS 7), so time(rows) is kept per context bucket (CONTEXTS, 4x apart) and
-read linearly between buckets: `ContextCost(rows, context)`. The first bucket is measured before the first verified
+Rows cost more over a longer cache (a causal row attends to every cached key, a mask row to the last
+attention.DRAFT_WINDOW: on these CPUs a forward of 1 causal row and 16 masks costs 2.5x one row over 512 tokens and
+2.1x over 8000, one of 4 causal rows and 13 masks 3.0x over 8000; without the window 5.9x, BENCHMARKS 7), so
+time(rows) is kept per context bucket (CONTEXTS, 4x apart) and read linearly between buckets:
+`ContextCost(rows, context)`, measured with half the rows causal. The first bucket is measured before the first verified
 forward; a longer one only when a generation's context first passes the bucket below it, so short chats never pay
 for measuring long contexts. The cache's keys and values are random (their values do not change the time), not a
 prefill: measuring 4096 tokens costs the forwards, not a 4096-token prefill.

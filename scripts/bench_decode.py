@@ -13,7 +13,10 @@ cost alone, no host work), with the gap measured/predicted - 1. time(rows, conte
 of the drafts in earlier answers is forgotten; with an adapter that records its drafts' measured acceptance
 (SBDSettings.draft_acceptance) a second auto row runs without it, so the prior's worth is measured.
 --context N puts a passage of real text (standard-library source) before each question so the prompt is about N
-tokens: the same settings over a long cache. The model behind it (BENCHMARKS.md 7):
+tokens: the same settings over a long cache (each prompt's KV cache is kept and reused by every run of it, so a long
+prompt is prefilled once, not once per setting). --draft-window sets the cached keys the mask rows attend to
+(attention.DRAFT_WINDOW; "none": all), to measure what the window costs the drafts. The model behind it
+(BENCHMARKS.md 7):
     tokens/s = tokens per forward / time(rows per forward)
 the paper's Eq. 16 generalised to verified layouts.
 
@@ -31,6 +34,7 @@ from pathlib import Path
 import click
 import mlx.core as mx
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -51,24 +55,29 @@ PROMPTS = [
 ]
 
 
-def run_mlx_lm(model, tokenizer, ids, max_tokens):
+def run_mlx_lm(model, tokenizer, ids, max_tokens, cache):
+    n = min(cache[0].offset, len(ids) - 1)  # `cache` holds this prompt from an earlier run: keep all but its last token
+    trim_prompt_cache(cache, cache[0].offset - n)
     last, start = None, time.perf_counter()
-    for last in mlx_lm_stream_generate(model.lm, tokenizer, mx.array(ids), max_tokens=max_tokens):
+    for last in mlx_lm_stream_generate(model.lm, tokenizer, mx.array(ids[n:]), max_tokens=max_tokens,
+                                       prompt_cache=cache):
         pass
     n = last.generation_tokens
     return {"tokens": n, "seconds": n / last.generation_tps, "nfe": n, "rows": [1] * n,
             "contexts": [len(ids) + i for i in range(n)], "start": start}
 
 
-def run_sbd(model, tokenizer, ids, max_tokens, no_prior=False, **kw):
+def run_sbd(model, tokenizer, ids, max_tokens, cache, no_prior=False, **kw):
     if no_prior:  # the adapter as if it recorded no acceptance of its drafts: auto starts from 1/2 per position
         sbd, model.sbd = model.sbd, dataclasses.replace(model.sbd, draft_acceptance=None)
         try:
-            return run_sbd(model, tokenizer, ids, max_tokens, **kw)
+            return run_sbd(model, tokenizer, ids, max_tokens, cache, **kw)
         finally:
             model.sbd = sbd
+    cache.trim_to(len(ids) - 1)  # `cache` holds this prompt from an earlier run (or nothing): all but its last token
     last, prev, rows, contexts, produced, start = None, 0, [], [], 0, time.perf_counter()
-    for last in mlx_sbd.stream_generate(model, tokenizer, ids, max_tokens=max_tokens, **kw):
+    for last in mlx_sbd.stream_generate(model, tokenizer, ids[len(cache.tokens):], max_tokens=max_tokens,
+                                        prompt_cache=cache, **kw):
         if last.rows > prev:  # verified / plain decoding: one response per forward
             rows.append(last.rows - prev)
             contexts.append(len(ids) + produced)  # about the cache it ran over (the prompt and the answer so far)
@@ -116,7 +125,11 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
     if cold and sbd_model.sbd is not None and sbd_model.sbd.draft_acceptance:
         settings["auto, no prior"] = dict(draft="auto", no_prior=True)
 
-    run_sbd(sbd_model, tokenizer, prompts[0], 8)  # warm-up: allocations, and auto's time(rows) measured and cached
+    # One KV cache per prompt and decoder, reused by every run of that prompt: a run prefills only what the cache
+    # lacks (a long prompt's prefill, not what is measured, is paid once).
+    sbd_caches = [mlx_sbd.make_prompt_cache(sbd_model) for _ in prompts]
+    lm_caches = [make_prompt_cache(sbd_model.lm) for _ in prompts]
+    run_sbd(sbd_model, tokenizer, prompts[0], 8, sbd_caches[0])  # warm-up: allocations, auto's time(rows) measured
     cost = row_cost(sbd_model)  # what auto reads: measured per context bucket, as the runs need
     names = list(settings)
     runs = {name: [[] for _ in range(rounds)] for name in names}
@@ -127,11 +140,11 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
                 for name in order:
                     kw = settings[name]
                     if kw is None:
-                        run = run_mlx_lm(sbd_model, tokenizer, ids, max_tokens)
+                        run = run_mlx_lm(sbd_model, tokenizer, ids, max_tokens, lm_caches[i])
                     else:
                         if cold:
                             forget(sbd_model)
-                        run = run_sbd(sbd_model, tokenizer, ids, max_tokens, **kw)
+                        run = run_sbd(sbd_model, tokenizer, ids, max_tokens, sbd_caches[i], **kw)
                     runs[name][rnd].append(run)
                     bar.update()
 
@@ -178,7 +191,8 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
     print(f"auto / best fixed ({best['setting']}): {auto['tps'] / best['tps']:.3f} (target >= 0.95)")
     print(f"mask rows' window: {attention.DRAFT_WINDOW} cached keys")
     save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
-          "draft_window": attention.DRAFT_WINDOW, "max_tokens": max_tokens, "rounds": rounds, "context": context, "cold": cold,
+          "draft_window": attention.DRAFT_WINDOW, "max_tokens": max_tokens, "rounds": rounds, "context": context,
+          "cold": cold,
           "prompt_tokens": [len(p) for p in prompts],
           "time_rows": times, "rows": rows_out,
           "auto_over_best_fixed": auto["tps"] / best["tps"], "best_fixed": best["setting"],

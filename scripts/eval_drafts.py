@@ -27,11 +27,15 @@ from mlx_sbd.heldout import KINDS, heldout_prompts, measure, pooled
 @click.option("--block-size", default=None, type=int, help="Default: the adapter's.")
 @click.option("--layout", default="linear", show_default=True, type=click.Choice(["linear", "predraft"]),
               help="predraft: a mask block after each draft, so every forward has drafts (more rows per forward).")
+@click.option("--draft", default="sbd", show_default=True, type=click.Choice(["sbd", "both"]),
+              help="both: prompt lookup's drafts where the mask block has none valid (e.g. after a rejection).")
 @click.option("--kinds", default=",".join(KINDS), show_default=True)
 @click.option("--out", default="results/eval_drafts.json", show_default=True)
 @click.option("--record", is_flag=True, help="Write each adapter's measured acceptance per draft position into its "
               "adapter_config.json (--draft auto's starting estimate).")
-def main(adapters, model, n, max_tokens, block_size, layout, kinds, out, record):
+def main(adapters, model, n, max_tokens, block_size, layout, draft, kinds, out, record):
+    if record and draft != "sbd":
+        raise click.UsageError("--record writes the mask block's own acceptance: measure it with --draft sbd")
     rows = []
     prompts = None
     for spec in adapters:
@@ -41,7 +45,7 @@ def main(adapters, model, n, max_tokens, block_size, layout, kinds, out, record)
             prompts = heldout_prompts(tokenizer, n, kinds=kinds.split(","))
         for kind, ids in prompts.items():
             tic = time.perf_counter()
-            r = measure(m, tokenizer, ids, max_tokens=max_tokens, block_size=block_size, layout=layout)
+            r = measure(m, tokenizer, ids, max_tokens=max_tokens, block_size=block_size, layout=layout, draft=draft)
             r.update(adapter=name, path=path, kind=kind, seconds=time.perf_counter() - tic)
             rows.append(r)
             print(f"{name:24s} {kind:5s} tokens/forward {r['tokens_per_forward']:.2f}  ({r['tokens']} tokens, "
@@ -53,7 +57,7 @@ def main(adapters, model, n, max_tokens, block_size, layout, kinds, out, record)
             record_draft_acceptance(path, both["draft_acceptance"])
             print(f"recorded in {path}")
     save({"machine": machine(), "n": n, "max_tokens": max_tokens, "block_size": block_size, "layout": layout,
-          "rows": rows}, out)
+          "draft": draft, "rows": rows}, out)
     print(f"raw results -> {out}")
 
 

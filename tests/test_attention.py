@@ -66,10 +66,11 @@ def test_mask_rows_attend_to_their_window(heads, kv_heads, cached, window):
     rng = np.random.default_rng(cached + window + heads)
     pending, m, k = 1, 2, 3
     _, visible, lo, hi = predraft_spans(cached, pending, m, k)
+    n_keys = cached + visible.size
     layouts = {"linear": (pending + m + k, attention.BlockMask(pending + m, window=window),
                           inference_mask(pending + m + k, cached, pending + m)),
-               "predraft": (visible.size, attention.make_span_mask(visible, lo, hi, cached + visible.size, pending + m,
-                                                                   window), span_mask(visible, lo, hi, cached + visible.size))}
+               "predraft": (visible.size, attention.make_span_mask(visible, lo, hi, n_keys, pending + m, window),
+                            span_mask(visible, lo, hi, n_keys))}
     for name, (rows, mask, dense) in layouts.items():
         q = mx.array(rng.normal(size=(1, heads, rows, 16)).astype(np.float32))
         k_, v = (mx.array(rng.normal(size=(1, kv_heads, cached + rows, 16)).astype(np.float32)) for _ in range(2))
