@@ -346,6 +346,15 @@ def test_verified_sampling_keeps_the_distribution_fast(small_vocab, layout):
     assert p > 1e-3, f"chi2 {chi2:.1f}, p {p:.2g}"
 
 
+@pytest.mark.parametrize("layout", ["linear", "predraft"])
+def test_verified_sampling_with_windowed_mask_rows(small_vocab, layout, monkeypatch):
+    """Mask rows that see only the last cached key (their drafts and q change together) keep the distribution."""
+    calls = spy_on_windows(monkeypatch, 1)
+    p, chi2 = run_sampling_test(small_vocab, 3000, layout)
+    assert calls
+    assert p > 1e-3, f"chi2 {chi2:.1f}, p {p:.2g}"
+
+
 @pytest.mark.parametrize("stop_after", [1, 3])
 def test_stopping_early_leaves_the_cache_exact(gated, stop_after):
     """The next forward is already in flight when a step is yielded: a caller that stops reading (a stop string, a
