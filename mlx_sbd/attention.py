@@ -53,6 +53,7 @@ class SpanMask:
     dense: mx.array
     mask_from: int = 0
     window: Optional[int] = None
+    _split: dict = field(default_factory=dict, compare=False, repr=False)  # window_split's masks, once per forward
 
 
 def make_span_mask(visible: mx.array, lo: mx.array, hi: mx.array, n_keys: int, mask_from: int = 0,
@@ -118,14 +119,23 @@ def windowed_attention(q, k, v, scale: float, mask: Union[BlockMask, SpanMask], 
     attention() (the Metal kernel or SDPA), their rows concatenated."""
     S, T = k.shape[2], q.shape[2]
     end = S - T + c  # keys past the causal rows' are mask rows', which no causal row sees
-    if isinstance(mask, BlockMask):  # causal rows: causal; mask rows: every key of the window
-        causal_mask, window_mask = "causal", None
-    else:
-        causal_mask = make_span_mask(mask.visible[:c], mask.lo[:c], mask.hi[:c], end)
-        window_mask = make_span_mask(mask.visible[c:] - first, mask.lo[c:] - first, mask.hi[c:] - first, S - first)
+    causal_mask, window_mask = window_split(mask, c, first, end, S)
     causal = attention(q[:, :, :c], k[:, :, :end], v[:, :, :end], scale, causal_mask)
     masked = attention(q[:, :, c:], k[:, :, first:], v[:, :, first:], scale, window_mask)
     return mx.concatenate([causal, masked], axis=2)
+
+
+def window_split(mask: Union[BlockMask, SpanMask], c: int, first: int, end: int, n_keys: int):
+    """(the causal rows' mask over keys :end, the mask rows' over keys first:n_keys). Pre-drafting's are built by the
+    first layer to ask and kept in `mask` for the others, as BlockMask.dense is."""
+    if isinstance(mask, BlockMask):  # causal rows: causal; mask rows: every key of the window
+        return "causal", None
+    key = (c, first, end, n_keys)
+    if key not in mask._split:
+        mask._split[key] = (make_span_mask(mask.visible[:c], mask.lo[:c], mask.hi[:c], end),
+                            make_span_mask(mask.visible[c:] - first, mask.lo[c:] - first, mask.hi[c:] - first,
+                                           n_keys - first))
+    return mask._split[key]
 
 
 def block_attention(q, k, v, scale: float, offset: int, mask: BlockMask) -> mx.array:

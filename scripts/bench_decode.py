@@ -56,10 +56,10 @@ PROMPTS = [
 
 
 def run_mlx_lm(model, tokenizer, ids, max_tokens, cache):
-    n = min(cache[0].offset, len(ids) - 1)  # `cache` holds this prompt from an earlier run: keep all but its last token
-    trim_prompt_cache(cache, cache[0].offset - n)
+    keep = min(cache[0].offset, len(ids) - 1)  # `cache` holds this prompt from an earlier run: all but its last token
+    trim_prompt_cache(cache, cache[0].offset - keep)
     last, start = None, time.perf_counter()
-    for last in mlx_lm_stream_generate(model.lm, tokenizer, mx.array(ids[n:]), max_tokens=max_tokens,
+    for last in mlx_lm_stream_generate(model.lm, tokenizer, mx.array(ids[keep:]), max_tokens=max_tokens,
                                        prompt_cache=cache):
         pass
     n = last.generation_tokens
@@ -192,8 +192,7 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
     print(f"mask rows' window: {attention.DRAFT_WINDOW} cached keys")
     save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
           "draft_window": attention.DRAFT_WINDOW, "max_tokens": max_tokens, "rounds": rounds, "context": context,
-          "cold": cold,
-          "prompt_tokens": [len(p) for p in prompts],
+          "cold": cold, "prompt_tokens": [len(p) for p in prompts],
           "time_rows": times, "rows": rows_out,
           "auto_over_best_fixed": auto["tps"] / best["tps"], "best_fixed": best["setting"],
           "runs": runs}, out)
