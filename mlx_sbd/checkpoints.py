@@ -32,7 +32,7 @@ TRAIN_LOG = "train_log.jsonl"  # in the adapter folder: training reports and val
 # iters: a resumed run may train longer (or stop sooner, though not before the checkpoint's step); the learning
 # rate then follows the schedule of the new iters from the checkpoint's step on.
 RESUME_MAY_CHANGE = ("adapter_path", "init_adapter", "iters", "steps_per_report", "steps_per_eval", "steps_per_save",
-                     "val_batches", "compile", "grad_checkpoint", "resume", "overwrite")
+                     "val_batches", "compile", "grad_checkpoint", "resume", "overwrite", "time_limit")
 
 PATH_SETTINGS = ("model", "data")
 

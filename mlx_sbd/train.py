@@ -77,6 +77,26 @@ def lr_schedule(cfg: TrainConfig):
     return optim.join_schedules([optim.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
 
 
+def clocked_lr(cfg: TrainConfig, step: int, used: float) -> float:
+    """lr_schedule's rate at `step` for a run with a time limit: after warmup the cosine follows whichever has gone
+    further, the steps or `used` (the share of the time limit spent), so a stage stopped by the clock still ends
+    at min_learning_rate."""
+    warmup = min(cfg.warmup, cfg.iters - 1)
+    if step < warmup:
+        return cfg.learning_rate * step / warmup
+    done = min(max((step - warmup) / max(cfg.iters - warmup, 1), used), 1.0)
+    return cfg.min_learning_rate + 0.5 * (1 + math.cos(math.pi * done)) * (cfg.learning_rate - cfg.min_learning_rate)
+
+
+def spent(clock: float, limit: float, world) -> float:
+    """The share of the time limit used since `clock`, by rank 0's clock: every rank sets the same learning rate
+    and stops at the same step."""
+    used = (time.monotonic() - clock) / limit
+    if world.size() > 1:
+        used = broadcast({"used": mx.array(used)}, world)["used"].item()
+    return used
+
+
 def train(cfg: TrainConfig, model=None, tokenizer=None):
     """Fine-tune `model` (loaded from cfg.model when not given) with cfg.objective; returns the model."""
     cfg.check()
@@ -100,7 +120,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     mx.random.seed(cfg.seed)  # LoRA initialisation
     make_trainable(model, cfg.fine_tune_type, cfg.num_layers, cfg.lora_parameters, gated=cfg.gated)
     model.grad_checkpoint = cfg.grad_checkpoint
-    optimizer = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
+    # With a time limit the rate is set before each step (clocked_lr), which a step-indexed schedule cannot do.
+    schedule = lr_schedule(cfg) if cfg.time_limit is None else 0.0
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())
     config = adapter_config(cfg, model)
     if cfg.init_adapter and main:  # start from a finished run's weights; a checkpoint of this run (--resume) wins
@@ -140,7 +162,23 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     model.train()
     since = Reports()
     bar = tqdm(total=cfg.iters, initial=start, desc=f"{cfg.objective.upper()} train", unit="step", disable=not main)
+    clock = time.monotonic()  # the time limit counts training from here (this process's run)
+    limit = cfg.time_limit * 60 if cfg.time_limit else None
     for step in range(start, cfg.iters):
+        if limit:
+            used = spent(clock, limit, world)
+            if used >= 1 and step > start:
+                pending = since.report(step, world, optimizer.learning_rate.item(), cfg.gated) if since.steps else None
+                if main:
+                    if pending:  # the steps since the last report
+                        log(adapter_path, pending)
+                    if step % cfg.steps_per_save:  # else the last step's checkpoint is this one
+                        save_checkpoint(adapter_path, model, optimizer, step, config, cfg)
+                    bar.write(f"--time-limit {cfg.time_limit:g} min reached after step {step} of {cfg.iters}: "
+                              "checkpoint and adapter saved; --resume continues")
+                    log(adapter_path, {"step": step, "stopped": "time_limit"})
+                break
+            optimizer.learning_rate = clocked_lr(cfg, step, used)
         if valid_set and (step == start or (step + 1) % cfg.steps_per_eval == 0):
             val = evaluate(model, valid_set, cfg, world, loss_fn)
             if main:

@@ -59,6 +59,10 @@ class TrainConfig:
     # MATP on draft positions only (batches.make_batch): not on the first masked token of a block, whose guess
     # verified decoding never uses (the causal row before it supplies that token). Gated runs only.
     drafts_only: bool = False
+    # Stop after this many minutes of training, saving a checkpoint (a stage that fits a session; --resume goes on).
+    # The cosine decay then follows whichever runs out first, the steps or the minutes, so a stage stopped by the
+    # clock still ends at min_learning_rate.
+    time_limit: Optional[float] = None
 
     def resolve_gating(self) -> None:
         """Fill in gated / shift_blocks from the fine-tune type and objective when they are left unset."""
@@ -113,6 +117,8 @@ class TrainConfig:
                            f"{self.val_batches}); to skip validation, leave valid.jsonl out of the data folder")
         if self.warmup < 0:
             raise SBDError(f"--warmup must be >= 0 (got {self.warmup})")
+        if self.time_limit is not None and not (_is_number(self.time_limit) and 0 < self.time_limit < float("inf")):
+            raise SBDError(f"--time-limit must be a number of minutes > 0 (got {self.time_limit!r})")
         if self.resume and self.overwrite:
             raise SBDError("--resume continues the run in --adapter-path and --overwrite deletes it: give only one")
         if not isinstance(self.lora_parameters or {}, dict):

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 import entropy_ceiling  # noqa: E402
 import eval_adapter  # noqa: E402
 import learning_curve  # noqa: E402
+import make_distill_data  # noqa: E402
 import repro_table1  # noqa: E402
 
 from mlx_sbd import stdlib_text  # noqa: E402
@@ -39,6 +40,24 @@ def test_text_rows_never_come_from_held_out_modules():
     # A training row is a docstring cut at a paragraph break; none may start like a held-out module's docstring.
     assert not any(doc[:200] == text[:200] for doc in held_out for text in seen)
     assert set(modules["train"]).isdisjoint(modules["test"]) and set(modules["valid"]).isdisjoint(modules["test"])
+
+
+def test_distill_prompts_stay_in_their_split_and_are_read_back(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    made = make_distill_data.split_prompts(path, {"test": 0, "valid": 5, "train": 40}, 30, 0)
+    modules = stdlib_text.split_modules(0)
+    held_out = set(stdlib_text.chat_prompts(modules["test"], 0) + stdlib_text.code_prompts(modules["test"], 10_000, 0))
+    assert made["test"] == []
+    assert [sum(r["kind"] == kind for r in made["train"]) for kind in ("chat", "code")] == [40, 30]
+    assert [sum(r["kind"] == kind for r in made["valid"]) for kind in ("chat", "code")] == [5, 3]
+    assert not held_out & {r["prompt"] for rows in made.values() for r in rows}
+    # A rerun (say on another machine, whose standard library splits differently) answers the written prompts.
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    first_train = next(r for r in rows if r["split"] == "train")
+    first_train["prompt"] = "written before"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = make_distill_data.split_prompts(path, {"test": 9, "valid": 9, "train": 9}, 0, 1)
+    assert again["train"][0]["prompt"] == "written before" and len(again["train"]) == 70
 
 
 def test_held_out_prompts_are_the_same_in_every_process():

@@ -15,7 +15,7 @@ from mlx_sbd.cli import cli
 from mlx_sbd.errors import SBDError
 from mlx_sbd.tasks import alphabet, exact_match, write_dataset
 from mlx_sbd.tiny import make_tiny_model
-from mlx_sbd.train import TrainConfig, lr_schedule, train
+from mlx_sbd.train import TrainConfig, clocked_lr, lr_schedule, train
 
 
 
@@ -27,6 +27,18 @@ def test_lr_schedule_warmup_then_cosine():
     for step in (10, 60, 110):  # cosine from the peak at the end of warmup to the minimum at the last step
         t = (step - 10) / 100
         assert math.isclose(lr(step).item(), 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * t)), rel_tol=1e-4)
+
+
+def test_clocked_lr_follows_the_steps_or_the_clock_whichever_is_ahead():
+    cfg = TrainConfig(learning_rate=1e-3, min_learning_rate=1e-4, warmup=10, iters=110)
+    lr = lr_schedule(cfg)
+    for step in range(0, 111, 5):  # the clock behind: MLX's own step schedule
+        assert math.isclose(clocked_lr(cfg, step, 0.0), lr(step).item(), rel_tol=1e-4, abs_tol=1e-9)
+    for step, used in ((20, 0.5), (60, 0.75), (100, 0.95)):  # the clock ahead: the cosine at its share
+        expected = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * used))
+        assert math.isclose(clocked_lr(cfg, step, used), expected, rel_tol=1e-6)
+    assert math.isclose(clocked_lr(cfg, 20, 3.0), 1e-4)  # past the limit: the minimum, not a cosine that rises again
+    assert clocked_lr(cfg, 5, 0.9) == 1e-3 * 5 / 10  # warmup is counted in steps
 
 
 def run(base, data, adapter_path, **overrides):
@@ -79,6 +91,41 @@ def test_kill_and_resume_matches_uninterrupted(setup, tmp_path, monkeypatch):
             np.testing.assert_allclose(np.array(a[key]), np.array(b[key]), rtol=1e-5, atol=1e-6)
     initial = load(base)[0].mask_embedding
     assert not np.allclose(np.array(initial), np.array(b["mask_embedding"]))  # the mask embedding is trained
+
+
+def test_time_limit_stops_with_a_checkpoint_and_resume_goes_on(setup, tmp_path, monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    base, data = setup
+    now = {"t": 0.0}
+
+    def monotonic():  # every reading of the clock is 18 s later than the one before
+        now["t"] += 18.0
+        return now["t"]
+
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(monotonic=monotonic, perf_counter=time.perf_counter,
+                                                              process_time=time.process_time))
+    same = dict(warmup=0, steps_per_report=1, steps_per_save=2, learning_rate=1e-2, min_learning_rate=1e-3)
+    run(base, data, tmp_path / "clocked", time_limit=1.0, **same)
+    log = [json.loads(line) for line in open(tmp_path / "clocked" / "train_log.jsonl")]
+    reports = [r for r in log if "ntp" in r]
+    # The run starts its clock at the first reading; the next ones, 18, 36 and 54 s of its 60 later, give its steps
+    # 0.3, 0.6 and 0.9 of the cosine; the fifth reading, 72 s on, stops the run after 3 of its 6 steps.
+    assert [r["step"] for r in reports] == [1, 2, 3]
+    for r, used in zip(reports, (0.3, 0.6, 0.9)):
+        expected = 1e-3 + 0.5 * (1e-2 - 1e-3) * (1 + math.cos(math.pi * used))
+        assert math.isclose(r["lr"], expected, rel_tol=1e-5)
+    assert {"step": 3, "stopped": "time_limit"} in log
+    checkpoints = sorted(p.name for p in (tmp_path / "clocked" / "checkpoints").iterdir())
+    assert checkpoints == ["step_0000002", "step_0000003"]  # the stop saves its step, between the regular saves
+    assert (tmp_path / "clocked" / "adapters.safetensors").is_file()
+    monkeypatch.setattr(train_module, "time", time)
+    run(base, data, tmp_path / "clocked", resume=True, **same)  # no limit now: the steps' schedule to the end
+    log = [json.loads(line) for line in open(tmp_path / "clocked" / "train_log.jsonl")]
+    assert [r["step"] for r in log if "ntp" in r] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(SBDError, match="time-limit"):
+        run(base, data, tmp_path / "bad", time_limit=0.0)
 
 
 def test_ntp_objective_trains_no_mask_embedding(setup, tmp_path):

@@ -39,6 +39,7 @@ YAML_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+
 @click.option("--steps-per-eval", default=None, type=int, help="Default: 200")
 @click.option("--val-batches", default=None, type=int, help="Validation batches (-1 = all). Default: 25")
 @click.option("--save-every", "steps_per_save", default=None, type=int, help="Checkpoint every N steps. Default: 100")
+@click.option("--time-limit", default=None, type=float, help="Stop after this many minutes of training, saving a checkpoint (a stage that fits a session; --resume continues). The cosine decay follows whichever runs out first, steps or minutes. Default: none")
 @click.option("--seed", default=None, type=int, help="Seed for data order, noise and LoRA init. Default: 0")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the latest checkpoint in --adapter-path (made with the same settings; --iters may change).")
 @click.option("--overwrite", is_flag=True, default=None, help="Start a new run in an --adapter-path that holds an earlier run, deleting its adapter, checkpoints and log.")
