@@ -27,6 +27,7 @@ LAYOUTS = ("linear", "predraft", "auto")  # one mask block after the drafts, or 
 LOOKUP_MAX_NGRAM = 3
 LOOKUP_MIN_NGRAM = 1
 LOOKUP_TOKENS = 12  # most lookup drafts per forward (auto sends fewer when they are unlikely to pass)
+MASK_BLOCKS_TRIED = 16  # auto weighs mask blocks of 2..16 and the full block_size (a server may ask for 256)
 
 
 def resolve_draft(draft: str, block_size: Optional[int], verify: bool) -> str:
@@ -152,7 +153,7 @@ class Drafter:
     mask block's drafts when valid, else lookup's). auto chooses per forward, from time(rows) measured on this device
     (costs.row_cost, read at the current context length) and the acceptance seen so far per source and draft
     position (for lookup, per matched n-gram size: a 3-gram match is a stronger draft than a 1-gram one), the drafts
-    and mask block that maximise expected tokens per second:
+    and mask block (none, or 2 to block_size masks) that maximise expected tokens per second:
         rate(m, k) = (1 + A(m) + P_all(m) * gain(k)) / time(pending + m + k)
     with A(m) the expected accepted drafts of the first m, P_all(m) the chance all m pass (only then the mask
     block's guesses are the next drafts) and gain(k) what k masks' k-1 drafts add over lookup's next time. A source
@@ -202,21 +203,28 @@ class Drafter:
         # what lookup would offer the next forward instead of the mask block's drafts: as much as it offers now
         lookup_next = max((self._rate(key).expected(len(d))[-1] for d, src, key in options if src == "lookup"), default=0.0)
         layouts = {"linear": [False], "predraft": [True], "auto": [False, True]}[self.layout]
+        seconds = {}  # time(rows) at this context, read once per row count
         best = None
         for drafts, source, key in options:
             expected = self._rate(key).expected(len(drafts))
             # the chance all of the first i pass is the i-th term of the expected sum
             p_all = [1.0] + [expected[i] - expected[i - 1] for i in range(1, len(expected))]
             for m in range(len(expected)):  # (positions past Acceptance's size are never proposed)
-                # a tie goes to the mask block (its drafts are news the estimate cannot price yet)
-                for k in sorted({0, min(self.block_size, room - m)}, reverse=True):
-                    if k == 1 or (k and m >= limit):
+                # A mask block of 2..block_size masks (training drew k ~ U{2..block_size_max}; fewer masks are fewer
+                # rows and fewer drafts for the next forward) or none; a tie goes to the larger block (its drafts
+                # are news the estimate cannot price yet).
+                top = min(self.block_size, room - m)
+                blocks = sorted({top, *range(2, min(top, MASK_BLOCKS_TRIED) + 1)}, reverse=True) if top >= 2 else []
+                for k in blocks + [0]:
+                    if k and m >= limit:
                         continue
                     gain = max(0.0, sbd_gain[min(k, len(sbd_gain)) - 1] - lookup_next) if k else 0.0
                     for predraft in (layouts if k and m else [False]):
                         # pre-drafting: m + 1 blocks, and the next drafts exist whatever passes
                         rows = pending + m + (m + 1 if predraft else 1) * k
-                        rate = (1 + expected[m] + (1.0 if predraft else p_all[m]) * gain) / self.cost(rows, context)
+                        if rows not in seconds:
+                            seconds[rows] = self.cost(rows, context)
+                        rate = (1 + expected[m] + (1.0 if predraft else p_all[m]) * gain) / seconds[rows]
                         if best is None or rate > best[0]:
                             best = (rate, drafts[:m], source, k, key, predraft)
         _, drafts, source, k, self.last_key, predraft = best

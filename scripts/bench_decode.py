@@ -45,6 +45,7 @@ from mlx_sbd import attention  # noqa: E402
 from mlx_sbd.costs import row_cost  # noqa: E402
 from mlx_sbd.drafting import forget  # noqa: E402
 from mlx_sbd.generate import encode_prompt  # noqa: E402
+from mlx_sbd.heldout import heldout_prompts  # noqa: E402
 from mlx_sbd.stdlib_text import source  # noqa: E402
 
 PROMPTS = [
@@ -109,12 +110,20 @@ def long_prompt(tokenizer, question: str, tokens: int) -> list:
               "'auto, no prior' row when the adapter records its drafts' acceptance).")
 @click.option("--draft-window", default=None, help="Cached keys the mask rows attend to: a number, or 'none' for "
               "all (default: attention.DRAFT_WINDOW, as shipped). The output is the same; drafts and cost change.")
+@click.option("--heldout", type=click.Choice(["chat", "code"]), default=None, help="Held-out prompts of this kind "
+              "(mlx_sbd.heldout: about standard-library modules no training set touches, where eval_drafts.py "
+              "measures acceptance) instead of the four general chat prompts.")
 @click.option("--out", default="results/bench_decode.json", show_default=True)
-def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, context, cold, draft_window, out):
+def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, context, cold, draft_window, heldout,
+         out):
     if draft_window is not None:
         attention.DRAFT_WINDOW = None if draft_window == "none" else int(draft_window)
     sbd_model, tokenizer = mlx_sbd.load(model, adapter_path=adapter_path)
-    prompts = [long_prompt(tokenizer, p, context) if context else encode_prompt(tokenizer, p) for p in PROMPTS[:n_prompts]]
+    if heldout:
+        prompts = heldout_prompts(tokenizer, n_prompts, kinds=(heldout,))[heldout]
+    else:
+        prompts = [long_prompt(tokenizer, p, context) if context else encode_prompt(tokenizer, p)
+                   for p in PROMPTS[:n_prompts]]
     lossy_k = sbd_model.sbd.block_size if sbd_model.sbd else 8
     settings = {"mlx_lm": None, "ntp": dict(draft="none"), f"lossy k={lossy_k}": dict(verify=False)}
     for k in [int(x) for x in linear.split(",") if x]:
@@ -192,7 +201,7 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
     print(f"mask rows' window: {attention.DRAFT_WINDOW} cached keys")
     save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
           "draft_window": attention.DRAFT_WINDOW, "max_tokens": max_tokens, "rounds": rounds, "context": context,
-          "cold": cold, "prompt_tokens": [len(p) for p in prompts],
+          "cold": cold, "heldout": heldout, "prompt_tokens": [len(p) for p in prompts],
           "time_rows": times, "rows": rows_out,
           "auto_over_best_fixed": auto["tps"] / best["tps"], "best_fixed": best["setting"],
           "runs": runs}, out)
