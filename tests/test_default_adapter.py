@@ -49,13 +49,13 @@ def test_load_without_arguments_applies_it_and_false_removes_it():
 
 def test_the_adapters_drafts_pass():
     """With the mask block's drafts every forward, verified decoding takes fewer forwards than tokens on a held-out
-    prompt. (`--draft auto`, the default, sends them only when their expected gain pays for their rows: on these
-    CPUs it mostly does not for this 50-step adapter, BENCHMARKS 6.)"""
+    prompt. (`--draft auto`, the default, sends them only when their expected gain pays for their rows.) The
+    stage-2 adapter drafts ~1.8 tokens per forward on held-out chat (BENCHMARKS 8); stage 1 drafted ~1.3."""
     model, tokenizer = mlx_sbd.load()
     *_, last = mlx_sbd.stream_generate(model, tokenizer, HELD_OUT, max_tokens=64, draft="sbd",
                                        block_size=model.sbd.block_size, gamma=model.sbd.gamma)
     assert last.generation_tokens >= 32
-    assert last.generation_tokens / last.nfe >= 1.15, (last.generation_tokens, last.nfe)
+    assert last.generation_tokens / last.nfe >= 1.4, (last.generation_tokens, last.nfe)
 
 
 def test_cli_uses_the_adapter_by_default_and_block_size_one_for_the_baseline():
