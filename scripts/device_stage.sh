@@ -17,7 +17,7 @@ set -u
 T0=$(date +%s)
 DEADLINE=${DEADLINE:-540}
 GEN_TIME=${GEN_TIME:-150}
-PROMPTS=${PROMPTS:-runs/distill/prompts.jsonl}
+PROMPTS=${PROMPTS:-runs/distill2/prompts.jsonl}
 CONFIG=${CONFIG:-mlx_sbd/adapters/smollm2-135m-instruct-sbd-gated/train.yaml}
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1 MLX_ENABLE_TF32=1 MLX_SBD_CACHE=${MLX_SBD_CACHE:-/tmp/sbdcache}
