@@ -116,6 +116,8 @@ def long_prompt(tokenizer, question: str, tokens: int) -> list:
 @click.option("--out", default="results/bench_decode.json", show_default=True)
 def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, context, cold, draft_window, heldout,
          out):
+    if heldout and context:
+        raise click.UsageError("--heldout decodes the held-out prompts as they are; leave out --context")
     if draft_window is not None:
         attention.DRAFT_WINDOW = None if draft_window == "none" else int(draft_window)
     sbd_model, tokenizer = mlx_sbd.load(model, adapter_path=adapter_path)
