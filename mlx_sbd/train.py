@@ -43,6 +43,7 @@ from .train_config import TrainConfig, adapter_config
 __all__ = ["TrainConfig", "train", "lr_schedule", "TRAIN_LOG"]
 BUILTIN_DATA = "data"  # <adapter_path>/data: the built-in training set of a run without --data
 BUILTIN_ROWS = {"train": 2048, "valid": 32}
+SELF_DATA = "self"  # --data self: the base model's own answers to built-in prompts, in <adapter_path>/data_self
 
 
 @dataclass
@@ -112,7 +113,12 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
 
         model, tokenizer = load(cfg.model, adapter_path=False)  # train from the plain base
     adapter_path = Path(cfg.adapter_path)
-    data = cfg.data if cfg.data is not None else builtin_data(adapter_path, main)
+    if cfg.data is None:
+        data = builtin_data(adapter_path, main)
+    elif cfg.data == SELF_DATA:
+        data = self_data(adapter_path, model, tokenizer, world)
+    else:
+        data = cfg.data
     train_set, valid_set, _ = load_dataset(data, tokenizer, cfg.max_seq_length, cfg.mask_prompt)
     batch_order(train_set, cfg.batch_size)  # fail now, not at the first step, on a too-small dataset
     if valid_set and len(valid_set) < size:
@@ -234,6 +240,27 @@ def builtin_data(adapter_path: Path, main: bool) -> Path:
     counts = stdlib_text.write_text_set(folder, BUILTIN_ROWS["train"], BUILTIN_ROWS["valid"])
     if main:
         tqdm.write(f"Built-in data: {counts['train']} training rows, {counts['valid']} validation rows ({folder})")
+    return folder
+
+
+def self_data(adapter_path: Path, model, tokenizer, world) -> Path:
+    """The training folder of `--data self`: the base model's own greedy answers to built-in prompts (distill.py),
+    written once into <adapter_path>/data_self (answers kept as they are made; a rerun or --resume continues them).
+    Made before the adapter's layers exist, so the answers are the base's. Under mlx.launch rank 0 answers and the
+    others wait, then read the folder: it must be shared, or copied to every machine first."""
+    from .distill import write_self_set
+    from .sharding import global_sum
+
+    folder = adapter_path / "data_self"
+    if world.rank() == 0:
+        tqdm.write(f"--data self: the base model answers built-in prompts (greedy, batched) into {folder}")
+        counts = write_self_set(folder, model, tokenizer)
+        tqdm.write(f"Self-distilled data: {counts['train']} training rows, {counts['valid']} validation rows ({folder})")
+    if world.size() > 1:
+        global_sum(np.zeros(1), world)  # every rank waits for rank 0's answers
+        if not (folder / "train.jsonl").is_file():
+            raise SBDError(f"--data self: rank {world.rank()} cannot see {folder}, which rank 0 wrote; give every "
+                           "machine the same folder (a shared path, or copy it there and pass it with --data)")
     return folder
 
 

@@ -19,7 +19,9 @@ GATED_DEFAULTS = {"targets": "soft", "noise": "full"}
 @dataclass
 class TrainConfig:
     model: Optional[str] = None  # None: the built-in SmolLM2-135M-Instruct
-    data: Optional[str] = None  # None: built-in text (the standard library's source and docs, stdlib_text)
+    # None: built-in text (the standard library's source and docs, stdlib_text); "self": the base model's own answers
+    # to built-in prompts (distill.py, made at the start of the run); else a folder of jsonl files
+    data: Optional[str] = None
     adapter_path: str = "adapters"
     fine_tune_type: str = "lora"  # lora | dora | full
     objective: str = "sbd"  # sbd | ntp (the baseline: NTP loss only, no MATP term, no noised half)
@@ -34,7 +36,7 @@ class TrainConfig:
     grad_clip: Optional[float] = None  # clip the global gradient norm to this before each update (None: off)
     block_size_max: int = 16
     max_seq_length: int = 2048
-    mask_prompt: bool = False
+    mask_prompt: Optional[bool] = None  # no loss on prompt tokens; None: on with --data self (its prompts are ours)
     grad_accumulation_steps: int = 1
     grad_checkpoint: bool = False
     steps_per_report: int = 10
@@ -65,7 +67,8 @@ class TrainConfig:
     time_limit: Optional[float] = None
 
     def resolve_gating(self) -> None:
-        """Fill in gated / shift_blocks from the fine-tune type and objective when they are left unset."""
+        """Fill in gated / shift_blocks / targets / noise / mask_prompt from the fine-tune type, objective and data
+        when they are left unset."""
         if self.gated is None:
             self.gated = self.fine_tune_type in ("lora", "dora") and self.objective == "sbd"
         if self.gated and self.fine_tune_type == "full":
@@ -75,6 +78,8 @@ class TrainConfig:
                            "pass --ungated")
         if self.shift_blocks is None:
             self.shift_blocks = self.gated
+        if self.mask_prompt is None:  # the built-in prompts are not the user's text: learn the answers only
+            self.mask_prompt = self.data == "self"
         defaults = GATED_DEFAULTS if self.gated else {"targets": "data", "noise": "uniform"}
         for name, value in defaults.items():
             if getattr(self, name) is None:

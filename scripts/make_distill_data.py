@@ -2,9 +2,9 @@
 
 Prompts are built from real text available offline, the docstrings of the Python standard library, with a few
 instruction templates (mlx_sbd.stdlib_text); modules are split between train/valid/test so that test prompts are
-about modules never seen in training. Answers come from the base model with greedy decoding (mlx_lm.batch_generate, ~2x the
-throughput of one prompt at a time with OpenBLAS), written chunk by chunk so that an interrupted run keeps what it
-made: rerun the same command to continue. Fine-tuning on the model's own answers keeps its behaviour while it
+about modules never seen in training. Answers come from the base model with greedy decoding (mlx_sbd.distill: mlx_lm.batch_generate,
+~2x the throughput of one prompt at a time with OpenBLAS), written chunk by chunk so that an interrupted run keeps
+what it made: rerun the same command to continue. `mlx-sbd train --data self` makes such a set itself. Fine-tuning on the model's own answers keeps its behaviour while it
 learns to predict blocks of its own future tokens. <out>/mix is the folder to train on: the distilled rows plus
 synthetic task rows (mlx_sbd.tasks) and, with --n-text, plain-text rows of documentation (docstrings of the
 train/valid modules, never the test modules'), which keep ordinary text in the objective; shuffled.
@@ -23,13 +23,12 @@ import random
 from pathlib import Path
 
 import click
-from mlx_lm import batch_generate
-from tqdm import tqdm
 
 import mlx_sbd
-from mlx_sbd.generate import encode_prompt
-from mlx_sbd.stdlib_text import chat_prompts, code_prompts, doc_texts, split_modules
+from mlx_sbd.distill import answer_prompts, split_prompts  # noqa: F401 (split_prompts: tests call it from here)
+from mlx_sbd.stdlib_text import doc_texts, split_modules
 from mlx_sbd.tasks import make_examples
+
 
 @click.command()
 @click.option("--out", default="data/smollm2-distill", show_default=True)
@@ -51,21 +50,7 @@ def main(out, n_train, n_valid, n_test, n_synthetic, n_text, n_code, max_tokens,
         path = out / f"{split}.jsonl"
         if not todo:  # no file rather than an empty one, which training refuses
             continue
-        done = path.read_text().count("\n") if path.exists() else 0  # resume a stopped run
-        with open(path, "a") as f, tqdm(desc=f"{split} answers", initial=done, total=len(todo)) as bar:
-            for i in range(done, len(todo), batch_size):
-                chunk = todo[i : i + batch_size]
-                ids = [encode_prompt(tokenizer, p["prompt"], chat_template=p["kind"] == "chat") for p in chunk]
-                answers = batch_generate(model.lm, tokenizer, ids, max_tokens=max_tokens).texts
-                for p, answer in zip(chunk, answers):
-                    if p["kind"] == "chat":
-                        row = {"messages": [{"role": "user", "content": p["prompt"]},
-                                            {"role": "assistant", "content": answer.strip()}]}
-                    else:  # a completion is the prompt's continuation, as the held-out code prompts are decoded
-                        row = {"text": p["prompt"] + answer}
-                    f.write(json.dumps(row) + "\n")
-                f.flush()
-                bar.update(len(chunk))
+        answer_prompts(model, tokenizer, todo, path, max_tokens, batch_size, desc=f"{split} answers")
         print(f"{split}: {len(todo)} distilled rows -> {path}")
     # The folder to train on: distilled rows plus synthetic task and text rows (1/10 as many in valid), shuffled.
     mix = out / "mix"
@@ -88,27 +73,6 @@ def main(out, n_train, n_valid, n_test, n_synthetic, n_text, n_code, max_tokens,
             continue
         (mix / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
         print(f"{mix / split}.jsonl: {len(lines)} rows")
-
-def split_prompts(path: Path, counts: dict, n_code: int, seed: int) -> dict:
-    """{split: [{"kind", "prompt"}]}: counts[split] chat prompts and n_code code completion prompts (outside train a
-    tenth as many, at most counts[split]) of that split's modules, shuffled together; read from `path` when an
-    earlier run wrote it."""
-    if path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        return {split: [r for r in rows if r["split"] == split] for split in counts}
-    modules = split_modules(seed)
-    out = {}
-    for split, n in counts.items():
-        chat = [{"kind": "chat", "prompt": p} for p in chat_prompts(modules[split], seed)[:n]]
-        m = n_code if split == "train" else min(n_code // 10, n)
-        code = [{"kind": "code", "prompt": p} for p in code_prompts(modules[split], m, seed)]
-        rows = chat + code
-        if code:  # chat alone keeps chat_prompts' order, as before --n-code
-            random.Random(seed).shuffle(rows)
-        out[split] = [{"split": split, **r} for r in rows]
-    path.write_text("".join(json.dumps(r) + "\n" for rows in out.values() for r in rows))
-    return out
-
 
 if __name__ == "__main__":
     from mlx_sbd.backend import preload_openblas_and_reexec

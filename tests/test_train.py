@@ -466,3 +466,47 @@ def test_cli_train_without_data_builds_the_builtin_text_set(setup, tmp_path):
     result = CliRunner().invoke(cli, args[:-2] + ["--heldout", "0", "--iters", "3", "--resume"])
     assert result.exit_code == 0, result.output
     assert (adapters / "data" / "train.jsonl").stat().st_mtime == mtime and "Held-out" not in result.output
+
+
+@pytest.mark.slow
+def test_cli_train_data_self_trains_on_the_base_models_own_answers(tmp_path, monkeypatch):
+    """--data self: the built-in SmolLM2 answers built-in prompts of the train and valid modules; every row is
+    exactly mlx_lm.generate's greedy answer on the base weights; a killed answering continues after the rows it
+    kept; prompts are out of the loss; the run trains on the rows."""
+    from mlx_lm import generate as lm_generate
+
+    from mlx_sbd import distill, stdlib_text
+    from mlx_sbd.generate import encode_prompt
+
+    monkeypatch.setattr(distill, "SELF_ROWS", {"train": 2, "valid": 1})
+    monkeypatch.setattr(distill, "SELF_CODE", 2)
+    monkeypatch.setattr(distill, "MAX_TOKENS", 12)
+    monkeypatch.setattr(distill, "BATCH_SIZE", 1)  # batched rows are padded; one at a time matches generate exactly
+    adapters = tmp_path / "ad"
+    folder = adapters / "data_self"
+    # A run killed after its first answer: the prompts file and one kept row (a sentinel, so a redo would show).
+    prompts = distill.split_prompts(folder / distill.PROMPTS, distill.SELF_ROWS, distill.SELF_CODE, 0)
+    (folder / "answers_train.jsonl").write_text(json.dumps({"text": "kept from the killed run"}) + "\n")
+    args = ["train", "--data", "self", "--adapter-path", str(adapters), "--iters", "1", "--batch-size", "2",
+            "--num-layers", "2", "--max-seq-length", "96", "--block-size-max", "4", "--no-compile", "--heldout", "0"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    modules = stdlib_text.split_modules(0)
+    held_out = set(stdlib_text.chat_prompts(modules["test"], 0) + stdlib_text.code_prompts(modules["test"], 10_000, 0))
+    assert [len(prompts[s]) for s in ("train", "valid")] == [4, 1] and not held_out & {
+        p["prompt"] for rows in prompts.values() for p in rows}
+    model, tokenizer = load(adapter_path=False)
+    for split, todo in prompts.items():
+        rows = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+        assert len(rows) == len(todo)
+        for i, (p, row) in enumerate(zip(todo, rows)):
+            if split == "train" and i == 0:
+                assert row == {"text": "kept from the killed run"}
+                continue
+            ids = encode_prompt(tokenizer, p["prompt"], chat_template=p["kind"] == "chat")
+            answer = lm_generate(model.lm, tokenizer, ids, max_tokens=12)  # greedy on the base weights
+            assert row == distill.answer_row(p, answer), (split, i)
+    assert not (folder / "answers_train.jsonl").exists()
+    training = json.loads((adapters / "adapter_config.json").read_text())["sbd"]["training"]
+    assert training["data"] == "self" and training["mask_prompt"] is True and training["targets"] == "soft"
+    assert "Self-distilled data: 4 training rows, 1 validation rows" in result.output

@@ -18,7 +18,7 @@ YAML_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+
 
 @click.command("train")
 @click.option("--model", default=None, help="Base model (HF repo, folder or .gguf). Default: built-in SmolLM2-135M-Instruct.")
-@click.option("--data", default=None, help="Folder with train.jsonl (and valid.jsonl, test.jsonl). Default: none, built-in text (the Python standard library's own source and docs, written to <adapter-path>/data), labelled by the base model itself (--targets soft)")
+@click.option("--data", default=None, help="Folder with train.jsonl (and valid.jsonl, test.jsonl), or `self`: the base model's own greedy answers to built-in prompts about the Python standard library (self-distillation: 1056 answers of up to 128 tokens made first, with mlx_lm's batch_generate, into <adapter-path>/data_self; kept as they are made, so a rerun continues; prompts out of the loss). Default: none, built-in text (the standard library's own source and docs, written to <adapter-path>/data), labelled by the base model itself (--targets soft)")
 @click.option("--adapter-path", default=None, help="Where the adapter and its checkpoints go. Default: adapters")
 @click.option("--fine-tune-type", default=None, type=click.Choice(["lora", "dora", "full"]), help="Default: lora")
 @click.option("--num-layers", default=None, type=int, help="Blocks (from the top) that get LoRA layers; -1 = all. Default: 16")
@@ -32,7 +32,7 @@ YAML_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+
 @click.option("--warmup", default=None, type=int, help="Warmup steps. Default: 100")
 @click.option("--block-size-max", default=None, type=int, help="Training block size k ~ U{2..this} per step. Default: 16")
 @click.option("--max-seq-length", default=None, type=int, help="Longer sequences are truncated. Default: 2048")
-@click.option("--mask-prompt", is_flag=True, default=None, help="No loss on prompt tokens.")
+@click.option("--mask-prompt", is_flag=True, default=None, help="No loss on prompt tokens. Default: on with --data self, else off")
 @click.option("--grad-accumulation-steps", default=None, type=int, help="Micro-batches per optimizer step. Default: 1")
 @click.option("--grad-checkpoint", is_flag=True, default=None, help="Recompute each block's activations in the backward pass (less memory, more compute).")
 @click.option("--steps-per-report", default=None, type=int, help="Default: 10")
