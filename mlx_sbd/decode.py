@@ -127,6 +127,7 @@ def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_
         drafter = Drafter(draft, lookup, has_adapter=model.sbd is not None, cost=cached_row_cost(model) if auto else None,
                           block_size=block_size, layout=layout,
                           sbd_prior=model.sbd.draft_acceptance if model.sbd is not None else None,
+                          stop=eos_ids,
                           # carried over only when greedy: a seed must give the same draws, so the same choices
                           acceptance=learned(model, block_size) if auto and temp == 0 else None)
         return verified_steps(model, cache, drafter, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k, **common)

@@ -162,7 +162,7 @@ class Drafter:
 
     def __init__(self, mode: str, lookup: Optional[PromptLookup] = None, has_adapter: bool = True, cost=None,
                  block_size: int = 0, layout: str = "linear", acceptance: Optional[dict] = None,
-                 sbd_prior: Optional[Sequence[float]] = None):
+                 sbd_prior: Optional[Sequence[float]] = None, stop: Sequence[int] = ()):
         if layout not in LAYOUTS:
             raise SBDError(f"layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
         self.mode, self.layout = mode, layout
@@ -174,14 +174,26 @@ class Drafter:
         # acceptance per source: pass the same dict to every generation of a model to carry it over (learned())
         self.acceptance: Dict[object, Acceptance] = {} if acceptance is None else acceptance
         self.last_key = None
+        self.stop = set(stop)  # end-of-sequence ids: generation ends at one, so no draft after it can be used
+
+    def until_stop(self, drafts: List[int]) -> List[int]:
+        """`drafts` up to and including the first end-of-sequence token: the rows after it would be wasted (a lookup
+        match in a chat prompt runs on into the next turn's template, "<|im_end|>\n<|im_start|>assistant...")."""
+        for i, t in enumerate(drafts):
+            if t in self.stop:
+                return drafts[: i + 1]
+        return drafts
+
+    def _lookup(self, tokens: Sequence[int], limit: int) -> List[int]:
+        return self.until_stop(self.lookup.propose(tokens, limit))
 
     def propose(self, tokens: Sequence[int], masked: Optional[List[int]], limit: int) -> Tuple[List[int], str]:
         """(drafts, source) for the forward after `tokens` in the fixed modes. `masked`: the mask block's drafts when
         valid, else None."""
         if masked and self.mode in ("sbd", "both", "auto"):
-            return masked[:limit], "sbd"
+            return self.until_stop(masked[:limit]), "sbd"
         if self.lookup is not None:
-            return self.lookup.propose(tokens, limit), "lookup"
+            return self._lookup(tokens, limit), "lookup"
         return [], "sbd"
 
     def plan(self, tokens: Sequence[int], masked: Optional[List[int]], limit: int, pending: int,
@@ -194,9 +206,9 @@ class Drafter:
             return drafts, source, self.block_size, self.layout == "predraft"  # fixed modes: auto layout = linear
         options = []
         if masked:
-            options.append((masked[:limit], "sbd", "sbd"))
+            options.append((self.until_stop(masked[:limit]), "sbd", "sbd"))
         if self.lookup is not None:
-            drafts = self.lookup.propose(tokens, limit)
+            drafts = self._lookup(tokens, limit)
             options.append((drafts, "lookup", ("lookup", self.lookup.matched)))
         options = options or [([], "sbd", "sbd")]
         sbd_gain = self._rate("sbd").expected(self.block_size - 1) if self.block_size else [0.0]

@@ -165,6 +165,19 @@ def test_drafter_takes_the_mask_blocks_drafts_when_valid():
     assert Drafter("lookup").propose([1, 2, 1], [7], 5) == ([2, 1], "lookup")
 
 
+def test_drafts_end_at_the_first_end_of_sequence_token():
+    """Generation ends at EOS, so drafts past it are rows for nothing: a lookup match in a chat prompt runs on into
+    the next turn ("<|im_end|>\n<|im_start|>assistant..."). Both sources, fixed and auto."""
+    eos = 2
+    tokens = [5, 6, eos, 7, 8, 9, 5, 6]  # lookup continues the earlier "5 6": EOS, then the next turn
+    assert Drafter("lookup").propose(tokens, None, 5) == ([eos, 7, 8, 9, 5], "lookup")  # no stop ids: as before
+    assert Drafter("lookup", stop=[eos]).propose(tokens, None, 5) == ([eos], "lookup")
+    assert Drafter("both", stop=[eos, 3]).propose(tokens, [4, 3, 9], 5) == ([4, 3], "sbd")
+    auto = Drafter("auto", has_adapter=False, cost=lambda rows, context=0: 1.0, stop=[eos])  # rows free: all sent
+    drafts, source, _, _ = auto.plan(tokens, None, 5, 1, 100)
+    assert (drafts, source) == ([eos], "lookup")
+
+
 @pytest.mark.parametrize("draft,layout", [("lookup", "linear"), ("both", "linear"), ("auto", "auto"),
                                           ("both", "predraft")])
 def test_lookup_sampling_keeps_the_distribution(small_vocab, draft, layout):
