@@ -61,7 +61,51 @@ def make_span_mask(visible: mx.array, lo: mx.array, hi: mx.array, n_keys: int, m
     return SpanMask(visible, lo, hi, span_mask(visible, lo, hi, n_keys), mask_from, window)
 
 
-Mask = Union[None, str, mx.array, BlockMask, SpanMask]
+@dataclass(frozen=True)
+class RowGroups:
+    """The noised half's mask in gated training (loss.gated_sbd_loss), with the keys each group of its rows can see.
+
+    A noised row sees the clean keys before its block and its own block's noised keys: row r (position s + r) sees
+    nothing past clean key s + r nor outside noised keys r +- (k - 1). Dense attention over all L + n keys computes
+    an exp for every pair, three quarters of them masked on average; here each group of ROWS_PER_GROUP rows attends
+    only to the keys its rows can see (`keys`: indices into clean + noised keys; `masks`: the dense mask's rows and
+    columns for them), the same result. Built once per forward (groups), shared by every layer."""
+
+    keys: tuple  # per group: [K_g] int32 indices of the keys it may see
+    masks: tuple  # per group: [B, 1, rows_g, K_g] bool
+    rows: tuple  # per group: (first row, end row)
+
+
+ROWS_PER_GROUP = 64  # few ops per layer (L / 64 groups), most of the masked pairs skipped
+
+
+def row_groups(mask: mx.array, L: int, s: int, block_size_max: int) -> Union[mx.array, RowGroups]:
+    """`mask` [B, 1, n, L + n]: the noised half's rows of the training mask (positions s..L-1, masks.training_mask,
+    blocks of at most `block_size_max`) -> RowGroups, or the mask itself for a half too short to group. The noised
+    keys a group takes reach block_size_max - 1 past its rows: one shape for every k (no retrace of a compiled step)."""
+    n = mask.shape[2]
+    if n <= ROWS_PER_GROUP:
+        return mask
+    margin = block_size_max - 1
+    keys, masks, rows = [], [], []
+    for r0 in range(0, n, ROWS_PER_GROUP):
+        r1 = min(r0 + ROWS_PER_GROUP, n)
+        lo, hi = max(r0 - margin, 0), min(r1 + margin, n)
+        idx = mx.concatenate([mx.arange(min(s + r1, L)), L + mx.arange(lo, hi)]).astype(mx.int32)
+        keys.append(idx)
+        masks.append(mx.take(mask[:, :, r0:r1], idx, axis=3))
+        rows.append((r0, r1))
+    return RowGroups(tuple(keys), tuple(masks), tuple(rows))
+
+
+def grouped_attention(q, k, v, scale: float, mask: RowGroups) -> mx.array:
+    """Each group's rows over its keys (RowGroups), through sdpa; rows concatenated back in order."""
+    out = [sdpa(q[:, :, r0:r1], mx.take(k, idx, axis=2), mx.take(v, idx, axis=2), scale, m)
+           for (r0, r1), idx, m in zip(mask.rows, mask.keys, mask.masks)]
+    return mx.concatenate(out, axis=2)
+
+
+Mask = Union[None, str, mx.array, BlockMask, SpanMask, RowGroups]
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
@@ -75,6 +119,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -
         return block_attention(q, k, v, scale, k.shape[2] - q.shape[2], mask)
     if isinstance(mask, SpanMask):
         return span_attention(q, k, v, scale, mask)
+    if isinstance(mask, RowGroups):
+        return grouped_attention(q, k, v, scale, mask)
     return sdpa(q, k, v, scale, mask)
 
 

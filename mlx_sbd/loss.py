@@ -38,7 +38,7 @@ def sbd_loss(model, batch: Batch):
     return ntp + matp, ntp, matp, n_ntp
 
 
-def gated_sbd_loss(model, batch: Batch, targets: str = "data"):
+def gated_sbd_loss(model, batch: Batch, targets: str = "data", block_size_max: int = None):
     """sbd_loss for a gated adapter, in two passes (see above): same masks, same normalisation; -> the tuple of
     sbd_loss plus `hits`, the draft positions (batches.make_batch: masked, after a masked token of their block)
     whose argmax is the base's next token there (teacher-forced: the clean half's argmax at the previous position),
@@ -48,21 +48,32 @@ def gated_sbd_loss(model, batch: Batch, targets: str = "data"):
     answers it is the base's next token, what the verifier accepts). "soft": the base's whole next-token distribution
     at j, softmax of the clean half's logits at j-1, computed in this same forward, so any text is training data
     (VERIFIED_SBD.md §2). "base": that distribution's argmax. Position 0 has no previous row: its target is x_0.
+
+    block_size_max: the largest block the batches use; given, the noised rows attend by groups to the keys they can
+    see (attention.RowGroups: same result, fewer exps), else to every key through the dense mask.
     """
+    from .attention import row_groups
     from .model import PrefixKV
 
     L = batch["ntp_targets"].shape[1]
     tokens, positions, mask = batch["tokens"], batch["positions"], batch["mask"]
+    data = batch["matp_targets"]  # [B, n]: the noised half holds positions L-n..L-1 (batches.make_batch)
+    n = data.shape[1]
     kv = [PrefixKV() for _ in model.layers]
     h = model.forward(tokens[:, :L], positions=positions[:, :L], mask="causal", cache=kv, return_hidden=True,
                       checkpoint=False)  # base weights (mask_rows=0): padding sits at the end, causal suffices
     base = mx.stop_gradient(model.logits(h)).astype(mx.float32)  # [B, L, V]: the base's next-token logits
-    logits = model.forward(tokens[:, L:], positions=positions[:, L:], mask=mask[..., L:, :], cache=kv,
+    # The noised rows' attention by groups of rows, each over the keys it can see (attention.RowGroups).
+    noised_mask = mask[..., L:, :] if block_size_max is None else row_groups(mask[..., L:, :], L, L - n, block_size_max)
+    logits = model.forward(tokens[:, L:], positions=positions[:, L:], mask=noised_mask, cache=kv,
                            mask_rows=L, checkpoint=model.grad_checkpoint).astype(mx.float32)  # [B, n, V]
-    ntp_ce = nn.losses.cross_entropy(base, batch["ntp_targets"]) * batch["ntp_weights"]
-    data = batch["matp_targets"]  # [B, n]: the noised half holds positions L-n..L-1 (batches.make_batch)
-    n = data.shape[1]
-    prev = mx.concatenate([base[:, :1], base[:, :-1]], axis=1)[:, L - n:]  # prev[:, i]: logits for token L-n+i
+    # One logsumexp over the base's logits serves the NTP term and the soft targets' normalisation: every pass over
+    # the vocabulary is an exp per logit, which on the CPU runs one float at a time.
+    lse = mx.logsumexp(base, axis=-1)  # [B, L]
+    ntp_ce = (lse - mx.take_along_axis(base, batch["ntp_targets"][..., None], axis=-1)[..., 0]) * batch["ntp_weights"]
+    before = slice(L - n - 1, L - 1) if n < L else None  # rows L-n-1..L-2 predict the noised half's tokens
+    prev = base[:, before] if before else mx.concatenate([base[:, :1], base[:, :-1]], axis=1)  # [B, n, V]
+    prev_lse = lse[:, before] if before else mx.concatenate([lse[:, :1], lse[:, :-1]], axis=1)
     first = (mx.arange(L - n, L) == 0)[None]  # position 0 has no previous row: its data token
     base_next = mx.where(first, data, mx.argmax(prev, axis=-1).astype(data.dtype))  # [B, n]
     if targets == "data":
@@ -73,7 +84,7 @@ def gated_sbd_loss(model, batch: Batch, targets: str = "data"):
         # z at position 0). One logsumexp for both: each pass over the vocabulary is an exp per logit, forward and
         # backward, and a second cross-entropy only for position 0 cost two more.
         expected = mx.where(first, mx.take_along_axis(logits, data[..., None], axis=-1)[..., 0],
-                            (mx.softmax(prev, axis=-1) * logits).sum(axis=-1))
+                            (mx.exp(prev - prev_lse[..., None]) * logits).sum(axis=-1))
         matp_ce = mx.logsumexp(logits, axis=-1) - expected
     weights = batch["matp_weights"]
     hits = ((mx.argmax(logits, axis=-1) == base_next) * batch["draft_weights"]).sum()
@@ -99,9 +110,10 @@ TARGETS = ("data", "soft", "base")  # what a gated adapter's masked positions le
 NOISES = ("uniform", "full")  # η ~ U(0, 1) per sequence (the paper), or every eligible token masked (batches.py)
 
 
-def loss_for(objective: str, gated: bool, targets: str = "data"):
-    """The loss of a run -> fn(model, batch) -> (loss, ntp, matp, ntokens, hits); hits is 0 where not measured."""
+def loss_for(objective: str, gated: bool, targets: str = "data", block_size_max: int = None):
+    """The loss of a run -> fn(model, batch) -> (loss, ntp, matp, ntokens, hits); hits is 0 where not measured.
+    block_size_max: the run's, for the gated loss's grouped attention (gated_sbd_loss)."""
     if gated and objective == "sbd":
-        return partial(gated_sbd_loss, targets=targets)
+        return partial(gated_sbd_loss, targets=targets, block_size_max=block_size_max)
     fn = LOSSES[objective]
     return lambda model, batch: (*fn(model, batch), mx.array(0.0))

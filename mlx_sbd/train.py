@@ -143,7 +143,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         start = int(broadcast({"step": mx.array(start)}, world)["step"].item())
 
     accum = cfg.grad_accumulation_steps
-    loss_fn = loss_for(cfg.objective, cfg.gated, cfg.targets)
+    loss_fn = loss_for(cfg.objective, cfg.gated, cfg.targets, cfg.block_size_max)
     loss_and_grad = nn.value_and_grad(model, partial(shard_loss, loss_fn=loss_fn))
     state = [model.state, optimizer.state, mx.random.state]
 

@@ -39,7 +39,7 @@ def main():
     p.add_argument("--compare", action="store_true", help="NTP vs gated vs ungated SBD in interleaved rounds")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--settings", default=None, help="With --compare: a comma list of the settings to run (default "
-                   "all: 'ntp lora', 'sbd gated lora', 'sbd gated lora, data targets', 'sbd ungated lora')")
+                   "all: 'ntp lora', 'sbd gated lora', 'sbd gated lora (data targets)', 'sbd ungated lora')")
     p.add_argument("--data", default=None, help="A real training folder (e.g. chat rows with prompts) instead of "
                    "synthetic text; sequences are cut at --seq-len, not padded to it")
     p.add_argument("--mask-prompt", action="store_true", help="With --data: no loss on prompts (the gated step "
@@ -60,7 +60,7 @@ def compare(args):
     import statistics
 
     settings = {"ntp lora": ("ntp", False, None), "sbd gated lora": ("sbd", True, None),
-                "sbd gated lora, data targets": ("sbd", True, "data"), "sbd ungated lora": ("sbd", False, None)}
+                "sbd gated lora (data targets)": ("sbd", True, "data"), "sbd ungated lora": ("sbd", False, None)}
     if args.settings:
         chosen = [name.strip() for name in args.settings.split(",")]
         settings = {name: settings[name] for name in ["ntp lora"] + [n for n in chosen if n != "ntp lora"]}

@@ -288,10 +288,13 @@ def test_sbd_training_learns_block_decoding(tmp_path):
     assert sbd_acc >= ntp_acc - 0.02
 
 
-def test_gated_loss_equals_the_doubled_forward_with_lora_on_the_noised_half(setup):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_gated_loss_equals_the_doubled_forward_with_lora_on_the_noised_half(setup, grouped):
     """gated_sbd_loss runs the clean half first without gradient and the noised half over its stored K/V. The
     reference is the paper's single doubled forward with the LoRA applied to the noised half's rows only
-    (mask_rows = L): same losses, same gradients, with random grid shifts."""
+    (mask_rows = L): same losses, same gradients, with random grid shifts. grouped: the noised rows attend by
+    groups of 64 rows to the keys they can see (attention.RowGroups; sequences long enough for 3 groups, blocks
+    of 7 crossing the groups' edges, padding)."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
@@ -305,9 +308,18 @@ def test_gated_loss_equals_the_doubled_forward_with_lora_on_the_noised_half(setu
     mx.random.seed(0)
     model.lm.load_weights([(k, mx.random.normal(v.shape) * 0.2) for k, v in
                            tree_flatten(model.lm.trainable_parameters()) if "lora" in k], strict=False)
-    seqs = [(tokenizer.encode(t, add_special_tokens=False), 2) for t in ("R: abcd=dcba", "R: xyz=zyx", "R: hello=olleh")]
-    batch = make_batch(seqs, 4, np.random.default_rng(0), shift_blocks=True)
+    texts = ("R: abcd=dcba", "R: xyz=zyx", "R: hello=olleh")
+    if grouped:
+        texts = ("R: " + "abcdefghij" * 15 + "=x", "R: xyz=zyx", "R: " + "hello" * 20 + "=olleh")
+    seqs = [(tokenizer.encode(t, add_special_tokens=False), 2) for t in texts]
+    batch = make_batch(seqs, 7 if grouped else 4, np.random.default_rng(0), shift_blocks=True)
     assert batch["block_shifts"].tolist() != [0, 0, 0]
+    if grouped:
+        from mlx_sbd.attention import RowGroups, row_groups
+
+        L, n = batch["ntp_targets"].shape[1], batch["matp_targets"].shape[1]
+        assert len(row_groups(batch["mask"][..., L:, :], L, L - n, 8).rows) == 3
+        assert not isinstance(row_groups(batch["mask"][..., L:, :][:, :, :64], L, L - n, 8), RowGroups)
 
     def reference(model, batch):
         L = batch["ntp_targets"].shape[1]
@@ -318,7 +330,9 @@ def test_gated_loss_equals_the_doubled_forward_with_lora_on_the_noised_half(setu
         ntp, matp = ntp / batch["ntp_weights"].sum(), matp / batch["matp_weights"].sum()
         return ntp + matp, ntp, matp, None
 
-    (loss, ntp, matp, _), grads = nn.value_and_grad(model, lambda m, b: gated_sbd_loss(m, b)[0:3] + (0,))(model, batch)
+    block_size_max = 8 if grouped else None
+    (loss, ntp, matp, _), grads = nn.value_and_grad(
+        model, lambda m, b: gated_sbd_loss(m, b, block_size_max=block_size_max)[0:3] + (0,))(model, batch)
     (rloss, rntp, rmatp, _), rgrads = nn.value_and_grad(model, lambda m, b: reference(m, b)[0:3] + (0,))(model, batch)
     assert abs(ntp.item() - rntp.item()) < 1e-4 and abs(matp.item() - rmatp.item()) < 1e-4
     g, r = dict(tree_flatten(grads)), dict(tree_flatten(rgrads))
