@@ -17,12 +17,15 @@ prefill: measuring 4096 tokens costs the forwards, not a 4096-token prefill.
 
 Cache: ~/.cache/mlx_sbd/rows_time/<key>.json (MLX_SBD_CACHE overrides the folder), one file per model and device
 holding every bucket measured so far; key = the model's shapes and dtype, the device, the MLX version and the mask
-rows' window (attention.DRAFT_WINDOW); delete the file to measure again.
+rows' window (attention.DRAFT_WINDOW); delete the file to measure again. A cached table is also checked against the
+first verified forwards over each bucket in every process, and measured again when they disagree with it
+(ContextCost.observe): a machine's speed is not fixed (power state, other work), and a stale table misprices rows.
 """
 
 import hashlib
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -40,6 +43,8 @@ from .model import MASK_ID, PerModel
 
 ROWS = (1, 2, 4, 8, 16, 32)
 CONTEXTS = (256, 1024, 4096, 16384)  # the context buckets time(rows) is measured at
+CHECK_FORWARDS = 8  # verified forwards a bucket's time(rows) is checked against (ContextCost.observe)
+CHECK_TOLERANCE = 0.25  # off by more than this (their median ratio), the bucket is measured again
 
 
 class RowCost:
@@ -68,12 +73,36 @@ class ContextCost:
     """time(rows, context): a RowCost per context bucket, linear in the context between buckets (attention's work
     grows linearly with it) and never less over a longer context; below the first bucket, its value. With `measure`
     (context -> {rows: seconds}), a bucket is measured the first time a context passes the largest one measured,
-    and `save(self)` is called after; without it, the last two buckets' slope continues."""
+    and `save(self)` is called after; without it, the last two buckets' slope continues.
+
+    Checked against the forwards it prices: `observe(rows, context, seconds)` after each verified forward. When
+    the median of the first CHECK_FORWARDS forwards' seconds / the table's seconds over a bucket is off by more than
+    CHECK_TOLERANCE, that bucket is measured again now (and saved): a table measured on another day, on a busier
+    machine or in another power state, would otherwise misprice rows for good (in one measured case it priced 16
+    rows like 8, and auto sent 9 rows per forward at 0.89x mlx_lm; BENCHMARKS.md 8). Once per bucket per process,
+    so a generation pays for at most one more measurement per bucket."""
 
     def __init__(self, tables: Dict[int, Dict[int, float]], measure: Optional[Callable[[int], Dict[int, float]]] = None,
                  save: Optional[Callable[["ContextCost"], None]] = None):
         self.tables = {c: RowCost(t) for c, t in tables.items()}
         self.measure, self.save = measure, save
+        self.checks: Dict[int, Optional[list]] = {}  # bucket -> ratios seen so far; None once checked
+        self.remeasured: list = []  # the buckets measured again after a check (for reports and tests)
+
+    def observe(self, rows: int, context: int, seconds: float) -> None:
+        """One verified forward of `rows` rows over `context` cached tokens took `seconds` (see above)."""
+        if self.measure is None:
+            return
+        bucket = max([c for c in self.tables if c <= context] or [min(self.tables)])
+        ratios = self.checks.setdefault(bucket, [])
+        if ratios is None:
+            return
+        ratios.append(seconds / self(rows, context))
+        if len(ratios) >= CHECK_FORWARDS:
+            self.checks[bucket] = None
+            if abs(math.log(statistics.median(ratios))) > math.log(1 + CHECK_TOLERANCE):
+                self.add(bucket)
+                self.remeasured.append(bucket)
 
     def add(self, context: int) -> None:
         """Measure the bucket at `context` now (and save)."""

@@ -22,6 +22,7 @@ SBDCache.tokens is the conversation the cache holds (prompt and generated tokens
 its `pending` tail are in the cache; the next call runs the pending tokens first.
 """
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -259,16 +260,17 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
             q = q_masked[:m] if source == "sbd" else (mx.arange(vocab)[None] == mx.array(drafts)[:, None]).astype(mx.float32)
         mask_rows = (m + 1 if predraft else 1) * k
         inputs = mx.array(cache.pending + drafts + [MASK_ID] * mask_rows, mx.int32)
+        context = cache.offset
         with mx.stream(generation_stream):
             out = verify_step(model, cache, inputs, m, k, q, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k,
                               predraft=predraft)
         mx.async_eval(*(x for x in out if isinstance(x, mx.array)))
-        return out, drafts, mask_rows, inputs.shape[0], source, predraft
+        return out, drafts, mask_rows, inputs.shape[0], source, predraft, (context, time.perf_counter())
 
     flight = launch(None, None)
     try:
         while flight is not None:
-            (a, n, t, e, q_next), drafts, mask_rows, n_rows, source, predraft = flight
+            (a, n, t, e, q_next), drafts, mask_rows, n_rows, source, predraft, (context, tic) = flight
             flight, m = None, len(drafts)
             rows += n_rows
             if a is None:  # greedy: t holds the causal rows' tokens; the agreeing drafts are counted here
@@ -278,6 +280,9 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
             else:
                 a, t = a.item(), t.item()
             n, e = n if isinstance(n, int) else n.item(), e.tolist()
+            observe = getattr(drafter.cost, "observe", None)
+            if observe is not None:  # what this forward took, from its launch: auto's prices follow the device
+                observe(n_rows, context, time.perf_counter() - tic)
             nfe, drafted, accepted = nfe + 1, drafted + m, accepted + a
             drafter.record(source, m, a)
             new = drafts[:a] + [t]  # the accepted drafts (their K/V are in the cache) and t (not yet)

@@ -8,7 +8,7 @@ the default, which chooses source, drafts and layout per forward. Per setting: t
 tokens/s, the ratio to mlx_lm in the same round (median and range over interleaved rounds), and the tokens/s that
 time(rows) predicts for the forwards the setting actually ran (sum of time(rows) over its forwards: the model's
 cost alone, no host work), with the gap measured/predicted - 1. time(rows, context) is the one auto uses
-(costs.row_cost: the decode forward over caches of 256, 1024, 4096... tokens, read at each forward's context).
+(costs.cached_row_cost: the decode forward over caches of 256, 1024, 4096... tokens, read at each forward's context).
 --cold starts every auto answer from the priors, as a new process (one `mlx-sbd generate`) does: what auto learned
 of the drafts in earlier answers is forgotten; with an adapter that records its drafts' measured acceptance
 (SBDSettings.draft_acceptance) a second auto row runs without it, so the prior's worth is measured.
@@ -42,7 +42,8 @@ from common import machine, save  # noqa: E402
 
 import mlx_sbd  # noqa: E402
 from mlx_sbd import attention  # noqa: E402
-from mlx_sbd.costs import row_cost  # noqa: E402
+from mlx_sbd import costs  # noqa: E402
+from mlx_sbd.costs import cached_row_cost  # noqa: E402
 from mlx_sbd.drafting import forget  # noqa: E402
 from mlx_sbd.generate import encode_prompt  # noqa: E402
 from mlx_sbd.heldout import heldout_prompts  # noqa: E402
@@ -113,9 +114,11 @@ def long_prompt(tokenizer, question: str, tokens: int) -> list:
 @click.option("--heldout", type=click.Choice(["chat", "code"]), default=None, help="Held-out prompts of this kind "
               "(mlx_sbd.heldout: about standard-library modules no training set touches, where eval_drafts.py "
               "measures acceptance) instead of the four general chat prompts.")
+@click.option("--no-cost-check", is_flag=True, help="auto keeps the cached time(rows) table however its forwards "
+              "disagree with it (the default measures a bucket again when they do; costs.ContextCost.observe).")
 @click.option("--out", default="results/bench_decode.json", show_default=True)
 def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, context, cold, draft_window, heldout,
-         out):
+         no_cost_check, out):
     if heldout and context:
         raise click.UsageError("--heldout decodes the held-out prompts as they are; leave out --context")
     if draft_window is not None:
@@ -140,8 +143,10 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
     # lacks (a long prompt's prefill, not what is measured, is paid once).
     sbd_caches = [mlx_sbd.make_prompt_cache(sbd_model) for _ in prompts]
     lm_caches = [make_prompt_cache(sbd_model.lm) for _ in prompts]
+    if no_cost_check:  # auto keeps the table it read, however its forwards disagree (costs.ContextCost.observe)
+        costs.CHECK_FORWARDS = 10**9
     run_sbd(sbd_model, tokenizer, prompts[0], 8, sbd_caches[0])  # warm-up: allocations, auto's time(rows) measured
-    cost = row_cost(sbd_model)  # what auto reads: measured per context bucket, as the runs need
+    cost = cached_row_cost(sbd_model)  # what auto reads (the same object): measured per context bucket as needed
     names = list(settings)
     runs = {name: [[] for _ in range(rounds)] for name in names}
     with tqdm(total=rounds * len(prompts) * len(names), desc="decoding") as bar:
@@ -201,9 +206,12 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
               f"{r['ratio_lo']:5.2f}-{r['ratio_hi']:.2f} {pred} {gap}")
     print(f"auto / best fixed ({best['setting']}): {auto['tps'] / best['tps']:.3f} (target >= 0.95)")
     print(f"mask rows' window: {attention.DRAFT_WINDOW} cached keys")
+    print(f"time(rows) buckets measured again after checking them against the forwards: {cost.remeasured or 'none'}"
+          + (" (checks off: --no-cost-check)" if no_cost_check else ""))
     save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
           "draft_window": attention.DRAFT_WINDOW, "max_tokens": max_tokens, "rounds": rounds, "context": context,
           "cold": cold, "heldout": heldout, "prompt_tokens": [len(p) for p in prompts],
+          "cost_check": not no_cost_check, "remeasured": cost.remeasured,
           "time_rows": times, "rows": rows_out,
           "auto_over_best_fixed": auto["tps"] / best["tps"], "best_fixed": best["setting"],
           "runs": runs}, out)

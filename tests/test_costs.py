@@ -101,3 +101,59 @@ def test_per_model_values_die_with_their_model(tmp_path, monkeypatch):
         gc.collect()
     assert (len(costs._memo._items), len(drafting._learned._items)) == before  # nothing kept for a freed model
     print(f"ids reused: {reused} of 12")
+
+
+
+def true_time(rows):
+    return 0.1 + 0.05 * rows
+
+
+def test_a_table_the_forwards_disagree_with_is_measured_again():
+    """After CHECK_FORWARDS forwards over a bucket, a median ratio (seen / table) off by more than CHECK_TOLERANCE
+    measures that bucket again and saves it; within it, or once checked, nothing is measured. Outliers (stalls) do
+    not trigger it."""
+    measured, saved = [], []
+
+    def measure(context):
+        measured.append(context)
+        return {r: true_time(r) for r in (1, 2, 4, 8, 16, 32)}
+
+    stale = costs.ContextCost({256: {1: 0.1, 32: 0.1}, 1024: {1: 0.1, 32: 0.1}}, measure=measure, save=saved.append)
+    assert stale(16, 300) == 0.1  # the stale table prices 16 rows like 1
+    for i in range(costs.CHECK_FORWARDS):
+        assert not measured
+        stale.observe(16, 300, true_time(16))  # over 300 cached tokens: the 256 bucket's check
+    assert measured == [256] and saved == [stale] and stale.remeasured == [256]
+    assert np.isclose(stale(16, 256), true_time(16)) and stale.tables[1024](16) == 0.1  # only the bucket seen
+    for i in range(3 * costs.CHECK_FORWARDS):
+        stale.observe(16, 300, 10.0)  # once checked, a bucket is not measured again in this process
+    assert measured == [256]
+    # 2000 cached tokens: the 1024 bucket's check; a median within the tolerance, with two stalls, measures nothing
+    ok = costs.ContextCost({c: {1: 1.0, 8: 2.0} for c in (256, 1024, 4096)}, measure=measure)
+    for seconds in [2.0 * 1.2] * (costs.CHECK_FORWARDS - 2) + [50.0, 50.0]:
+        ok.observe(8, 2000, seconds)
+    assert measured == [256] and ok.checks == {1024: None}
+
+
+def test_auto_follows_a_table_measured_again():
+    """A stale table that prices rows as free makes auto send a long mask block; once the forwards it sees have the
+    table measured again, auto makes the choice the true costs call for."""
+    from mlx_sbd.drafting import Drafter
+
+    cost = costs.ContextCost({256: {1: 0.1, 32: 0.1}}, measure=lambda c: {r: true_time(r) for r in costs.ROWS})
+    prior = [0.6, 0.5, 0.4]
+    drafter = Drafter("auto", has_adapter=True, cost=cost, block_size=16, sbd_prior=prior)
+    fresh = Drafter("auto", has_adapter=True, cost=lambda rows, context=0: true_time(rows), block_size=16,
+                    sbd_prior=prior)
+    tokens, masked = [5, 6, 7], [9] * 15
+
+    def rows_of(plan):
+        drafts, _, k, predraft = plan
+        return 1 + len(drafts) + (len(drafts) + 1 if predraft else 1) * k
+
+    chosen = []
+    for _ in range(costs.CHECK_FORWARDS + 1):
+        chosen.append(rows_of(drafter.plan(tokens, masked, 15, 1, 100, 256)))
+        cost.observe(chosen[-1], 256, true_time(chosen[-1]))
+    best = rows_of(fresh.plan(tokens, masked, 15, 1, 100, 256))
+    assert chosen[0] > 2 * best and chosen[-1] == best

@@ -213,6 +213,29 @@ def test_stop_strings_cut_verified_text(gated):
     assert mlx_sbd.generate(model, tokenizer, PROMPTS[0], max_tokens=30, block_size=8, stop=[stop]) == text[: text.find(stop)]
 
 
+def test_auto_reports_each_forward_to_its_cost(gated, monkeypatch):
+    """auto's time(rows) sees every verified forward it priced (costs.ContextCost.observe checks itself against
+    them): one report per forward, with that forward's rows and cached tokens; the output is still mlx_lm's."""
+    from mlx_sbd import costs
+
+    base, _, model, tokenizer = gated
+    seen = []
+
+    class Spy(costs.ContextCost):
+        def observe(self, rows, context, seconds):
+            seen.append((rows, context, seconds))
+
+    monkeypatch.setattr(decode, "cached_row_cost", lambda m: Spy({256: {1: 1.0, 32: 1.0}}))  # rows free: long drafts
+    for ids in PROMPTS:
+        seen.clear()
+        got, last = ours(model, tokenizer, ids, max_tokens=20, draft="auto")
+        assert got == mlx_lm_greedy(base, ids, 20)
+        assert len(seen) == last.nfe and sum(r for r, _, _ in seen) == last.rows > last.nfe  # drafts were sent
+        contexts = [c for _, c, _ in seen]
+        assert contexts[0] == len(ids) - 1 and contexts == sorted(contexts) and contexts[-1] < len(ids) + 20
+        assert all(0 < t < 60 for _, _, t in seen)
+
+
 def test_ungated_adapter_equals_its_own_one_token_decoding(gated, tmp_path):
     """An ungated adapter changes the causal path: verified decoding then reproduces its own block_size=1 output."""
     base = gated[0]
