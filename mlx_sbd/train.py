@@ -170,20 +170,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     bar = tqdm(total=cfg.iters, initial=start, desc=f"{cfg.objective.upper()} train", unit="step", disable=not main)
     clock = time.monotonic()  # the time limit counts training from here (this process's run)
     limit = cfg.time_limit * 60 if cfg.time_limit else None
+    used = spent(clock, limit, world) if limit else 0.0  # the share of the time limit spent, read after each step
     for step in range(start, cfg.iters):
         if limit:
-            used = spent(clock, limit, world)
-            if used >= 1 and step > start:
-                pending = since.report(step, world, optimizer.learning_rate.item(), cfg.gated) if since.steps else None
-                if main:
-                    if pending:  # the steps since the last report
-                        log(adapter_path, pending)
-                    if step % cfg.steps_per_save:  # else the last step's checkpoint is this one
-                        save_checkpoint(adapter_path, model, optimizer, step, config, cfg)
-                    bar.write(f"--time-limit {cfg.time_limit:g} min reached after step {step} of {cfg.iters}: "
-                              "checkpoint and adapter saved; --resume continues")
-                    log(adapter_path, {"step": step, "stopped": "time_limit"})
-                break
             optimizer.learning_rate = clocked_lr(cfg, step, used)
         if valid_set and (step == start or (step + 1) % cfg.steps_per_eval == 0):
             val = evaluate(model, valid_set, cfg, world, loss_fn)
@@ -213,15 +202,24 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         check_finite(ntp.item(), matp.item(), norm.item(), step + 1)  # before anything of this step is saved
         bar.update(1)
         done = step + 1
-        if done % cfg.steps_per_report == 0 or done == cfg.iters:
+        if limit:
+            used = spent(clock, limit, world)
+        stop = used >= 1 and done < cfg.iters  # every rank reads rank 0's clock: all stop after the same step
+        if done % cfg.steps_per_report == 0 or done == cfg.iters or stop:
             report = since.report(done, world, optimizer.learning_rate.item(), cfg.gated)
             shown = {"ntp": "ntp", "matp": "matp", "draft_acc": "acc", "tokens_per_s": "tok_s", "peak_memory_gb": "peak_gb"}
             bar.set_postfix({short: f"{report[key]:.3g}" for key, short in shown.items() if key in report})
             if main:
                 log(adapter_path, report)
             since = Reports()
-        if main and (done % cfg.steps_per_save == 0 or done == cfg.iters):
+        if main and (done % cfg.steps_per_save == 0 or done == cfg.iters or stop):
             save_checkpoint(adapter_path, model, optimizer, done, config, cfg)
+        if stop:
+            if main:
+                bar.write(f"--time-limit {cfg.time_limit:g} min reached after step {done} of {cfg.iters}: "
+                          "checkpoint and adapter saved; --resume continues")
+                log(adapter_path, {"step": done, "stopped": "time_limit"})
+            break
     bar.close()
     if main and start >= cfg.iters:  # resumed a finished run: just make sure the adapter is there
         save_adapter(model, adapter_path, config)
