@@ -89,9 +89,11 @@ class ContextCost:
         self.checks: Dict[int, Optional[list]] = {}  # bucket -> ratios seen so far; None once checked
         self.remeasured: list = []  # the buckets measured again after a check (for reports and tests)
 
-    def observe(self, rows: int, context: int, seconds: float) -> None:
-        """One verified forward of `rows` rows over `context` cached tokens took `seconds` (see above)."""
-        if self.measure is None:
+    def observe(self, rows: int, context: int, seconds: float, predraft: bool = False) -> None:
+        """One verified forward of `rows` rows over `context` cached tokens took `seconds` (see above). Pre-drafting
+        forwards are not counted: the table is measured in the linear layout, and their masks cost more per row
+        (~18% more than the table in one measured run, BENCHMARKS.md 8), which measuring again would not change."""
+        if self.measure is None or predraft:
             return
         bucket = max([c for c in self.tables if c <= context] or [min(self.tables)])
         ratios = self.checks.setdefault(bucket, [])

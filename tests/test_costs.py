@@ -120,6 +120,9 @@ def test_a_table_the_forwards_disagree_with_is_measured_again():
 
     stale = costs.ContextCost({256: {1: 0.1, 32: 0.1}, 1024: {1: 0.1, 32: 0.1}}, measure=measure, save=saved.append)
     assert stale(16, 300) == 0.1  # the stale table prices 16 rows like 1
+    for i in range(2 * costs.CHECK_FORWARDS):
+        stale.observe(16, 300, true_time(16), predraft=True)  # pre-drafting's masks: not what the table measures
+    assert not measured
     for i in range(costs.CHECK_FORWARDS):
         assert not measured
         stale.observe(16, 300, true_time(16))  # over 300 cached tokens: the 256 bucket's check
