@@ -7,6 +7,7 @@ A gated adapter with random LoRA weights must pass: it drafts badly, which exerc
 """
 
 import functools
+import time
 
 import mlx.core as mx
 import mlx_lm
@@ -215,7 +216,8 @@ def test_stop_strings_cut_verified_text(gated):
 
 def test_auto_reports_each_forward_to_its_cost(gated, monkeypatch):
     """auto's time(rows) sees every verified forward it priced (costs.ContextCost.observe checks itself against
-    them): one report per forward, with that forward's rows and cached tokens; the output is still mlx_lm's."""
+    them): one report per forward, with that forward's rows, cached tokens and whole time; the output is still
+    mlx_lm's."""
     from mlx_sbd import costs
 
     base, _, model, tokenizer = gated
@@ -228,8 +230,13 @@ def test_auto_reports_each_forward_to_its_cost(gated, monkeypatch):
     monkeypatch.setattr(decode, "cached_row_cost", lambda m: Spy({256: {1: 1.0, 32: 1.0}}))  # rows free: long drafts
     for ids in PROMPTS:
         seen.clear()
+        tic = time.perf_counter()
         got, last = ours(model, tokenizer, ids, max_tokens=20, draft="auto")
+        elapsed = time.perf_counter() - tic
         assert got == mlx_lm_greedy(base, ids, 20)
+        # each forward's whole time: the reports add up to most of the generation's (0.74-0.96 here; a clock started
+        # after async_eval, when the CPU had already run most of the forward, read 0.03-0.06)
+        assert sum(t for _, _, t in seen) > 0.4 * elapsed
         assert len(seen) == last.nfe and sum(r for r, _, _ in seen) == last.rows > last.nfe  # drafts were sent
         contexts = [c for _, c, _ in seen]
         assert contexts[0] == len(ids) - 1 and contexts == sorted(contexts) and contexts[-1] < len(ids) + 20
