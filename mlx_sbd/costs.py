@@ -92,7 +92,8 @@ class ContextCost:
     def observe(self, rows: int, context: int, seconds: float, predraft: bool = False) -> None:
         """One verified forward of `rows` rows over `context` cached tokens took `seconds` (see above). Pre-drafting
         forwards are not counted: the table is measured in the linear layout, and their masks cost more per row
-        (~18% more than the table in one measured run, BENCHMARKS.md 8), which measuring again would not change."""
+        (1.01-1.09x the table against 0.85-1.03x for linear forwards in one count, BENCHMARKS.md 8), which measuring
+        again would not change."""
         if self.measure is None or predraft:
             return
         bucket = max([c for c in self.tables if c <= context] or [min(self.tables)])
