@@ -281,9 +281,8 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
             else:
                 a, t = a.item(), t.item()
             n, e = n if isinstance(n, int) else n.item(), e.tolist()
-            observe = getattr(drafter.cost, "observe", None)
-            if observe is not None:  # what this forward took, from its launch: auto's prices follow the device
-                observe(n_rows, context, time.perf_counter() - tic, predraft=predraft)
+            if drafter.cost is not None:  # what this forward took, from its launch: auto's prices follow the device
+                drafter.cost.observe(n_rows, context, time.perf_counter() - tic, predraft=predraft)
             nfe, drafted, accepted = nfe + 1, drafted + m, accepted + a
             drafter.record(source, m, a)
             new = drafts[:a] + [t]  # the accepted drafts (their K/V are in the cache) and t (not yet)

@@ -67,9 +67,9 @@ def answer_row(prompt: dict, answer: str) -> dict:
 
 
 def answer_prompts(model, tokenizer, prompts: List[dict], path: Path, max_tokens: int = MAX_TOKENS,
-                   batch_size: int = BATCH_SIZE, desc: str = "answers") -> int:
+                   batch_size: int = BATCH_SIZE, desc: str = "answers") -> None:
     """Append the base's greedy answers to prompts (answer_row per line) to `path`, continuing after the lines an
-    earlier call wrote; -> the number of rows in `path`. `model` is an mlx_lm model or an SBDModel (its base)."""
+    earlier call wrote. `model` is an mlx_lm model or an SBDModel (its base)."""
     from mlx_lm import batch_generate
 
     from .generate import encode_prompt
@@ -85,7 +85,6 @@ def answer_prompts(model, tokenizer, prompts: List[dict], path: Path, max_tokens
             f.write("".join(json.dumps(answer_row(p, a)) + "\n" for p, a in zip(chunk, answers)))
             f.flush()  # a chunk is kept whole or not at all: a killed run loses at most the chunk in flight
             bar.update(len(chunk))
-    return max(done, len(prompts))
 
 
 def write_self_set(folder, model, tokenizer, rows: Dict[str, int] = None, n_code: int = None,

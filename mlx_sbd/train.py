@@ -38,12 +38,11 @@ from .data import load_dataset
 from .errors import SBDError
 from .loss import loss_for
 from .sharding import broadcast, global_sum, label_totals, shard, shard_loss, shard_rows
-from .train_config import TrainConfig, adapter_config
+from .train_config import SELF_DATA, TrainConfig, adapter_config
 
 __all__ = ["TrainConfig", "train", "lr_schedule", "TRAIN_LOG"]
 BUILTIN_DATA = "data"  # <adapter_path>/data: the built-in training set of a run without --data
 BUILTIN_ROWS = {"train": 2048, "valid": 32}
-SELF_DATA = "self"  # --data self: the base model's own answers to built-in prompts, in <adapter_path>/data_self
 
 
 @dataclass
@@ -247,7 +246,6 @@ def self_data(adapter_path: Path, model, tokenizer, world) -> Path:
     Made before the adapter's layers exist, so the answers are the base's. Under mlx.launch rank 0 answers and the
     others wait, then read the folder: it must be shared, or copied to every machine first."""
     from .distill import write_self_set
-    from .sharding import global_sum
 
     folder = adapter_path / "data_self"
     if world.rank() == 0:

@@ -14,6 +14,7 @@ from .model import SBDSettings
 # answers to generate first; BENCHMARKS.md §8 compares it with hard labels on the model's own answers at equal
 # wall-clock) on fully masked blocks, the only blocks verified decoding runs.
 GATED_DEFAULTS = {"targets": "soft", "noise": "full"}
+SELF_DATA = "self"  # --data self: the base model's own answers to built-in prompts (train.self_data, distill.py)
 
 
 @dataclass
@@ -79,7 +80,7 @@ class TrainConfig:
         if self.shift_blocks is None:
             self.shift_blocks = self.gated
         if self.mask_prompt is None:  # the built-in prompts are not the user's text: learn the answers only
-            self.mask_prompt = self.data == "self"
+            self.mask_prompt = self.data == SELF_DATA
         defaults = GATED_DEFAULTS if self.gated else {"targets": "data", "noise": "uniform"}
         for name, value in defaults.items():
             if getattr(self, name) is None:

@@ -2,10 +2,11 @@
 
 Prompts are built from real text available offline, the docstrings of the Python standard library, with a few
 instruction templates (mlx_sbd.stdlib_text); modules are split between train/valid/test so that test prompts are
-about modules never seen in training. Answers come from the base model with greedy decoding (mlx_sbd.distill: mlx_lm.batch_generate,
-~2x the throughput of one prompt at a time with OpenBLAS), written chunk by chunk so that an interrupted run keeps
-what it made: rerun the same command to continue. `mlx-sbd train --data self` makes such a set itself. Fine-tuning on the model's own answers keeps its behaviour while it
-learns to predict blocks of its own future tokens. <out>/mix is the folder to train on: the distilled rows plus
+about modules never seen in training. Answers come from the base model with greedy decoding (mlx_sbd.distill:
+mlx_lm.batch_generate, ~2x the throughput of one prompt at a time with OpenBLAS), written chunk by chunk so that an
+interrupted run keeps what it made: rerun the same command to continue. `mlx-sbd train --data self` makes such a
+set itself. Fine-tuning on the model's own answers keeps its behaviour while it learns to predict blocks of its own
+future tokens. <out>/mix is the folder to train on: the distilled rows plus
 synthetic task rows (mlx_sbd.tasks) and, with --n-text, plain-text rows of documentation (docstrings of the
 train/valid modules, never the test modules'), which keep ordinary text in the objective; shuffled.
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import click
 
 import mlx_sbd
-from mlx_sbd.distill import answer_prompts, split_prompts  # noqa: F401 (split_prompts: tests call it from here)
+from mlx_sbd.distill import answer_prompts, split_prompts
 from mlx_sbd.stdlib_text import doc_texts, split_modules
 from mlx_sbd.tasks import make_examples
 
