@@ -32,10 +32,12 @@ import statistics
 import time
 import weakref
 from bisect import bisect_left
+from collections import deque
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from . import attention
 from .attention import BlockMask
@@ -45,6 +47,8 @@ ROWS = (1, 2, 4, 8, 16, 32)
 CONTEXTS = (256, 1024, 4096, 16384)  # the context buckets time(rows) is measured at
 CHECK_FORWARDS = 8  # verified forwards a bucket's time(rows) is checked against (ContextCost.observe)
 CHECK_TOLERANCE = 0.25  # off by more than this (their median ratio), the bucket is measured again
+SCALE_FORWARDS = 32  # the latest forwards of each layout whose ratio to the table prices pre-drafting (predraft_scale)
+SCALE_MIN = 4
 
 
 class RowCost:
@@ -55,15 +59,14 @@ class RowCost:
         # more rows never cost less: a running max irons out timing noise (2 rows "faster" than 1)
         self.times = list(itertools.accumulate((times[r] for r in self.rows), max))
 
-    def __call__(self, rows: int) -> float:
+    def __call__(self, rows):
+        """Seconds for `rows` (an int, or an array of row counts: an array back)."""
         r, t = self.rows, self.times
-        if rows <= r[0]:
-            return t[0]
-        i = bisect_left(r, rows)
-        if i == len(r):  # beyond the measurement: continue the last segment's slope
-            i = len(r) - 1
-        (r0, t0), (r1, t1) = (r[i - 1], t[i - 1]), (r[i], t[i])
-        return t0 + (t1 - t0) * (rows - r0) / (r1 - r0)
+        x = np.asarray(rows, dtype=np.float64)
+        y = np.interp(x, r, t)
+        if len(r) > 1:  # beyond the measurement: continue the last segment's slope
+            y = np.where(x > r[-1], t[-1] + (t[-1] - t[-2]) * (x - r[-1]) / (r[-1] - r[-2]), y)
+        return float(y) if y.ndim == 0 else y
 
     def to_dict(self) -> dict:
         return {str(r): t for r, t in zip(self.rows, self.times)}
@@ -88,24 +91,38 @@ class ContextCost:
         self.measure, self.save = measure, save
         self.checks: Dict[int, Optional[list]] = {}  # bucket -> ratios seen so far; None once checked
         self.remeasured: list = []  # the buckets measured again after a check (for reports and tests)
+        self.recent = {False: deque(maxlen=SCALE_FORWARDS), True: deque(maxlen=SCALE_FORWARDS)}  # ratios by layout
 
     def observe(self, rows: int, context: int, seconds: float, predraft: bool = False) -> None:
         """One verified forward of `rows` rows over `context` cached tokens took `seconds` (see above). Pre-drafting
-        forwards are not counted: the table is measured in the linear layout, and their masks cost more per row
-        (1.01-1.09x the table against 0.85-1.03x for linear forwards in one count, BENCHMARKS.md 8), which measuring
-        again would not change."""
+        forwards are not counted in the check: the table is measured in the linear layout, and their masks cost more
+        per row, which measuring again would not change; their ratio to the table's price is kept instead
+        (predraft_scale)."""
+        ratio = seconds / self(rows, context)
+        self.recent[predraft].append(ratio)
         if self.measure is None or predraft:
             return
         bucket = max([c for c in self.tables if c <= context] or [min(self.tables)])
         ratios = self.checks.setdefault(bucket, [])
         if ratios is None:
             return
-        ratios.append(seconds / self(rows, context))
+        ratios.append(ratio)
         if len(ratios) >= CHECK_FORWARDS:
             self.checks[bucket] = None
             if abs(math.log(statistics.median(ratios))) > math.log(1 + CHECK_TOLERANCE):
                 self.add(bucket)
                 self.remeasured.append(bucket)
+
+    def predraft_scale(self) -> float:
+        """What a pre-drafting forward costs against a linear forward the table prices the same: the median ratio
+        (seen / table) of the last SCALE_FORWARDS pre-drafting forwards over that of the last linear ones; 1 until
+        each kind has been seen SCALE_MIN times. The table is measured in the linear layout; a pre-drafting forward's
+        span mask and its blocks' positions cost more (on these CPUs ~1.05-1.1x, BENCHMARKS.md 8), and at 6-9 rows,
+        where a row adds ~2% to a forward, that decides between the layouts."""
+        linear, predraft = self.recent[False], self.recent[True]
+        if min(len(linear), len(predraft)) < SCALE_MIN:
+            return 1.0
+        return statistics.median(predraft) / statistics.median(linear)
 
     def add(self, context: int) -> None:
         """Measure the bucket at `context` now (and save)."""
@@ -113,7 +130,8 @@ class ContextCost:
         if self.save is not None:
             self.save(self)
 
-    def __call__(self, rows: int, context: int = 0) -> float:
+    def __call__(self, rows, context: int = 0):
+        """Seconds for `rows` (an int, or an array of row counts) over `context` cached tokens."""
         while self.measure is not None and context > max(self.tables) and max(self.tables) < CONTEXTS[-1]:
             self.add(next(c for c in CONTEXTS if c > max(self.tables)))
         contexts = sorted(self.tables)
@@ -122,8 +140,9 @@ class ContextCost:
         i = min(bisect_left(contexts, context), len(contexts) - 1)
         (c0, c1) = contexts[i - 1], contexts[i]
         t0 = self.tables[c0](rows)
-        t1 = max(t0, self.tables[c1](rows))
-        return t0 + (t1 - t0) * (context - c0) / (c1 - c0)
+        t1 = np.maximum(t0, self.tables[c1](rows))
+        out = t0 + (t1 - t0) * (context - c0) / (c1 - c0)
+        return float(out) if np.ndim(out) == 0 else out
 
     def to_dict(self) -> dict:
         return {str(c): t.to_dict() for c, t in sorted(self.tables.items())}

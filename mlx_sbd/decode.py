@@ -128,7 +128,7 @@ def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_
         drafter = Drafter(draft, lookup, has_adapter=model.sbd is not None, cost=cached_row_cost(model) if auto else None,
                           block_size=block_size, layout=layout,
                           sbd_prior=model.sbd.draft_acceptance if model.sbd is not None else None,
-                          stop=eos_ids,
+                          stop=eos_ids, gamma=gamma,
                           # carried over only when greedy: a seed must give the same draws, so the same choices
                           acceptance=learned(model, block_size) if auto and temp == 0 else None)
         return verified_steps(model, cache, drafter, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k, **common)
@@ -302,6 +302,8 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
             # the mask block's guesses assumed the drafts before it: with one block they are drafts only when all
             # passed; with pre-drafting the block after d_a was chosen on the device
             valid = mask_rows > 0 and (predraft or a == m)
+            if valid:
+                drafter.record_kept(mask_rows // (m + 1 if predraft else 1), n)
             flight = launch(e[:n] if valid else None, q_next if valid else None)
             yield Step(new, nfe, drafted, accepted, rows=rows)
         yield Step([], nfe, drafted, accepted, "length", rows)

@@ -17,8 +17,12 @@ lookup's otherwise, i.e. exactly after the rejections that leave the mask block 
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
+from .costs import ContextCost
 from .errors import SBDError
 from .model import PerModel
+from .planning import Actions, Planner
 
 DRAFTS = ("auto", "sbd", "lookup", "both", "none")
 LAYOUTS = ("linear", "predraft", "auto")  # one mask block after the drafts, or one after each (decode.verify_step)
@@ -152,17 +156,17 @@ class Drafter:
     Fixed modes: sbd (the mask block's drafts, block_size masks every forward), lookup (no mask block), both (the
     mask block's drafts when valid, else lookup's). auto chooses per forward, from time(rows) measured on this device
     (costs.row_cost, read at the current context length) and the acceptance seen so far per source and draft
-    position (for lookup, per matched n-gram size: a 3-gram match is a stronger draft than a 1-gram one), the drafts
-    and mask block (none, or 2 to block_size masks) that maximise expected tokens per second:
-        rate(m, k) = (1 + A(m) + P_all(m) * gain(k)) / time(pending + m + k)
-    with A(m) the expected accepted drafts of the first m, P_all(m) the chance all m pass (only then the mask
-    block's guesses are the next drafts) and gain(k) what k masks' k-1 drafts add over lookup's next time. A source
-    the cost rules out is not tried again until its estimate says so: on a device where rows are nearly free
-    (a GPU at batch 1) drafts are long and the mask block always runs; on these CPUs only likely drafts are sent."""
+    position (for lookup, per matched n-gram size: a 3-gram match is a stronger draft than a 1-gram one), the drafts,
+    mask block (none, or 2 to block_size masks) and layout that maximise expected tokens per second over the
+    generation (planning.py): a forward is worth its expected tokens, 1 + A(m), less its time at the long-run rate,
+    plus what it leaves the next forward (the mask block's drafts, valid when all m drafts pass or with
+    pre-drafting). A source the cost rules out is not tried again until its estimate says so: on a device where rows
+    are nearly free (a GPU at batch 1) drafts are long and the mask block always runs; on these CPUs only likely
+    drafts are sent."""
 
     def __init__(self, mode: str, lookup: Optional[PromptLookup] = None, has_adapter: bool = True, cost=None,
                  block_size: int = 0, layout: str = "linear", acceptance: Optional[dict] = None,
-                 sbd_prior: Optional[Sequence[float]] = None, stop: Sequence[int] = ()):
+                 sbd_prior: Optional[Sequence[float]] = None, stop: Sequence[int] = (), gamma: float = float("inf")):
         if layout not in LAYOUTS:
             raise SBDError(f"layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
         self.mode, self.layout = mode, layout
@@ -175,6 +179,9 @@ class Drafter:
         self.acceptance: Dict[object, Acceptance] = {} if acceptance is None else acceptance
         self.last_key = None
         self.stop = set(stop)  # end-of-sequence ids: generation ends at one, so no draft after it can be used
+        self.planner = Planner()  # auto's long-run rate and the values of its states, kept from forward to forward
+        # how many of a block's guesses the EB rule proposes (all with gamma inf): estimated like acceptance
+        self.kept_key = None if gamma == float("inf") else ("kept", gamma)
 
     def until_stop(self, drafts: List[int]) -> List[int]:
         """`drafts` up to and including the first end-of-sequence token: the rows after it would be wasted (a lookup
@@ -204,53 +211,50 @@ class Drafter:
             drafts, source = self.propose(tokens, masked, limit)
             self.last_key = source
             return drafts, source, self.block_size, self.layout == "predraft"  # fixed modes: auto layout = linear
-        options = []
+        sources = []  # (drafts, source, acceptance key) open to the next forward
         if masked:
-            options.append((self.until_stop(masked[:limit]), "sbd", "sbd"))
+            sources.append((self.until_stop(masked[:limit]), "sbd", "sbd"))
         if self.lookup is not None:
-            drafts = self._lookup(tokens, limit)
-            options.append((drafts, "lookup", ("lookup", self.lookup.matched)))
-        options = options or [([], "sbd", "sbd")]
-        sbd_gain = self._rate("sbd").expected(self.block_size - 1) if self.block_size else [0.0]
-        # what lookup would offer the next forward instead of the mask block's drafts: as much as it offers now
-        lookup_next = max((self._rate(key).expected(len(d))[-1] for d, src, key in options if src == "lookup"), default=0.0)
-        layouts = {"linear": [False], "predraft": [True], "auto": [False, True]}[self.layout]
-        seconds = {}  # time(rows) at this context, read once per row count
-        best = None
-        for drafts, source, key in options:
-            expected = self._rate(key).expected(len(drafts))
-            # the chance all of the first i pass is the i-th term of the expected sum
-            p_all = [1.0] + [expected[i] - expected[i - 1] for i in range(1, len(expected))]
-            for m in range(len(expected)):  # (positions past Acceptance's size are never proposed)
-                # A mask block of 2..block_size masks (training drew k ~ U{2..block_size_max}; fewer masks are fewer
-                # rows and fewer drafts for the next forward) or none; a tie goes to the larger block (its drafts
-                # are news the estimate cannot price yet).
-                top = min(self.block_size, room - m)
-                blocks = sorted({top, *range(2, min(top, MASK_BLOCKS_TRIED) + 1)}, reverse=True) if top >= 2 else []
-                for k in blocks + [0]:
-                    if k and m >= limit:
-                        continue
-                    gain = max(0.0, sbd_gain[min(k, len(sbd_gain)) - 1] - lookup_next) if k else 0.0
-                    for predraft in (layouts if k and m else [False]):
-                        # pre-drafting: m + 1 blocks, and the next drafts exist whatever passes
-                        rows = pending + m + (m + 1 if predraft else 1) * k
-                        if rows not in seconds:
-                            seconds[rows] = self.cost(rows, context)
-                        rate = (1 + expected[m] + (1.0 if predraft else p_all[m]) * gain) / seconds[rows]
-                        if best is None or rate > best[0]:
-                            best = (rate, drafts[:m], source, k, key, predraft)
-        _, drafts, source, k, self.last_key, predraft = best
-        return drafts, source, k, predraft
+            sources.append((self._lookup(tokens, limit), "lookup", ("lookup", self.lookup.matched)))
+        sources = sources or [([], "sbd", "sbd")]
+        # A mask block of 2..block_size masks (training drew k ~ U{2..block_size_max}; fewer masks are fewer rows and
+        # fewer drafts for the next forward) or none; a tie goes to the larger block (its drafts are news the
+        # estimate cannot price yet).
+        top = self.block_size
+        blocks = tuple(sorted({top, *range(2, min(top, MASK_BLOCKS_TRIED) + 1)}, reverse=True)) + (0,) if top >= 2 else (0,)
+        layouts = {"linear": (False,), "predraft": (True,), "auto": (False, True)}[self.layout]
+        options = [Actions(self._rate(key).expected(len(drafts)), blocks, layouts, pending, limit, room)
+                   for drafts, _, key in sources]
+        # the outlook of later forwards: the mask block's drafts when valid; lookup's like its drafts now
+        sbd_later = self._rate("sbd").expected(self.block_size - 1) if self.block_size else None
+        lookup_later = next((self._rate(key).expected(len(d)) for d, src, key in sources if src == "lookup" and d), None)
+        drafts_most = max([len(d) for d, _, _ in sources] + [len(x) - 1 for x in (sbd_later, lookup_later) if x])
+        most = max(pending, 1) + drafts_most + (drafts_most + 1) * blocks[0]  # the most rows an action can have
+        # time(rows) at this context for every row count an action can have
+        seconds = np.broadcast_to(np.asarray(self.cost(np.arange(most + 1), context), dtype=np.float64), (most + 1,))
+        kept = self._rate(self.kept_key).expected(self.block_size) if self.kept_key and self.block_size else None
+        self.planner.solve(sbd_later, lookup_later, blocks, layouts, seconds,
+                           kept=None if kept is None else np.concatenate([[1.0], np.diff(kept)]),
+                           predraft_scale=self.cost.predraft_scale() if isinstance(self.cost, ContextCost) else 1.0)
+        n, (m, b, predraft) = self.planner.choose(options, seconds)
+        drafts, source, self.last_key = sources[n]
+        return drafts[:m], source, blocks[b], bool(predraft)
 
     def _rate(self, key) -> Acceptance:
         if key not in self.acceptance:
-            n = key[1] if isinstance(key, tuple) else 0
             if key == "sbd":
                 prior = self.sbd_prior
-            else:
-                prior = PRIORS.get(("lookup", min(n, 3)), DEFAULT_PRIOR) if n else DEFAULT_PRIOR
+            elif isinstance(key, tuple) and key[0] == "lookup" and key[1]:
+                prior = PRIORS.get(("lookup", min(key[1], 3)), DEFAULT_PRIOR)
+            else:  # lookup with no match, or the EB rule's kept drafts (key ("kept", gamma))
+                prior = DEFAULT_PRIOR
             self.acceptance[key] = Acceptance(prior)
         return self.acceptance[key]
+
+    def record_kept(self, block: int, proposed: int) -> None:
+        """A valid mask block of `block` masks offered `proposed` drafts (the EB rule keeps the first always)."""
+        if self.kept_key is not None and block > 2:
+            self._rate(self.kept_key).record(block - 2, proposed - 1)
 
     def record(self, source: str, drafted: int, accepted: int) -> None:
         """Count how the last plan's drafts did (under its source and n-gram size)."""

@@ -116,9 +116,11 @@ def long_prompt(tokenizer, question: str, tokens: int) -> list:
               "measures acceptance) instead of the four general chat prompts.")
 @click.option("--no-cost-check", is_flag=True, help="auto keeps the cached time(rows) table however its forwards "
               "disagree with it (the default measures a bucket again when they do; costs.ContextCost.observe).")
+@click.option("--auto-gamma", default=None, help="Run auto with this gamma (the EB rule's entropy budget for the mask "
+              "block's drafts; 'inf' offers all) instead of the adapter's.")
 @click.option("--out", default="results/bench_decode.json", show_default=True)
 def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, context, cold, draft_window, heldout,
-         no_cost_check, out):
+         no_cost_check, auto_gamma, out):
     if heldout and context:
         raise click.UsageError("--heldout decodes the held-out prompts as they are; leave out --context")
     if draft_window is not None:
@@ -135,7 +137,10 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
         settings[f"linear k={k}"] = dict(draft="sbd", block_size=k, gamma=float("inf"), layout="linear")
     for k in [int(x) for x in predraft.split(",") if x]:
         settings[f"predraft k={k}"] = dict(draft="sbd", block_size=k, gamma=float("inf"), layout="predraft")
-    settings["auto (default)"] = dict(draft="auto")
+    if auto_gamma is None:
+        settings["auto (default)"] = dict(draft="auto")
+    else:  # not beside the default: the two would share (and mix) what auto learns of the drafts
+        settings[f"auto gamma={auto_gamma}"] = dict(draft="auto", gamma=float(auto_gamma))
     if cold and sbd_model.sbd is not None and sbd_model.sbd.draft_acceptance:
         settings["auto, no prior"] = dict(draft="auto", no_prior=True)
 
@@ -186,7 +191,7 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
         rows_out.append(row)
     fixed = [r for r in rows_out if r["setting"] != "mlx_lm" and not r["setting"].startswith(("auto", "lossy"))]
     best = max(fixed, key=lambda r: r["tps"])
-    auto = next(r for r in rows_out if r["setting"] == "auto (default)")
+    auto = next(r for r in rows_out if r["setting"].startswith("auto"))
 
     print(f"\nmachine: {machine()}\ndtype: {sbd_model.lm.model.embed_tokens.weight.dtype}, adapter: "
           f"{adapter_path or 'built-in default'}")

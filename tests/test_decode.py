@@ -310,7 +310,8 @@ def test_prompts_as_text_messages_or_ids(tmp_path):
 
 
 def test_unset_block_size_and_gamma_follow_the_model(tiny):
-    """No SBD training: one token per forward; an SBD model: the block size and gamma stored with it."""
+    """No SBD training: one token per forward; an SBD model: the block size and gamma stored with it (gamma inf for
+    draft auto)."""
     import types
 
     from mlx_sbd.generate import default_settings
@@ -321,3 +322,7 @@ def test_unset_block_size_and_gamma_follow_the_model(tiny):
     trained = types.SimpleNamespace(sbd=SBDSettings(block_size_max=8, block_size=4, gamma=0.35))
     assert default_settings(trained, None, None) == (4, 0.35)
     assert default_settings(trained, 2, 0.0) == (2, 0.0)
+    # draft auto offers every guess of the mask block (auto chooses how many to send); an explicit gamma stays
+    assert default_settings(trained, None, None, "auto") == (4, float("inf"))
+    assert default_settings(trained, None, 0.2, "auto") == (4, 0.2)
+    assert default_settings(trained, None, None, "sbd") == (4, 0.35)

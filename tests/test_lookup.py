@@ -217,48 +217,6 @@ def test_auto_with_a_block_longer_than_the_acceptance_table():
     assert source == "sbd" and 40 <= len(drafts) <= 64 and k == 100 and predraft
 
 
-def hand_rate_choice(prior, cost, masked, block_size, pending=1):
-    """The rate rule written out for the mask block's drafts alone: (m drafts, k = 0 or 2..block_size masks) maximising
-    (1 + A(m) + P_all(m) * A(k - 1)) / cost(pending + m + k), with A(i) = sum over j <= i of prod(prior[:j])."""
-    p = list(prior) + [prior[-1]] * 64
-    A = lambda i: sum(np.prod(p[:j]) for j in range(1, i + 1))  # noqa: E731
-    best = None
-    for m in range(len(masked) + 1):
-        for k in list(range(block_size, 1, -1)) + [0]:
-            p_all = np.prod(p[:m])
-            rate = (1 + A(m) + (p_all * A(k - 1) if k else 0.0)) / cost(pending + m + k)
-            if best is None or rate > best[0] + 1e-12:
-                best = (rate, m, k)
-    return best[1:]
-
-
-def test_auto_starts_from_the_adapters_measured_acceptance():
-    """An adapter that records how its drafts did on held-out prompts (SBDSettings.draft_acceptance) gives auto its
-    starting estimate per position: the first plan follows the rate rule with those rates, not the blind 1/2."""
-    cost = lambda rows, context=0: 1 + 0.03 * (rows - 1)  # noqa: E731
-    masked, tokens = [7, 8, 9, 10, 11, 12, 13], [1, 2, 3, 4, 5, 6]  # nothing repeats: lookup has nothing
-    measured = [0.6, 0.3, 0.1]  # later positions take the last rate
-    choices = {}
-    for name, prior in (("measured", measured), ("none", None)):
-        d = Drafter("auto", has_adapter=True, cost=cost, block_size=8, sbd_prior=prior)
-        drafts, source, k, _ = d.plan(tokens, masked, 10, 1, 100)
-        choices[name] = (len(drafts), k)
-        assert source == "sbd" and choices[name] == hand_rate_choice(prior or [0.5], cost, masked, 8)
-    assert choices["measured"] != choices["none"]  # the measured rates changed the choice (fewer drafts)
-
-
-def test_auto_sizes_the_mask_block_to_the_cost_of_rows():
-    """A mask block's later drafts rarely pass (here 0.6, then 0.3, then 0.1) and every row costs a tenth of a
-    forward: a short block pays and the full one does not, so auto sends a block between 2 and block_size masks."""
-    cost = lambda rows, context=0: 1 + 0.1 * (rows - 1)  # noqa: E731
-    masked, tokens = [7, 8, 9, 10, 11, 12, 13], [1, 2, 3, 4, 5, 6]  # nothing repeats: lookup has nothing
-    prior = [0.6, 0.3, 0.1]
-    d = Drafter("auto", has_adapter=True, cost=cost, block_size=8, sbd_prior=prior)
-    drafts, source, k, _ = d.plan(tokens, masked, 10, 1, 100)
-    assert (len(drafts), k) == hand_rate_choice(prior, cost, masked, 8)
-    assert 2 <= k < 8
-
-
 def test_held_out_acceptance_per_position():
     """heldout.count_positions against its definition over a list of forwards: position j was judged in a forward
     that sent more than j drafts and accepted at least j; it passed where more than j were accepted."""

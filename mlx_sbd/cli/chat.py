@@ -15,7 +15,7 @@ HELP = """Commands: /reset (or r) starts a new conversation, /stats (or s) toggl
 @click.option("--no-adapter", is_flag=True, help="Use the model without any adapter (the plain base).")
 @click.option("--max-tokens", "-m", default=512, show_default=True, type=int, help="Most tokens per answer.")
 @click.option("--block-size", "-k", default=None, type=int, help="Tokens per block (1 = plain next-token decoding). Default: the adapter's; 1 for models not trained for SBD.")
-@click.option("--gamma", default=None, type=float, help="Entropy budget (nats): of the drafts proposed per forward (verified), or of what a forward reveals (--lossy; 0 = one token per forward). Default: the adapter's, else 0.1.")
+@click.option("--gamma", default=None, type=float, help="Entropy budget (nats): of the drafts proposed per forward (verified), or of what a forward reveals (--lossy; 0 = one token per forward). Default: inf with --draft auto (all of the mask block's guesses offered; auto sends the ones that pay), else the adapter's, else 0.1.")
 @click.option("--draft", default="auto", show_default=True, type=click.Choice(list(DRAFTS)), help="Where verified decoding's drafts come from: sbd (the adapter's mask block), lookup (n-grams of the prompt and answer: any model, no adapter), both, none (one token per forward), auto (chosen per forward from the measured cost of rows and the acceptance seen; the mask block only with an SBD adapter).")
 @click.option("--layout", default="auto", show_default=True, type=click.Choice(list(LAYOUTS)), help="Verified forwards with the mask block: linear (one block after the drafts), predraft (one after each draft: the next drafts exist whatever passes, more rows), auto (--draft auto chooses from measured costs; fixed --draft modes use linear).")
 @click.option("--selector", "--sampler", "selector", default="entropy", show_default=True, type=click.Choice(sorted(SELECTORS)), help="--lossy: which masked positions to reveal each forward.")
@@ -42,9 +42,9 @@ def command(model, adapter_path, no_adapter, max_tokens, block_size, gamma, draf
     if no_adapter and adapter_path:
         raise click.UsageError("--no-adapter and --adapter-path exclude each other")
     sbd_model, tokenizer = load(model, adapter_path=False if no_adapter else adapter_path, dtype=dtype)
-    k, g = default_settings(sbd_model, block_size, gamma)
-    check_settings(max_tokens, k, g)
     source = resolve_draft(draft, block_size, not lossy)
+    k, g = default_settings(sbd_model, block_size, gamma, source)
+    check_settings(max_tokens, k, g)
     settings = dict(max_tokens=max_tokens, block_size=block_size, gamma=gamma, selector=selector, verify=not lossy, draft=draft, layout=layout,
                     temp=temp, top_p=top_p, top_k=top_k, seed=seed)
     session = ChatSession(sbd_model, tokenizer, system_prompt=system_prompt, **settings)

@@ -19,7 +19,7 @@ from ..samplers import SELECTORS, make_token_sampler
     "--block-size", "-k", default=None, type=int,
     help="Tokens per block (1 = plain next-token decoding). Default: the adapter's recommendation; 1 for models not trained for SBD.",
 )
-@click.option("--gamma", default=None, type=float, help="Entropy budget (nats): of the drafts proposed per forward (verified), or of what a forward reveals (--lossy; 0 = one token per forward). Default: the adapter's, else 0.1.")
+@click.option("--gamma", default=None, type=float, help="Entropy budget (nats): of the drafts proposed per forward (verified), or of what a forward reveals (--lossy; 0 = one token per forward). Default: inf with --draft auto (all of the mask block's guesses offered; auto sends the ones that pay), else the adapter's, else 0.1.")
 @click.option("--lossy", is_flag=True, help="The paper's loop: write the masked guesses straight into the answer (faster with a strong adapter, but the output is no longer the model's own). Default: verified decoding, lossless.")
 @click.option("--draft", default="auto", show_default=True, type=click.Choice(list(DRAFTS)), help="Where verified decoding's drafts come from: sbd (the adapter's mask block), lookup (n-grams of the prompt and answer: any model, no adapter), both, none (one token per forward), auto (chosen per forward from the measured cost of rows and the acceptance seen; the mask block only with an SBD adapter).")
 @click.option("--layout", default="auto", show_default=True, type=click.Choice(list(LAYOUTS)), help="Verified forwards with the mask block: linear (one block after the drafts), predraft (one after each draft: the next drafts exist whatever passes, more rows), auto (--draft auto chooses from measured costs; fixed --draft modes use linear).")
@@ -48,11 +48,11 @@ def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gam
         raise click.UsageError("--no-adapter and --adapter-path exclude each other")
     sbd_model, tokenizer = load(model, adapter_path=False if no_adapter else adapter_path, dtype=dtype)
     source = resolve_draft(draft, block_size, not lossy)
+    block_size, gamma = default_settings(sbd_model, block_size, gamma, source)
     if source == "auto":
         source = "auto (prompt lookup" + (" and the mask block)" if sbd_model.sbd is not None else ")")
         if sbd_model.sbd is None and verbose:
             click.echo("Note: this model has no SBD adapter; drafting from the text's own n-grams (prompt lookup).", err=True)
-    block_size, gamma = default_settings(sbd_model, block_size, gamma)
     trained = sbd_model.sbd.block_size_max if sbd_model.sbd is not None else None
     if trained is not None and isinstance(block_size, int) and block_size > trained:
         click.echo(f"Warning: --block-size {block_size} is above the largest block this model's SBD training used "

@@ -21,7 +21,7 @@ def model_name(model, adapter_path, no_adapter) -> str:
 @click.option("--port", default=8080, show_default=True, type=int, help="Port to listen on.")
 @click.option("--max-tokens", "-m", default=512, show_default=True, type=int, help="Most tokens per answer when a request does not say.")
 @click.option("--block-size", "-k", default=None, type=int, help="Default tokens per block (requests may send block_size). Default: the adapter's; 1 for models not trained for SBD.")
-@click.option("--gamma", default=None, type=float, help="Default entropy budget (requests may send gamma): of the drafts proposed per forward (verified), or of what a forward reveals (--lossy; 0 = one token per forward). Default: the adapter's, else 0.1.")
+@click.option("--gamma", default=None, type=float, help="Default entropy budget (requests may send gamma): of the drafts proposed per forward (verified), or of what a forward reveals (--lossy; 0 = one token per forward). Default: inf with --draft auto (all of the mask block's guesses offered; auto sends the ones that pay), else the adapter's, else 0.1.")
 @click.option("--draft", default="auto", show_default=True, type=click.Choice(list(DRAFTS)), help="Where verified decoding's drafts come from: sbd (the adapter's mask block), lookup (n-grams of the prompt and answer: any model, no adapter), both, none (one token per forward), auto (chosen per forward from the measured cost of rows and the acceptance seen; the mask block only with an SBD adapter).")
 @click.option("--layout", default="auto", show_default=True, type=click.Choice(list(LAYOUTS)), help="Verified forwards with the mask block: linear (one block after the drafts), predraft (one after each draft: the next drafts exist whatever passes, more rows), auto (--draft auto chooses from measured costs; fixed --draft modes use linear).")
 @click.option("--selector", "--sampler", "selector", default="entropy", show_default=True, type=click.Choice(sorted(SELECTORS)), help="--lossy: which masked positions to reveal each forward (requests may send selector).")
@@ -59,9 +59,9 @@ def command(model, adapter_path, no_adapter, host, port, max_tokens, block_size,
         raise click.UsageError("--no-adapter and --adapter-path exclude each other")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
     sbd_model, tokenizer = load(model, adapter_path=False if no_adapter else adapter_path, dtype=dtype)
-    k, g = default_settings(sbd_model, block_size, gamma)
-    check_settings(max_tokens, k, g)  # bad flags fail now, not on every request
     source = resolve_draft(draft, block_size, not lossy)
+    k, g = default_settings(sbd_model, block_size, gamma, source)
+    check_settings(max_tokens, k, g)  # bad flags fail now, not on every request
     name = model_name(model, adapter_path, no_adapter)
     defaults = Defaults(max_tokens=max_tokens, block_size=block_size, gamma=gamma, selector=selector,
                         verify=not lossy, draft=draft, layout=layout, temp=temp, top_p=top_p, top_k=top_k)
