@@ -62,6 +62,11 @@ class RowCost:
     def __call__(self, rows):
         """Seconds for `rows` (an int, or an array of row counts: an array back)."""
         r, t = self.rows, self.times
+        if isinstance(rows, (int, float)):  # one count (every verified forward's check): no array round trip
+            if rows <= r[0]:
+                return t[0]
+            i = min(bisect_left(r, rows), len(r) - 1)  # beyond the measurement: continue the last segment's slope
+            return t[i - 1] + (t[i] - t[i - 1]) * (rows - r[i - 1]) / (r[i] - r[i - 1])
         x = np.asarray(rows, dtype=np.float64)
         y = np.interp(x, r, t)
         if len(r) > 1:  # beyond the measurement: continue the last segment's slope
@@ -92,6 +97,7 @@ class ContextCost:
         self.checks: Dict[int, Optional[list]] = {}  # bucket -> ratios seen so far; None once checked
         self.remeasured: list = []  # the buckets measured again after a check (for reports and tests)
         self.recent = {False: deque(maxlen=SCALE_FORWARDS), True: deque(maxlen=SCALE_FORWARDS)}  # ratios by layout
+        self.version = 0  # counts the buckets measured: a price read before is stale when it moves
 
     def observe(self, rows: int, context: int, seconds: float, predraft: bool = False) -> None:
         """One verified forward of `rows` rows over `context` cached tokens took `seconds` (see above). Pre-drafting
@@ -127,6 +133,7 @@ class ContextCost:
     def add(self, context: int) -> None:
         """Measure the bucket at `context` now (and save)."""
         self.tables[context] = RowCost(self.measure(context))
+        self.version += 1
         if self.save is not None:
             self.save(self)
 

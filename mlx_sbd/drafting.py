@@ -32,6 +32,10 @@ LOOKUP_MAX_NGRAM = 3
 LOOKUP_MIN_NGRAM = 1
 LOOKUP_TOKENS = 12  # most lookup drafts per forward (auto sends fewer when they are unlikely to pass)
 MASK_BLOCKS_TRIED = 16  # auto weighs mask blocks of 2..16 and the full block_size (a server may ask for 256)
+SOLVE_EVERY = 8  # forwards: auto's plan (planning.Planner.solve) is made again this often, each forward chooses by it
+SOLVE_TOLERANCE = 0.05  # expected tokens: an outlook that moved more than this since the last solve solves again
+OUTLOOK_WEIGHT = 0.125  # of the latest forward in lookup's outlook for later forwards (an average over ~8)
+PRICE_TOKENS = 16  # of context: auto reads time(rows) again this often (it moves ~1% per 100 tokens on these CPUs)
 
 
 def resolve_draft(draft: str, block_size: Optional[int], verify: bool) -> str:
@@ -180,6 +184,10 @@ class Drafter:
         self.last_key = None
         self.stop = set(stop)  # end-of-sequence ids: generation ends at one, so no draft after it can be used
         self.planner = Planner()  # auto's long-run rate and the values of its states, kept from forward to forward
+        self.since_solve = SOLVE_EVERY  # forwards planned since auto's last solve (the first plan solves)
+        self.solved_with: dict = {}  # the outlooks (expected accepted drafts per source) the last solve used
+        self.lookup_outlook: Optional[np.ndarray] = None  # lookup's recent offers (_lookup_outlook)
+        self.prices = None  # (key, time(rows) array) last read (_seconds)
         # how many of a block's guesses the EB rule proposes (all with gamma inf): estimated like acceptance
         self.kept_key = None if gamma == float("inf") else ("kept", gamma)
 
@@ -221,24 +229,82 @@ class Drafter:
         # fewer drafts for the next forward) or none; a tie goes to the larger block (its drafts are news the
         # estimate cannot price yet).
         top = self.block_size
-        blocks = tuple(sorted({top, *range(2, min(top, MASK_BLOCKS_TRIED) + 1)}, reverse=True)) + (0,) if top >= 2 else (0,)
+        blocks = (0,)
+        if top >= 2:
+            blocks = tuple(sorted({top, *range(2, min(top, MASK_BLOCKS_TRIED) + 1)}, reverse=True)) + (0,)
         layouts = {"linear": (False,), "predraft": (True,), "auto": (False, True)}[self.layout]
-        options = [Actions(self._rate(key).expected(len(drafts)), blocks, layouts, pending, limit, room)
-                   for drafts, _, key in sources]
-        # the outlook of later forwards: the mask block's drafts when valid; lookup's like its drafts now
+        # the outlook of later forwards: the mask block's drafts when valid; lookup's as they have been lately
         sbd_later = self._rate("sbd").expected(self.block_size - 1) if self.block_size else None
-        lookup_later = next((self._rate(key).expected(len(d)) for d, src, key in sources if src == "lookup" and d), None)
-        drafts_most = max([len(d) for d, _, _ in sources] + [len(x) - 1 for x in (sbd_later, lookup_later) if x])
+        lookup_later = self._lookup_outlook(sources)
+        drafts_most = max([len(d) for d, _, _ in sources]
+                          + [len(x) - 1 for x in (sbd_later, lookup_later) if x is not None])
+        longest = max(len(d) for d, _, _ in sources)
         most = max(pending, 1) + drafts_most + (drafts_most + 1) * blocks[0]  # the most rows an action can have
         # time(rows) at this context for every row count an action can have
-        seconds = np.broadcast_to(np.asarray(self.cost(np.arange(most + 1), context), dtype=np.float64), (most + 1,))
-        kept = self._rate(self.kept_key).expected(self.block_size) if self.kept_key and self.block_size else None
-        self.planner.solve(sbd_later, lookup_later, blocks, layouts, seconds,
-                           kept=None if kept is None else np.concatenate([[1.0], np.diff(kept)]),
-                           predraft_scale=self.cost.predraft_scale() if isinstance(self.cost, ContextCost) else 1.0)
-        n, (m, b, predraft) = self.planner.choose(options, seconds)
+        seconds = self._seconds(most, context)
+        outlooks = {"sbd": sbd_later}  # (lookup's average outlook moves slowly by design: solved on schedule)
+        for _, _, key in sources:
+            if key != "sbd":
+                outlooks[key] = self._rate(key).expected(self.lookup.max_tokens)
+        if self.since_solve >= SOLVE_EVERY or self._moved(outlooks):  # else the last solution serves this forward
+            kept = self._rate(self.kept_key).expected(self.block_size) if self.kept_key and self.block_size else None
+            scale = self.cost.predraft_scale() if isinstance(self.cost, ContextCost) else 1.0
+            self.planner.solve(sbd_later, lookup_later, blocks, layouts, seconds, predraft_scale=scale,
+                               kept=None if kept is None else np.concatenate([[1.0], np.diff(kept)]))
+            self.solved_with, self.since_solve = {}, 0
+        self.solved_with = {**outlooks, **self.solved_with}  # a new lookup key: its table is made from this
+        self.since_solve += 1
+        if pending == 1 and longest < limit and longest + blocks[0] <= room:  # the usual forward: from the tables
+            best = None
+            for n, (drafts, _, key) in enumerate(sources):
+                values, actions = self.planner.table(key, outlooks.get(key) or [0.0], seconds)
+                m = int(np.argmax(values[: len(drafts) + 1]))  # the first maximum: the fewest drafts
+                if best is None or values[m] > best[0]:
+                    best = (values[m], n, m, *actions[m])
+            _, n, m, b, predraft = best
+        else:  # after a prompt (several pending tokens), or near max_tokens / the context's end: every bound applied
+            options = [Actions(self._rate(key).expected(len(drafts)), blocks, layouts, pending, limit, room)
+                       for drafts, _, key in sources]
+            n, (m, b, predraft) = self.planner.choose(options, seconds)
         drafts, source, self.last_key = sources[n]
         return drafts[:m], source, blocks[b], bool(predraft)
+
+    def _moved(self, outlooks: dict) -> bool:
+        """Whether an outlook the last solve (or a table made since) used has moved by more than SOLVE_TOLERANCE
+        expected tokens: a plan made before a run of passing (or failing) drafts must not outlive it."""
+        for key, now in outlooks.items():
+            then = self.solved_with.get(key, now)
+            if (then is None) != (now is None):
+                return True
+            if now is not None and (len(then) != len(now)
+                                    or max(abs(a - b) for a, b in zip(then, now)) > SOLVE_TOLERANCE):
+                return True
+        return False
+
+    def _seconds(self, most: int, context: int) -> np.ndarray:
+        """time(rows) for rows = 0..most at `context` (read again every PRICE_TOKENS of context, or when the table
+        was measured again)."""
+        key = (most, context // PRICE_TOKENS, getattr(self.cost, "version", 0))
+        if self.prices is None or self.prices[0] != key:
+            times = np.asarray(self.cost(np.arange(most + 1), context), dtype=np.float64)
+            self.prices = (key, np.broadcast_to(times, (most + 1,)))
+        return self.prices[1]
+
+    def _lookup_outlook(self, sources) -> Optional[np.ndarray]:
+        """What lookup will offer later forwards: the expected accepted drafts (A(m), m = 0..max_tokens) of its
+        proposals, averaged over the recent forwards (OUTLOOK_WEIGHT per forward; a forward with no match offers
+        nothing), so the plan follows the text's run of matches rather than this forward's alone."""
+        if self.lookup is None:
+            return None
+        drafts, _, key = next(x for x in sources if x[1] == "lookup")
+        expected = self._rate(key).expected(len(drafts))
+        now = np.full(self.lookup.max_tokens + 1, expected[-1])
+        now[: len(expected)] = expected[: len(now)]
+        if self.lookup_outlook is None or len(self.lookup_outlook) != len(now):
+            self.lookup_outlook = now
+        else:
+            self.lookup_outlook = self.lookup_outlook + OUTLOOK_WEIGHT * (now - self.lookup_outlook)
+        return self.lookup_outlook
 
     def _rate(self, key) -> Acceptance:
         if key not in self.acceptance:

@@ -17,8 +17,11 @@ h(S_0) = 0,
 and rho is the rate at which S_0's own equation holds (its max is 0): Dinkelbach's update, rho <- tokens / time of
 one cycle from S_0 back to S_0 under the current choices, with h by value iteration for each rho. The next forward
 is the action that maximises tokens - rho * time + P * h(next) in the state decoding is in. Lookup's future drafts
-are taken to be like its drafts now (the same match length and estimate). Each solve starts from the previous
-forward's rho and h, since its inputs (the estimates, time(rows) at the current context) move slowly.
+are taken to be like its recent ones (Drafter._lookup_outlook). Its inputs (the estimates, time(rows) at the
+current context) move slowly, so the Drafter solves every few forwards (drafting.SOLVE_EVERY, or sooner when an
+estimate moved), each solve starting from the last one's rho, h and choices, and a forward picks from per-source
+tables of the best action by draft count made from the last solve (Planner.table): on the 1-layer model of
+scripts/bench_overhead.py that costs ~0.1 ms per forward.
 """
 
 from functools import lru_cache
@@ -43,8 +46,9 @@ def outlook(expected: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
 def _grid(drafts: int, blocks: Tuple[int, ...], layouts: Tuple[bool, ...], pending: int, limit: Optional[int],
           room: Optional[int]):
     """The shape of every action of one source with up to `drafts` drafts, as arrays [M + 1, K, 2] (last axis: linear,
-    pre-drafting): rows, allowed, the block's index in `blocks`, and the masks that pick tokens and chances. Ordered m ascending, k as
-    given (descending, 0 last), linear first: argmax's first maximum is the fewest drafts, largest block, linear."""
+    pre-drafting): rows, allowed, the block's index in `blocks`, and the masks that pick tokens and chances. Ordered
+    m ascending, k as given (descending, 0 last), linear first: argmax's first maximum is the fewest drafts, the
+    largest block, linear."""
     m = np.arange(drafts + 1)[:, None, None]
     k = np.asarray(blocks)[None, :, None]
     pre = np.array([False, True])[None, None, :]
@@ -66,8 +70,11 @@ class Actions:
     def __init__(self, expected: Sequence[float], blocks: Tuple[int, ...], layouts: Tuple[bool, ...],
                  pending: int = 1, limit: Optional[int] = None, room: Optional[int] = None):
         gain, p_all = outlook(expected)
-        self.rows, self.ok, self.block, no_block, self.pre = _grid(len(gain) - 1, blocks, layouts, pending, limit,
-                                                                   room)
+        drafts = len(gain) - 1
+        # the bounds only where they bind, so that the grids of most forwards are one cached grid
+        limit = limit if limit is not None and limit <= drafts else None
+        room = room if room is not None and room < drafts + max(blocks) else None
+        self.rows, self.ok, self.block, no_block, self.pre = _grid(drafts, blocks, layouts, pending, limit, room)
         self.tokens = 1.0 + gain[:, None, None]
         self.chance = np.where(no_block, 0.0, np.where(self.pre, 1.0, p_all[:, None, None]))
 
@@ -84,11 +91,13 @@ class Actions:
         return np.where(self.ok, self.tokens - rho * time + DISCOUNT * later, -np.inf)
 
 
-def arrivals(blocks: Tuple[int, ...], states: int, kept: Optional[Sequence[float]] = None) -> np.ndarray:
+@lru_cache(maxsize=64)
+def arrivals(blocks: Tuple[int, ...], states: int, kept: Optional[Tuple[float, ...]] = None) -> np.ndarray:
     """[K, states]: the chance that a valid block of blocks[b] masks leaves n drafts, S_n. Its k - 1 guesses are all
     drafts with gamma = inf; with a finite gamma the EB rule keeps the first, and each later one while the entropies
     before it sum to <= gamma: kept[i] is the chance that i more than the first are kept (the terms P_all of an
-    Acceptance estimate of the rule's own record, Drafter.kept), so n = 1 + min(k - 2, N) with P(N >= i) = kept[i]."""
+    Acceptance estimate of the rule's own record, Drafter.kept), so n = 1 + min(k - 2, N) with P(N >= i) = kept[i].
+    Cached (the result is shared: read it, never write it)."""
     out = np.zeros((len(blocks), states))
     for b, k in enumerate(blocks):
         if k < 2:
@@ -109,6 +118,7 @@ class Planner:
         self.policy: Optional[np.ndarray] = None
         self.arrivals = np.ones((1, 1))
         self.scale = 1.0
+        self.tables: dict = {}
 
     def solve(self, sbd: Optional[Sequence[float]], lookup: Optional[Sequence[float]], blocks: Tuple[int, ...],
               layouts: Tuple[bool, ...], seconds: np.ndarray, kept: Optional[Sequence[float]] = None,
@@ -117,9 +127,9 @@ class Planner:
         source); blocks: the mask blocks weighed, descending, 0 (none) last; seconds[rows]: time(rows); kept: how
         many of a block's guesses the EB rule keeps (arrivals; None: all); predraft_scale: a pre-drafting
         forward's time over time(rows) (Actions.seconds)."""
-        self.scale = predraft_scale
+        self.scale, self.blocks, self.layouts, self.tables = predraft_scale, blocks, layouts, {}
         states = max(blocks[0], 1)  # S_0 .. S_{max k - 1}
-        self.arrivals = arrive = arrivals(blocks, states, kept)
+        self.arrivals = arrive = arrivals(blocks, states, None if kept is None else tuple(kept))
         h = np.zeros(states)
         h[: min(states, len(self.h))] = self.h[:states]
         # S_0's actions: lookup's drafts (or none), each with or without a block; S_j adds the first j sbd drafts
@@ -144,6 +154,17 @@ class Planner:
                 break  # round of a forward, whose inputs moved little since the last)
         self.policy = policy
         self.rho, self.h = rho, h
+
+    def table(self, key, expected: Sequence[float], seconds: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """For one source (acceptance key, its estimate A(0..M)): per m drafts, the best value over (block, layout)
+        and that action's (block index, layout), at the last solve's rho and h, from the state after a forward
+        (one pending token, no bound). Made once per source per solve: most forwards choose from these tables."""
+        if key not in self.tables:
+            a = Actions(expected, self.blocks, self.layouts)
+            q = a.values(self.rho, seconds, self.h, self.arrivals @ self.h, self.scale).reshape(len(a.rows), -1)
+            i = q.argmax(axis=1)
+            self.tables[key] = (q[np.arange(len(q)), i], np.stack(np.divmod(i, 2), axis=1))
+        return self.tables[key]
 
     def choose(self, options: List[Actions], seconds: np.ndarray) -> Tuple[int, Tuple[int, int, int]]:
         """(option index, (m, block index, layout)) of the action maximising tokens - rho * time + P * h(next) among

@@ -2,6 +2,7 @@
 context bucket measured once, when a context first needs it, then read)."""
 
 import numpy as np
+import pytest
 
 from mlx_sbd import costs
 from mlx_sbd.loading import load_model
@@ -160,3 +161,13 @@ def test_auto_follows_a_table_measured_again():
         cost.observe(chosen[-1], 256, true_time(chosen[-1]))
     best = rows_of(fresh.plan(tokens, masked, 15, 1, 100, 256))
     assert chosen[0] > 2 * best and chosen[-1] == best
+
+
+def test_one_row_count_and_an_array_of_them_price_alike():
+    """RowCost prices one count in Python (every verified forward's check) and arrays with numpy (auto's plan):
+    the two agree inside the table, below it and past it (the last segment's slope continued)."""
+    cost = costs.RowCost({1: 0.06, 2: 0.07, 4: 0.09, 8: 0.1, 16: 0.14, 32: 0.2})
+    rows = np.arange(0, 70)
+    many = cost(rows)
+    assert [cost(int(r)) for r in rows] == pytest.approx(list(many), abs=1e-15)
+    assert cost(64) == pytest.approx(0.2 + (0.2 - 0.14) * 2)  # past 32: the 16-32 slope

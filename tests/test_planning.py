@@ -217,7 +217,7 @@ def test_arrivals_follow_the_eb_rules_kept_drafts(block_size):
     rates = d._rate(d.kept_key)
     kept = [rates.passed[i] / rates.tried[i] for i in range(8)]
     blocks = tuple(range(block_size, 1, -1)) + (0,)
-    got = arrivals(blocks, block_size, np.cumprod([1.0] + kept))
+    got = arrivals(blocks, block_size, tuple(np.cumprod([1.0] + kept)))
     for b, k in enumerate(blocks):
         assert got[b] == pytest.approx(arrivals_of(k, kept, block_size), abs=1e-12)
     assert Drafter("auto", cost=lambda rows, context=0: 1.0, block_size=8).kept_key is None  # gamma inf: all kept
@@ -242,3 +242,27 @@ def test_pre_drafting_is_priced_by_what_its_forwards_took():
             cost.observe(3 + rows, 256, cost(3 + rows, 256))
             cost.observe(6 + rows, 256, 1.3 * cost(6 + rows, 256), predraft=True)
     assert choices[0][2] and not choices[1][2], choices  # pre-drafting, then not
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_tables_choose_what_the_full_grid_chooses(seed):
+    """A forward after a forward (one pending token, no bound) picks from per-source tables made at the last solve
+    (Planner.table); the same plan over every action of its options (Planner.choose, the path after a prompt or near
+    a bound) picks an action of the same value."""
+    rng = np.random.default_rng(seed)
+    cost = lambda rows, context=0: 1 + rng.uniform(0.02, 0.3) * np.maximum(np.asarray(rows) - 1, 0)  # noqa: E731
+    costs_now = cost(np.arange(400))
+    table = lambda rows, context=0: costs_now[np.asarray(rows)]  # noqa: E731  (one fixed draw)
+    prior = list(rng.uniform(0.2, 0.9, size=4))
+    d = Drafter("auto", has_adapter=True, cost=table, block_size=8, sbd_prior=prior, layout="auto")
+    tokens = [1, 2, 3, 4, 9, 1, 2, 3]  # lookup proposes 4 9 1 2 3 from a 3-gram match
+    drafts, source, k, pre = d.plan(tokens, [7, 8, 9, 10, 11], 100, 1, 1000)
+    blocks = tuple(range(8, 1, -1)) + (0,)
+    options = [Actions(d._rate("sbd").expected(5), blocks, (False, True)),
+               Actions(d._rate(("lookup", 3)).expected(5), blocks, (False, True))]
+    seconds = table(np.arange(400))
+    n, (m, b, p) = d.planner.choose(options, seconds)
+    after = d.planner.arrivals @ d.planner.h
+    values = [a.values(d.planner.rho, seconds, d.planner.h, after, d.planner.scale) for a in options]
+    mine = values[0 if source == "sbd" else 1][len(drafts), blocks.index(k), int(pre)]
+    assert mine == pytest.approx(values[n][m, b, p], abs=1e-12)
