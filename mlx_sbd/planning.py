@@ -96,7 +96,7 @@ def arrivals(blocks: Tuple[int, ...], states: int, kept: Optional[Tuple[float, .
     """[K, states]: the chance that a valid block of blocks[b] masks leaves n drafts, S_n. Its k - 1 guesses are all
     drafts with gamma = inf; with a finite gamma the EB rule keeps the first, and each later one while the entropies
     before it sum to <= gamma: kept[i] is the chance that i more than the first are kept (the terms P_all of an
-    Acceptance estimate of the rule's own record, Drafter.kept), so n = 1 + min(k - 2, N) with P(N >= i) = kept[i].
+    Acceptance estimate of the rule's own record, Drafter.record_kept), so n = 1 + min(k - 2, N) with P(N >= i) = kept[i].
     Cached (the result is shared: read it, never write it)."""
     out = np.zeros((len(blocks), states))
     for b, k in enumerate(blocks):
@@ -104,7 +104,10 @@ def arrivals(blocks: Tuple[int, ...], states: int, kept: Optional[Tuple[float, .
             out[b, 0] = 1.0
             continue
         tail = np.zeros(k)  # P(N >= i) for i < k - 1; P(N >= k - 1) does not matter: the block has k - 1 guesses
-        tail[: k - 1] = 1.0 if kept is None else np.asarray(kept[: k - 1], dtype=np.float64)
+        if kept is None:
+            tail[: k - 1] = 1.0
+        else:  # past the estimate's positions (64), nothing more is kept
+            tail[: min(k - 1, len(kept))] = kept[: k - 1]
         out[b, 1:k] = tail[:-1] - tail[1:]
     return out
 

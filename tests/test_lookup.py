@@ -215,6 +215,12 @@ def test_auto_with_a_block_longer_than_the_acceptance_table():
     drafts, source, k, predraft = d.plan([1, 2, 3], list(range(99)), 200, 1, 1000)
     # free rows: as many drafts as add anything (at a 1/2 prior, past ~52 the gain is below float precision)
     assert source == "sbd" and 40 <= len(drafts) <= 64 and k == 100 and predraft
+    # with a finite gamma the EB rule's cut is modelled over all 100 masks, past the estimate's 64 positions
+    d = Drafter("auto", has_adapter=True, cost=lambda rows, context=0: 1.0, block_size=100, layout="predraft",
+                gamma=0.35)
+    d.record_kept(100, 3)
+    drafts, source, k, predraft = d.plan([1, 2, 3], list(range(99)), 200, 1, 1000)
+    assert source == "sbd" and k >= 2
 
 
 def test_held_out_acceptance_per_position():
