@@ -22,7 +22,7 @@ import numpy as np
 from .costs import ContextCost
 from .errors import SBDError
 from .model import PerModel
-from .planning import Actions, Planner
+from .planning import Actions, Planner, outlook
 
 DRAFTS = ("auto", "sbd", "lookup", "both", "none")
 LAYOUTS = ("linear", "predraft", "auto")  # one mask block after the drafts, or one after each (decode.verify_step)
@@ -250,7 +250,7 @@ class Drafter:
             kept = self._rate(self.kept_key).expected(self.block_size) if self.kept_key and self.block_size else None
             scale = self.cost.predraft_scale() if isinstance(self.cost, ContextCost) else 1.0
             self.planner.solve(sbd_later, lookup_later, blocks, layouts, seconds, predraft_scale=scale,
-                               kept=None if kept is None else np.concatenate([[1.0], np.diff(kept)]))
+                               kept=None if kept is None else outlook(kept)[1])
             self.solved_with, self.since_solve = {}, 0
         self.solved_with = {**outlooks, **self.solved_with}  # a new lookup key: its table is made from this
         self.since_solve += 1

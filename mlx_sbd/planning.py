@@ -15,7 +15,8 @@ drafts exist whatever passes), else to S_0. auto maximises the long-run rate rho
 h(S_0) = 0,
     h(S_j) = max over the actions open in S_j of  tokens - rho * time + P * h(S_{k-1})
 and rho is the rate at which S_0's own equation holds (its max is 0): Dinkelbach's update, rho <- tokens / time of
-one cycle from S_0 back to S_0 under the current choices, with h by value iteration for each rho. The next forward
+one cycle from S_0 back to S_0 under the current choices, with h and rho from each policy's exact evaluation
+(policy iteration: a dense solve over the states, the discount below making the values defined). The next forward
 is the action that maximises tokens - rho * time + P * h(next) in the state decoding is in. Lookup's future drafts
 are taken to be like its recent ones (Drafter._lookup_outlook). Its inputs (the estimates, time(rows) at the
 current context) move slowly, so the Drafter solves every few forwards (drafting.SOLVE_EVERY, or sooner when an

@@ -116,8 +116,8 @@ def long_prompt(tokenizer, question: str, tokens: int) -> list:
               "measures acceptance) instead of the four general chat prompts.")
 @click.option("--no-cost-check", is_flag=True, help="auto keeps the cached time(rows) table however its forwards "
               "disagree with it (the default measures a bucket again when they do; costs.ContextCost.observe).")
-@click.option("--auto-gamma", default=None, help="Run auto with this gamma (the EB rule's entropy budget for the mask "
-              "block's drafts; 'inf' offers all) instead of the adapter's.")
+@click.option("--auto-gamma", default=None, help="Run auto with this gamma, the EB rule's entropy budget for the mask "
+              "block's drafts (auto's default is inf: every guess offered).")
 @click.option("--out", default="results/bench_decode.json", show_default=True)
 def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, context, cold, draft_window, heldout,
          no_cost_check, auto_gamma, out):
