@@ -3,8 +3,9 @@
 A verified drafter is right when it guesses the base's next token, and the base's own answers are the text it will
 be asked to draft (VERIFIED_SBD.md §2). The prompts are offline and real: questions about the train split's
 modules (stdlib_text.chat_prompts, with the chat template) and code completions of their functions' headers and
-docstrings (stdlib_text.code_prompts, plain text: the held-out code prompts' kind, mlx_sbd.heldout). The test
-modules are never used, so held-out measurements stay held out.
+docstrings (stdlib_text.code_prompts, plain text: the held-out code prompts' kind, mlx_sbd.heldout), and general
+chat questions far from the library (general_prompts: stories, recipes, science), so the drafter is not trained on
+one subject alone. The test modules and test topics are never used, so held-out measurements stay held out.
 
 Answers come from mlx_lm's `batch_generate` (greedy), written chunk by chunk, so that an interrupted run keeps what
 it made and the same call continues it. The prompts are written first to <folder>/prompts.jsonl and read back on
@@ -23,20 +24,24 @@ from typing import Dict, List
 
 from tqdm import tqdm
 
+from .general_prompts import general_prompts
 from .stdlib_text import chat_prompts, code_prompts, split_modules
 
 PROMPTS = "prompts.jsonl"
 # `--data self`: chat questions per split and code completions in train (valid gets min(code // 10, chat)).
 SELF_ROWS = {"train": 512, "valid": 16}
 SELF_CODE = 512
+SELF_GENERAL = 512  # general chat questions in train (valid gets a tenth, at most its chat count)
 MAX_TOKENS = 128  # per answer: the drafter learns the answers' openings, where the held-out prompts are decoded
 BATCH_SIZE = 16  # prompts answered together (batch_generate: ~2x one at a time with OpenBLAS)
 
 
-def split_prompts(path: Path, counts: Dict[str, int], n_code: int, seed: int) -> Dict[str, List[dict]]:
-    """{split: [{"split", "kind", "prompt"}]}: counts[split] chat prompts and n_code code completion prompts
-    (outside train a tenth as many, at most counts[split]) of that split's modules, shuffled together; read from
-    `path` when an earlier run wrote it."""
+def split_prompts(path: Path, counts: Dict[str, int], n_code: int, seed: int,
+                  n_general: int = 0) -> Dict[str, List[dict]]:
+    """{split: [{"split", "kind", "prompt"}]}: counts[split] chat prompts about that split's modules, n_code code
+    completion prompts of them and n_general general chat questions on that split's topics (general_prompts; kind
+    "chat"); outside train a tenth as many code and general prompts, at most counts[split] each. Shuffled together;
+    read from `path` when an earlier run wrote it."""
     path = Path(path)
     if path.is_file():
         rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -47,8 +52,10 @@ def split_prompts(path: Path, counts: Dict[str, int], n_code: int, seed: int) ->
         chat = [{"kind": "chat", "prompt": p} for p in chat_prompts(modules[split], seed)[:n]]
         m = n_code if split == "train" else min(n_code // 10, n)
         code = [{"kind": "code", "prompt": p} for p in code_prompts(modules[split], m, seed)]
-        rows = chat + code
-        if code:  # chat alone keeps chat_prompts' order
+        g = n_general if split == "train" else min(n_general // 10, n)
+        general = [{"kind": "chat", "prompt": p} for p in general_prompts(split, seed)[:g]] if g else []
+        rows = chat + code + general
+        if code or general:  # chat alone keeps chat_prompts' order
             random.Random(seed).shuffle(rows)
         out[split] = [{"split": split, **r} for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,17 +95,19 @@ def answer_prompts(model, tokenizer, prompts: List[dict], path: Path, max_tokens
 
 
 def write_self_set(folder, model, tokenizer, rows: Dict[str, int] = None, n_code: int = None,
-                   max_tokens: int = None, batch_size: int = None, seed: int = 0) -> Dict[str, int]:
+                   max_tokens: int = None, batch_size: int = None, seed: int = 0,
+                   n_general: int = None) -> Dict[str, int]:
     """A training folder of the base's own answers (train.jsonl, valid.jsonl), unless it is complete already;
-    -> {split: rows}. Unset sizes are this module's SELF_ROWS, SELF_CODE, MAX_TOKENS, BATCH_SIZE. Answers go to
+    -> {split: rows}. Unset sizes are this module's SELF_ROWS, SELF_CODE, SELF_GENERAL, MAX_TOKENS, BATCH_SIZE. Answers go to
     <folder>/answers_<split>.jsonl as they are made and become <split>.jsonl when the split is done, so training
     never reads a half-answered split and a rerun continues the answers."""
     folder = Path(folder)
     rows = SELF_ROWS if rows is None else rows
     n_code = SELF_CODE if n_code is None else n_code
+    n_general = SELF_GENERAL if n_general is None else n_general
     max_tokens = MAX_TOKENS if max_tokens is None else max_tokens
     batch_size = BATCH_SIZE if batch_size is None else batch_size
-    prompts = split_prompts(folder / PROMPTS, rows, n_code, seed)
+    prompts = split_prompts(folder / PROMPTS, rows, n_code, seed, n_general)
     counts = {}
     for split, todo in prompts.items():
         final = folder / f"{split}.jsonl"

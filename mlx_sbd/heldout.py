@@ -1,10 +1,11 @@
 """How well an adapter drafts, on prompts it never saw: verified decoding's tokens per forward on held-out
-prompts built from the standard library's held-out modules (stdlib_text's test split, which training data built
-by this library never touches).
+prompts built from the standard library's held-out modules (stdlib_text's test split) and general chat topics
+(general_prompts' test split), which training data built by this library never touches.
 
-Two kinds, as the targets of issue 21 name them: chat answers (questions about a module, through the chat
-template) and code completion (a function's header and docstring; the model writes the body). Decoding is greedy
-and verified with the adapter's drafts alone (draft="sbd": no prompt lookup), so the number is the adapter's.
+Kinds: chat answers (questions about a module, through the chat template) and code completion (a function's
+header and docstring; the model writes the body), as the targets of issue 21 name them; and general chat
+(questions on held-out everyday topics, through the chat template). Decoding is greedy and verified with the
+adapter's drafts alone (draft="sbd": no prompt lookup), so the number is the adapter's.
 """
 
 from typing import Dict, List
@@ -12,13 +13,15 @@ from typing import Dict, List
 from tqdm import tqdm
 
 from . import stdlib_text
+from .general_prompts import general_prompts
 from .generate import encode_prompt, stream_generate
 
-KINDS = ("chat", "code")
+KINDS = ("chat", "code", "general")
+TARGET_KINDS = ("chat", "code")  # the kinds issue 21's targets name; what `mlx-sbd train` reports
 
 
-def heldout_prompts(tokenizer, n: int, seed: int = 0, kinds=KINDS) -> Dict[str, List[List[int]]]:
-    """{kind: [prompt ids]}, n of each kind, from the held-out (test) modules."""
+def heldout_prompts(tokenizer, n: int, seed: int = 0, kinds=TARGET_KINDS) -> Dict[str, List[List[int]]]:
+    """{kind: [prompt ids]}, n of each kind, from the held-out (test) modules and topics."""
     modules = stdlib_text.split_modules(seed)["test"]
     out = {}
     if "chat" in kinds:
@@ -26,6 +29,8 @@ def heldout_prompts(tokenizer, n: int, seed: int = 0, kinds=KINDS) -> Dict[str, 
     if "code" in kinds:
         out["code"] = [encode_prompt(tokenizer, p, chat_template=False)
                        for p in stdlib_text.code_prompts(modules, n, seed)]
+    if "general" in kinds:
+        out["general"] = [encode_prompt(tokenizer, p) for p in general_prompts("test", seed)[:n]]
     return out
 
 

@@ -46,7 +46,7 @@ from mlx_sbd import costs  # noqa: E402
 from mlx_sbd.costs import cached_row_cost  # noqa: E402
 from mlx_sbd.drafting import forget  # noqa: E402
 from mlx_sbd.generate import encode_prompt  # noqa: E402
-from mlx_sbd.heldout import heldout_prompts  # noqa: E402
+from mlx_sbd.heldout import KINDS, heldout_prompts  # noqa: E402
 from mlx_sbd.stdlib_text import source  # noqa: E402
 
 PROMPTS = [
@@ -111,9 +111,9 @@ def long_prompt(tokenizer, question: str, tokens: int) -> list:
               "'auto, no prior' row when the adapter records its drafts' acceptance).")
 @click.option("--draft-window", default=None, help="Cached keys the mask rows attend to: a number, or 'none' for "
               "all (default: attention.DRAFT_WINDOW, as shipped). The output is the same; drafts and cost change.")
-@click.option("--heldout", type=click.Choice(["chat", "code"]), default=None, help="Held-out prompts of this kind "
-              "(mlx_sbd.heldout: about standard-library modules no training set touches, where eval_drafts.py "
-              "measures acceptance) instead of the four general chat prompts.")
+@click.option("--heldout", type=click.Choice(list(KINDS)), default=None, help="Held-out prompts of this kind "
+              "(mlx_sbd.heldout: about standard-library modules, or general topics, no training set touches, where "
+              "eval_drafts.py measures acceptance) instead of the four general chat prompts.")
 @click.option("--no-cost-check", is_flag=True, help="auto keeps the cached time(rows) table however its forwards "
               "disagree with it (the default measures a bucket again when they do; costs.ContextCost.observe).")
 @click.option("--auto-gamma", default=None, help="Run auto with this gamma, the EB rule's entropy budget for the mask "

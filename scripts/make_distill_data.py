@@ -39,14 +39,16 @@ from mlx_sbd.tasks import make_examples
 @click.option("--n-synthetic", default=100, show_default=True, help="Synthetic task examples added to train (1/10 to valid).")
 @click.option("--n-text", default=0, show_default=True, help="Plain documentation-text rows added to train (1/10 to valid).")
 @click.option("--n-code", default=0, show_default=True, help="Code completions in train (a function's header and docstring -> the base's body); valid and test get a tenth as many, at most as many as their chat prompts.")
+@click.option("--n-general", default=0, show_default=True, help="General chat questions in train (mlx_sbd.general_prompts: everyday topics of the split); valid and test get a tenth as many, at most as many as their chat prompts.")
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=16, show_default=True, help="Prompts answered together by mlx_lm.batch_generate.")
-def main(out, n_train, n_valid, n_test, n_synthetic, n_text, n_code, max_tokens, seed, batch_size):
+def main(out, n_train, n_valid, n_test, n_synthetic, n_text, n_code, n_general, max_tokens, seed, batch_size):
     model, tokenizer = mlx_sbd.load(adapter_path=False)  # the base model's own answers
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = split_prompts(out / "prompts.jsonl", {"test": n_test, "valid": n_valid, "train": n_train}, n_code, seed)
+    prompts = split_prompts(out / "prompts.jsonl", {"test": n_test, "valid": n_valid, "train": n_train}, n_code, seed,
+                            n_general)
     for split, todo in prompts.items():
         path = out / f"{split}.jsonl"
         if not todo:  # no file rather than an empty one, which training refuses

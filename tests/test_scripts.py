@@ -60,6 +60,30 @@ def test_distill_prompts_stay_in_their_split_and_are_read_back(tmp_path):
     assert again["train"][0]["prompt"] == "written before" and len(again["train"]) == 70
 
 
+def test_general_prompts_keep_their_topics_in_one_split_and_leave_bench_decode_held_out(tmp_path):
+    """Each general topic's questions sit in one split (the held-out kind "general" is the test split), the seeded
+    split is the same every call, split_prompts adds n_general of them (a tenth outside train), and no topic is
+    one of bench_decode's four general prompts."""
+    from mlx_sbd import general_prompts as g
+
+    topics = g.split_topics(0)
+    assert sorted(sum(topics.values(), [])) == sorted(g.TOPICS) and all(topics.values())
+    assert topics == g.split_topics(0) and topics != g.split_topics(1)
+    owner = {t: s for s, ts in topics.items() for t in ts}
+    for split in topics:
+        questions = g.general_prompts(split, 0)
+        assert len(questions) == len(topics[split]) * len(g.FORMS)
+        assert {owner[t] for q in questions for t in g.TOPICS if t in q} == {split}
+    made = make_distill_data.split_prompts(tmp_path / "p.jsonl", {"test": 2, "valid": 5, "train": 40}, 30, 0, 50)
+    general = {split: [r["prompt"] for r in rows if r["prompt"] in set(g.general_prompts(split, 0))]
+               for split, rows in made.items()}
+    assert [len(general[s]) for s in ("train", "valid", "test")] == [50, 5, 2]
+    assert [sum(r["kind"] == "chat" for r in made[s]) for s in ("train", "valid")] == [90, 10]
+    bench = " ".join(t.lower() for t in g.TOPICS)
+    for word in ("robot", "paint", "hash table", "from home", "productiv", "france", "paris"):  # bench_decode's
+        assert word not in bench, word
+
+
 def test_held_out_prompts_are_the_same_in_every_process():
     """Prompts quote signatures; a default like <object object at 0x7f...> would make them differ between runs."""
     code = ("import hashlib; from mlx_sbd import stdlib_text as s; m = s.split_modules(0)['test']; "
