@@ -266,6 +266,7 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
             out = verify_step(model, cache, inputs, m, k, q, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k,
                               predraft=predraft)
         mx.async_eval(*(x for x in out if isinstance(x, mx.array)))
+        drafter.think()  # auto's planning for later forwards, while this one computes
         return out, drafts, mask_rows, inputs.shape[0], source, predraft, (context, tic)
 
     flight = launch(None, None)

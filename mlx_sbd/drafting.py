@@ -32,10 +32,11 @@ LOOKUP_MAX_NGRAM = 3
 LOOKUP_MIN_NGRAM = 1
 LOOKUP_TOKENS = 12  # most lookup drafts per forward (auto sends fewer when they are unlikely to pass)
 MASK_BLOCKS_TRIED = 16  # auto weighs mask blocks of 2..16 and the full block_size (a server may ask for 256)
-SOLVE_EVERY = 8  # forwards: auto's plan (planning.Planner.solve) is made again this often, each forward chooses by it
+SOLVE_EVERY = 16  # forwards: auto's plan (planning.Planner.solve) is made again this often, each forward chooses by it
 SOLVE_TOLERANCE = 0.05  # expected tokens: an outlook that moved more than this since the last solve solves again
 OUTLOOK_WEIGHT = 0.125  # of the latest forward in lookup's outlook for later forwards (an average over ~8)
-PRICE_TOKENS = 16  # of context: auto reads time(rows) again this often (it moves ~1% per 100 tokens on these CPUs)
+PRICE_ROWS = 32  # auto reads time(rows) for row counts up to a multiple of this (_seconds)
+PRICE_TOKENS = 64  # of context: auto reads time(rows) again this often (it moves ~1% per 100 tokens on these CPUs)
 
 
 def resolve_draft(draft: str, block_size: Optional[int], verify: bool) -> str:
@@ -186,8 +187,10 @@ class Drafter:
         self.planner = Planner()  # auto's long-run rate and the values of its states, kept from forward to forward
         self.since_solve = SOLVE_EVERY  # forwards planned since auto's last solve (the first plan solves)
         self.solved_with: dict = {}  # the outlooks (expected accepted drafts per source) the last solve used
-        self.lookup_outlook: Optional[np.ndarray] = None  # lookup's recent offers (_lookup_outlook)
+        self.solved_prices = None  # and the time(rows) array (_seconds' object: a new one is new prices)
+        self.lookup_outlook: Optional[List[float]] = None  # lookup's recent offers (_lookup_outlook)
         self.prices = None  # (key, time(rows) array) last read (_seconds)
+        self.problem = None  # what the last plan would have solved with (_solve's arguments): think() uses it
         # how many of a block's guesses the EB rule proposes (all with gamma inf): estimated like acceptance
         self.kept_key = None if gamma == float("inf") else ("kept", gamma)
 
@@ -246,12 +249,10 @@ class Drafter:
         for _, _, key in sources:
             if key != "sbd":
                 outlooks[key] = self._rate(key).expected(self.lookup.max_tokens)
-        if self.since_solve >= SOLVE_EVERY or self._moved(outlooks):  # else the last solution serves this forward
-            kept = self._rate(self.kept_key).expected(self.block_size) if self.kept_key and self.block_size else None
-            scale = self.cost.predraft_scale() if isinstance(self.cost, ContextCost) else 1.0
-            self.planner.solve(sbd_later, lookup_later, blocks, layouts, seconds, predraft_scale=scale,
-                               kept=None if kept is None else outlook(kept)[1])
-            self.solved_with, self.since_solve = {}, 0
+        self.problem = (sbd_later, lookup_later, blocks, layouts, seconds, outlooks)  # think()'s, if called
+        # solve on schedule, when an estimate moved, or when time(rows) was read again; else the last solution serves
+        if self.since_solve >= SOLVE_EVERY or seconds is not self.solved_prices or self._moved(outlooks):
+            self._solve(*self.problem)
         self.solved_with = {**outlooks, **self.solved_with}  # a new lookup key: its table is made from this
         self.since_solve += 1
         if pending == 1 and longest < limit and longest + blocks[0] <= room:  # the usual forward: from the tables
@@ -269,6 +270,26 @@ class Drafter:
         drafts, source, self.last_key = sources[n]
         return drafts[:m], source, blocks[b], bool(predraft)
 
+    def think(self) -> None:
+        """auto's scheduled solve, and the tables the next forwards choose from, made while a forward runs: the
+        decode loop calls this after launching one, and on the CPU back-end the forward computes on its own thread,
+        so this work leaves the path between forwards. It solves with what the last plan() had (one forward older
+        than the next plan() would use); an estimate that then moves past SOLVE_TOLERANCE still solves in plan()."""
+        if self.mode != "auto" or self.problem is None or self.since_solve < SOLVE_EVERY:
+            return
+        self._solve(*self.problem)
+        seconds, outlooks = self.problem[4], self.problem[5]
+        for key, expected in outlooks.items():
+            self.planner.table(key, expected or [0.0], seconds)
+
+    def _solve(self, sbd_later, lookup_later, blocks, layouts, seconds, outlooks) -> None:
+        """Solve for the plan with these outlooks of later forwards and time(rows) (planning.Planner.solve)."""
+        kept = self._rate(self.kept_key).expected(self.block_size) if self.kept_key and self.block_size else None
+        scale = self.cost.predraft_scale() if isinstance(self.cost, ContextCost) else 1.0
+        self.planner.solve(sbd_later, lookup_later, blocks, layouts, seconds, predraft_scale=scale,
+                           kept=None if kept is None else outlook(kept)[1])
+        self.solved_with, self.solved_prices, self.since_solve = dict(outlooks), seconds, 0
+
     def _moved(self, outlooks: dict) -> bool:
         """Whether an outlook the last solve (or a table made since) used has moved by more than SOLVE_TOLERANCE
         expected tokens: a plan made before a run of passing (or failing) drafts must not outlive it."""
@@ -283,27 +304,30 @@ class Drafter:
 
     def _seconds(self, most: int, context: int) -> np.ndarray:
         """time(rows) for rows = 0..most at `context` (read again every PRICE_TOKENS of context, or when the table
-        was measured again)."""
+        was measured again); `most` is rounded up to PRICE_ROWS, so a forward's longer proposal rarely reads again."""
+        most = -(-most // PRICE_ROWS) * PRICE_ROWS
         key = (most, context // PRICE_TOKENS, getattr(self.cost, "version", 0))
         if self.prices is None or self.prices[0] != key:
             times = np.asarray(self.cost(np.arange(most + 1), context), dtype=np.float64)
             self.prices = (key, np.broadcast_to(times, (most + 1,)))
         return self.prices[1]
 
-    def _lookup_outlook(self, sources) -> Optional[np.ndarray]:
+    def _lookup_outlook(self, sources) -> Optional[List[float]]:
         """What lookup will offer later forwards: the expected accepted drafts (A(m), m = 0..max_tokens) of its
         proposals, averaged over the recent forwards (OUTLOOK_WEIGHT per forward; a forward with no match offers
-        nothing), so the plan follows the text's run of matches rather than this forward's alone."""
+        nothing), so the plan follows the text's run of matches rather than this forward's alone. Plain Python:
+        a dozen numbers per forward, where numpy's calls cost more than the arithmetic."""
         if self.lookup is None:
             return None
         drafts, _, key = next(x for x in sources if x[1] == "lookup")
         expected = self._rate(key).expected(len(drafts))
-        now = np.full(self.lookup.max_tokens + 1, expected[-1])
-        now[: len(expected)] = expected[: len(now)]
-        if self.lookup_outlook is None or len(self.lookup_outlook) != len(now):
+        size = self.lookup.max_tokens + 1
+        now = expected[:size] + [expected[-1]] * (size - len(expected))
+        old = self.lookup_outlook
+        if old is None or len(old) != size:
             self.lookup_outlook = now
         else:
-            self.lookup_outlook = self.lookup_outlook + OUTLOOK_WEIGHT * (now - self.lookup_outlook)
+            self.lookup_outlook = [a + OUTLOOK_WEIGHT * (b - a) for a, b in zip(old, now)]
         return self.lookup_outlook
 
     def _rate(self, key) -> Acceptance:

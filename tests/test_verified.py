@@ -243,6 +243,42 @@ def test_auto_reports_each_forward_to_its_cost(gated, monkeypatch):
         assert all(0 < t < 60 for _, _, t in seen)
 
 
+def test_auto_solves_its_plan_while_a_forward_runs(gated, monkeypatch):
+    """The scheduled solves of auto's plan (drafting.SOLVE_EVERY) run in Drafter.think, which the loop calls after
+    launching a forward (while it computes), with the arguments the last plan had; plan() itself solves only at
+    the start (and when an estimate jumps or time(rows) is read again, both turned off here). The output is still
+    mlx_lm's."""
+    from mlx_sbd import costs, drafting
+    from mlx_sbd.planning import Planner
+
+    base, _, model, tokenizer = gated
+    where, inside = [], []
+    solve, think = Planner.solve, drafting.Drafter.think
+
+    def spy_solve(self, *args, **kw):
+        where.append("think" if inside else "plan")
+        return solve(self, *args, **kw)
+
+    def spy_think(self):
+        inside.append(1)
+        try:
+            think(self)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(Planner, "solve", spy_solve)
+    monkeypatch.setattr(drafting.Drafter, "think", spy_think)
+    monkeypatch.setattr(drafting, "SOLVE_TOLERANCE", float("inf"))
+    monkeypatch.setattr(drafting, "SOLVE_EVERY", 4)
+    monkeypatch.setattr(drafting, "PRICE_TOKENS", 1 << 20)  # prices read again (a solve in plan): not in this run
+    monkeypatch.setattr(drafting, "PRICE_ROWS", 1 << 10)
+    monkeypatch.setattr(decode, "cached_row_cost", lambda m: costs.ContextCost({256: {1: 1.0, 32: 1.2}}))
+    got, last = ours(model, tokenizer, PROMPTS[0], max_tokens=40, draft="auto")
+    assert got == mlx_lm_greedy(base, PROMPTS[0], 40)
+    assert where[0] == "plan" and where.count("plan") == 1, where
+    assert where.count("think") == last.nfe // drafting.SOLVE_EVERY and last.nfe > 2 * drafting.SOLVE_EVERY, (where, last.nfe)
+
+
 def test_ungated_adapter_equals_its_own_one_token_decoding(gated, tmp_path):
     """An ungated adapter changes the causal path: verified decoding then reproduces its own block_size=1 output."""
     base = gated[0]
