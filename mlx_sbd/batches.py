@@ -100,9 +100,15 @@ def iterate_batches(dataset: Sequence, batch_size: int, seed: int, start: int = 
     from seed (seed, e), so batch number n is a pure function of (seed, n): a resumed run passes `start` = the
     number of batches already consumed and sees the same data order as an uninterrupted one."""
     batches = batch_order(dataset, batch_size)
+    for b in batch_numbers(len(batches), seed, start):
+        yield [dataset[j] for j in batches[b]]
+
+
+def batch_numbers(n_batches: int, seed: int, start: int = 0) -> Iterator[int]:
+    """iterate_batches' order as indices into batch_order: a batch keeps its number from epoch to epoch (what a run
+    that keeps each batch's clean half keys it by, clean_cache.py)."""
     n = start
     while True:
-        epoch, i = divmod(n, len(batches))
-        order = np.random.default_rng([seed, epoch]).permutation(len(batches))
-        yield [dataset[j] for j in batches[order[i]]]
+        epoch, i = divmod(n, n_batches)
+        yield int(np.random.default_rng([seed, epoch]).permutation(n_batches)[i])
         n += 1

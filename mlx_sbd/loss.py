@@ -38,6 +38,33 @@ def sbd_loss(model, batch: Batch):
     return ntp + matp, ntp, matp, n_ntp
 
 
+CLEAN = ("clean_kv", "clean_h", "clean_ntp_ce", "clean_next")  # a batch's clean half, as clean_pass returns it
+
+
+def clean_pass(model, batch: Batch):
+    """The clean half of a gated step: the base weights (mask_rows=0), causal, no gradient. -> (clean, base, lse):
+    clean = {"clean_kv": [(keys, values) of each layer], "clean_h": final hidden states [B, L, hidden],
+    "clean_ntp_ce": the NTP cross-entropies [B, L] (weighted; logged, never trained: the base does not change),
+    "clean_next": the base's argmax after each position [B, L]}, all a function of the batch's clean tokens alone,
+    so a run that sees a batch again can keep them (train.CleanCache, --cache-clean); base: its logits [B, L, V]
+    (float32); lse: their logsumexp [B, L]."""
+    from .model import PrefixKV
+
+    L = batch["ntp_targets"].shape[1]
+    kv = [PrefixKV() for _ in model.layers]
+    h = model.forward(batch["tokens"][:, :L], positions=batch["positions"][:, :L], mask="causal", cache=kv,
+                      return_hidden=True, checkpoint=False)  # padding sits at the end: causal suffices
+    h = mx.stop_gradient(h)
+    base = model.logits(h).astype(mx.float32)  # [B, L, V]: the base's next-token logits
+    # One logsumexp over the base's logits serves the NTP term and the soft targets' normalisation: every pass over
+    # the vocabulary is an exp per logit, which on the CPU runs one float at a time.
+    lse = mx.logsumexp(base, axis=-1)  # [B, L]
+    ntp_ce = (lse - mx.take_along_axis(base, batch["ntp_targets"][..., None], axis=-1)[..., 0]) * batch["ntp_weights"]
+    clean = {"clean_kv": [c.kv for c in kv], "clean_h": h, "clean_ntp_ce": ntp_ce,
+             "clean_next": mx.argmax(base, axis=-1).astype(mx.int32)}
+    return clean, base, lse
+
+
 def gated_sbd_loss(model, batch: Batch, targets: str = "data", block_size_max: int = None):
     """sbd_loss for a gated adapter, in two passes (see above): same masks, same normalisation; -> the tuple of
     sbd_loss plus `hits`, the draft positions (batches.make_batch: masked, after a masked token of their block)
@@ -51,6 +78,9 @@ def gated_sbd_loss(model, batch: Batch, targets: str = "data", block_size_max: i
 
     block_size_max: the largest block the batches use; given, the noised rows attend by groups to the keys they can
     see (attention.RowGroups: same result, fewer exps), else to every key through the dense mask.
+
+    A batch that carries its clean half (the CLEAN keys, from clean_pass: a later epoch of a --cache-clean run) skips
+    that pass: the same loss, with the base's logits computed again only where soft targets need them.
     """
     from .attention import row_groups
     from .model import PrefixKV
@@ -59,23 +89,19 @@ def gated_sbd_loss(model, batch: Batch, targets: str = "data", block_size_max: i
     tokens, positions, mask = batch["tokens"], batch["positions"], batch["mask"]
     data = batch["matp_targets"]  # [B, n]: the noised half holds positions L-n..L-1 (batches.make_batch)
     n = data.shape[1]
-    kv = [PrefixKV() for _ in model.layers]
-    h = model.forward(tokens[:, :L], positions=positions[:, :L], mask="causal", cache=kv, return_hidden=True,
-                      checkpoint=False)  # base weights (mask_rows=0): padding sits at the end, causal suffices
-    base = mx.stop_gradient(model.logits(h)).astype(mx.float32)  # [B, L, V]: the base's next-token logits
+    clean, base, lse = (batch, None, None) if "clean_kv" in batch else clean_pass(model, batch)
+    kv = [PrefixKV(*pair) for pair in clean["clean_kv"]]
     # The noised rows' attention by groups of rows, each over the keys it can see (attention.RowGroups).
     noised_mask = mask[..., L:, :] if block_size_max is None else row_groups(mask[..., L:, :], L, L - n, block_size_max)
     logits = model.forward(tokens[:, L:], positions=positions[:, L:], mask=noised_mask, cache=kv,
                            mask_rows=L, checkpoint=model.grad_checkpoint).astype(mx.float32)  # [B, n, V]
-    # One logsumexp over the base's logits serves the NTP term and the soft targets' normalisation: every pass over
-    # the vocabulary is an exp per logit, which on the CPU runs one float at a time.
-    lse = mx.logsumexp(base, axis=-1)  # [B, L]
-    ntp_ce = (lse - mx.take_along_axis(base, batch["ntp_targets"][..., None], axis=-1)[..., 0]) * batch["ntp_weights"]
     before = slice(L - n - 1, L - 1) if n < L else None  # rows L-n-1..L-2 predict the noised half's tokens
-    prev = base[:, before] if before else mx.concatenate([base[:, :1], base[:, :-1]], axis=1)  # [B, n, V]
-    prev_lse = lse[:, before] if before else mx.concatenate([lse[:, :1], lse[:, :-1]], axis=1)
+
+    def previous(x):  # [B, L, ...] -> the rows before the noised half's positions (row 0 stands in for position 0)
+        return x[:, before] if before else mx.concatenate([x[:, :1], x[:, :-1]], axis=1)
+
     first = (mx.arange(L - n, L) == 0)[None]  # position 0 has no previous row: its data token
-    base_next = mx.where(first, data, mx.argmax(prev, axis=-1).astype(data.dtype))  # [B, n]
+    base_next = mx.where(first, data, previous(clean["clean_next"]).astype(data.dtype))  # [B, n]
     if targets == "data":
         matp_ce = nn.losses.cross_entropy(logits, data)
     elif targets == "base":
@@ -83,13 +109,18 @@ def gated_sbd_loss(model, batch: Batch, targets: str = "data", block_size_max: i
     else:  # soft: cross-entropy against the base's distribution, logsumexp(z) - sum_v p_v z_v (the data token's
         # z at position 0). One logsumexp for both: each pass over the vocabulary is an exp per logit, forward and
         # backward, and a second cross-entropy only for position 0 cost two more.
+        if base is None:  # a kept clean half: the base's logits of the rows needed only
+            prev = model.logits(previous(clean["clean_h"])).astype(mx.float32)
+            prev_lse = mx.logsumexp(prev, axis=-1)
+        else:
+            prev, prev_lse = previous(base), previous(lse)  # [B, n, V], [B, n]
         expected = mx.where(first, mx.take_along_axis(logits, data[..., None], axis=-1)[..., 0],
                             (mx.exp(prev - prev_lse[..., None]) * logits).sum(axis=-1))
         matp_ce = mx.logsumexp(logits, axis=-1) - expected
     weights = batch["matp_weights"]
     hits = ((mx.argmax(logits, axis=-1) == base_next) * batch["draft_weights"]).sum()
     n_ntp = batch["ntp_weights"].sum()
-    ntp = ntp_ce.sum() / mx.maximum(n_ntp, 1)
+    ntp = clean["clean_ntp_ce"].sum() / mx.maximum(n_ntp, 1)
     matp = (matp_ce * weights).sum() / mx.maximum(weights.sum(), 1)
     return ntp + matp, ntp, matp, n_ntp, hits
 

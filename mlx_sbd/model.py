@@ -202,8 +202,8 @@ class PrefixKV:
 
     offset = 0  # positions are always explicit in training
 
-    def __init__(self):
-        self.kv = None
+    def __init__(self, keys: Optional[mx.array] = None, values: Optional[mx.array] = None):
+        self.kv = None if keys is None else (mx.stop_gradient(keys), mx.stop_gradient(values))
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
         if self.kv is None:

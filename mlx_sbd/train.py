@@ -32,7 +32,8 @@ from mlx.utils import tree_map
 from tqdm import tqdm
 
 from .adapter import load_adapter_weights, make_trainable, save_adapter
-from .batches import batch_order, iterate_batches, make_batch
+from .batches import batch_numbers, batch_order, make_batch
+from .clean_cache import CleanCache
 from .checkpoints import TRAIN_LOG, check_adapter_folder, log, prune_log, restore_checkpoint, save_checkpoint
 from .data import load_dataset
 from .errors import SBDError
@@ -163,7 +164,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
 
     if cfg.compile:
         step_fn = mx.compile(step_fn, inputs=state, outputs=state)
-    data = iterate_batches(train_set, cfg.batch_size, cfg.seed, start=start * accum)
+    batches = batch_order(train_set, cfg.batch_size)
+    numbers = batch_numbers(len(batches), cfg.seed, start=start * accum)
+    kept = None
+    if cfg.cache_clean:
+        kept = CleanCache(model, train_set, batches, rows.stop - rows.start)
+        if main:
+            tqdm.write(f"--cache-clean: each batch's clean half is kept after its first epoch "
+                       f"(~{kept.size / 2**30:.2f} GB once all {len(batches)} batches were seen)")
     model.train()
     since = Reports()
     bar = tqdm(total=cfg.iters, initial=start, desc=f"{cfg.objective.upper()} train", unit="step", disable=not main)
@@ -184,10 +192,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         k = int(np.random.default_rng([cfg.seed, step]).integers(2, cfg.block_size_max + 1))
         grad = None
         for m in range(accum):
-            seqs = next(data)
+            number = next(numbers)
+            seqs = [train_set[j] for j in batches[number]]
             batch = noised_batch(seqs, k, np.random.default_rng([cfg.seed, step, m]), cfg)
             totals = label_totals(batch)
-            ntp, matp, hits, grad, norm = step_fn(shard(batch, seqs, k, rows), totals, grad, m == accum - 1)
+            mine = shard(batch, seqs, k, rows)
+            if kept is not None:  # the clean half of this batch, as its first epoch computed it
+                mine = kept.fill(number, model, mine)
+            ntp, matp, hits, grad, norm = step_fn(mine, totals, grad, m == accum - 1)
             mx.eval(state, ntp, matp, hits, grad, norm)
             since.ntp += ntp.item() / accum
             since.matp += matp.item() / accum

@@ -66,6 +66,9 @@ class TrainConfig:
     # The cosine decay then follows whichever runs out first, the steps or the minutes, so a stage stopped by the
     # clock still ends at min_learning_rate.
     time_limit: Optional[float] = None
+    # Gated runs: keep each batch's clean half (keys, values, hidden states) in memory after its first epoch, so later
+    # epochs skip that forward (clean_cache.py): the same loss, less time, more memory.
+    cache_clean: bool = False
 
     def resolve_gating(self) -> None:
         """Fill in gated / shift_blocks / targets / noise / mask_prompt from the fine-tune type, objective and data
@@ -88,6 +91,9 @@ class TrainConfig:
         if self.drafts_only and not self.gated:
             raise SBDError("--drafts-only trains a drafter for verified decoding; the paper's (ungated) loop reveals "
                            "every masked position, so drop --drafts-only or --ungated")
+        if self.cache_clean and not self.gated:
+            raise SBDError("--cache-clean keeps the clean half, which only a gated adapter leaves unchanged between "
+                           "epochs; drop --cache-clean or --ungated")
         if self.targets != "data" and not self.gated:
             raise SBDError(f"--targets {self.targets} learns from the base model's own distribution, which only a gated "
                            "adapter leaves unchanged; use --targets data with --ungated")

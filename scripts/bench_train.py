@@ -5,8 +5,9 @@ table of seconds per step, tokens/s (real sequence tokens, counted once) and pea
 per-report numbers to --out. The first step (mx.compile tracing) is excluded from the averages.
 
 --compare trains, in interleaved rounds of --iters steps each, an NTP LoRA, a gated SBD LoRA (the default: the
-clean half once without backprop, the noised half with it; soft targets, and once more with data targets) and an
-ungated SBD LoRA on the same batches, and
+clean half once without backprop, the noised half with it; soft targets, and once more with data targets), the same
+two with --cache-clean (the clean half kept from the first epoch: the synthetic data is one batch, so every step
+after the first, the one excluded, is a later epoch's) and an ungated SBD LoRA on the same batches, and
 prints each one's median s/step and peak memory with its ratio to the NTP step of the same round.
 """
 
@@ -39,7 +40,8 @@ def main():
     p.add_argument("--compare", action="store_true", help="NTP vs gated vs ungated SBD in interleaved rounds")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--settings", default=None, help="With --compare: a comma list of the settings to run (default "
-                   "all: 'ntp lora', 'sbd gated lora', 'sbd gated lora (data targets)', 'sbd ungated lora')")
+                   "all: 'ntp lora', 'sbd gated lora', 'sbd gated lora (data targets)', 'sbd gated lora (clean kept)', "
+                   "'sbd gated lora (data targets; clean kept)', 'sbd ungated lora')")
     p.add_argument("--data", default=None, help="A real training folder (e.g. chat rows with prompts) instead of "
                    "synthetic text; sequences are cut at --seq-len, not padded to it")
     p.add_argument("--mask-prompt", action="store_true", help="With --data: no loss on prompts (the gated step "
@@ -59,15 +61,18 @@ def main():
 def compare(args):
     import statistics
 
-    settings = {"ntp lora": ("ntp", False, None), "sbd gated lora": ("sbd", True, None),
-                "sbd gated lora (data targets)": ("sbd", True, "data"), "sbd ungated lora": ("sbd", False, None)}
+    settings = {"ntp lora": ("ntp", False, None, False), "sbd gated lora": ("sbd", True, None, False),
+                "sbd gated lora (data targets)": ("sbd", True, "data", False),
+                "sbd gated lora (clean kept)": ("sbd", True, None, True),
+                "sbd gated lora (data targets; clean kept)": ("sbd", True, "data", True),
+                "sbd ungated lora": ("sbd", False, None, False)}
     if args.settings:
         chosen = [name.strip() for name in args.settings.split(",")]
         settings = {name: settings[name] for name in ["ntp lora"] + [n for n in chosen if n != "ntp lora"]}
     runs = {name: [] for name in settings}
     for _ in range(args.rounds):
-        for name, (objective, gated, targets) in settings.items():
-            runs[name].append(run(args, objective, gated, targets))
+        for name, (objective, gated, targets, cache_clean) in settings.items():
+            runs[name].append(run(args, objective, gated, targets, cache_clean))
     print(f"\nmachine: {machine()}\ndata: {args.data or 'synthetic text'}, batch {args.batch_size} x {args.seq_len} tokens, LoRA rank {args.lora_rank}, "
           f"layers {args.num_layers}, {args.rounds} interleaved rounds of {args.iters} steps (first step of each excluded)")
     print("| setting | s/step (median) | range | x NTP step | CPU s/step | x NTP | peak GB | x NTP peak |\n"
@@ -89,7 +94,7 @@ def compare(args):
           "batch": [args.batch_size, args.seq_len], "rows": rows, "runs": runs}, args.out)
 
 
-def run(args, objective: str, gated: bool, targets=None) -> dict:
+def run(args, objective: str, gated: bool, targets=None, cache_clean: bool = False) -> dict:
     import mlx.core as mx
 
     mx.reset_peak_memory()
@@ -108,7 +113,7 @@ def run(args, objective: str, gated: bool, targets=None) -> dict:
             batch_size=args.batch_size, max_seq_length=args.seq_len, num_layers=args.num_layers,
             lora_parameters={"rank": args.lora_rank, "scale": 20.0, "dropout": 0.0}, steps_per_report=1,
             steps_per_save=10**9, steps_per_eval=10**9, grad_checkpoint=args.grad_checkpoint, warmup=1,
-            objective=objective, gated=gated, mask_prompt=args.mask_prompt, targets=targets,
+            objective=objective, gated=gated, mask_prompt=args.mask_prompt, targets=targets, cache_clean=cache_clean,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the truncation warning is the point here
@@ -119,7 +124,7 @@ def run(args, objective: str, gated: bool, targets=None) -> dict:
     summary = {
         "machine": machine(),
         "model": args.model or "SmolLM2-135M-Instruct (built-in)",
-        "objective": objective, "gated": gated, "targets": targets or "default",
+        "objective": objective, "gated": gated, "targets": targets or "default", "cache_clean": cache_clean,
         "batch": f"{args.batch_size} x {args.seq_len} tokens"
         + (f" (doubled input {2 * args.seq_len})" if objective == "sbd" else ""),
         "lora": f"rank {args.lora_rank}, layers {args.num_layers}", "grad_checkpoint": args.grad_checkpoint,

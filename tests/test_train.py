@@ -93,6 +93,59 @@ def test_kill_and_resume_matches_uninterrupted(setup, tmp_path, monkeypatch):
     assert not np.allclose(np.array(initial), np.array(b["mask_embedding"]))  # the mask embedding is trained
 
 
+@pytest.mark.parametrize("targets", ["soft", "data"])
+def test_cache_clean_trains_as_the_run_without_it(setup, tmp_path, monkeypatch, targets):
+    """--cache-clean: from the second epoch a step takes its batch's clean half (keys, values, hidden states) from the
+    first epoch instead of running it. The run is the one without the cache: the same logged losses and draft hits
+    at every step, the same weights; each batch's clean pass ran once (6 batches, 12 micro-batches: two epochs)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_sbd import clean_cache
+
+    base, data = setup
+    passes = []
+    real = clean_cache.clean_pass
+    monkeypatch.setattr(clean_cache, "clean_pass", lambda model, batch: passes.append(1) or real(model, batch))
+    caches = []
+
+    class Seen(clean_cache.CleanCache):
+        def __init__(self, *args):
+            super().__init__(*args)
+            caches.append(self)
+
+    monkeypatch.setattr(train_module, "CleanCache", Seen)
+    for name, cache in (("plain", False), ("cached", True)):
+        run(base, data, tmp_path / name, cache_clean=cache, targets=targets, compile=True, steps_per_report=1)
+    assert len(passes) == 6
+    # the memory estimate the run checks at its start is what the six batches' clean halves hold
+    held = sum(x.nbytes for entry in caches[0].entries.values() for _, x in tree_flatten(entry))
+    assert len(caches[0].entries) == 6 and caches[0].size == held
+    logs = {name: [json.loads(line) for line in open(tmp_path / name / "train_log.jsonl")]
+            for name in ("plain", "cached")}
+    reports = {name: [(r["step"], r["ntp"], r["matp"], r["draft_acc"]) for r in log if "ntp" in r]
+               for name, log in logs.items()}
+    assert len(reports["plain"]) == 6
+    for a, b in zip(reports["plain"], reports["cached"]):
+        assert a[0] == b[0] and a[3] == b[3]
+        np.testing.assert_allclose(a[1:3], b[1:3], rtol=1e-5)
+    for name in ("adapters.safetensors", "sbd.safetensors"):
+        a = mx.load(str(tmp_path / "plain" / name))
+        b = mx.load(str(tmp_path / "cached" / name))
+        for key in a:
+            np.testing.assert_allclose(np.array(a[key]), np.array(b[key]), rtol=1e-4, atol=1e-6)
+
+
+def test_cache_clean_needs_a_gated_run_and_the_memory(setup, tmp_path, monkeypatch):
+    from mlx_sbd import clean_cache
+
+    base, data = setup
+    with pytest.raises(SBDError, match="--cache-clean keeps the clean half"):
+        run(base, data, tmp_path / "ungated", cache_clean=True, gated=False, targets="data")
+    monkeypatch.setattr(clean_cache, "machine_memory", lambda: 1000)
+    with pytest.raises(SBDError, match="--cache-clean would keep"):
+        run(base, data, tmp_path / "small", cache_clean=True)
+
+
 def test_time_limit_stops_with_a_checkpoint_and_resume_goes_on(setup, tmp_path, monkeypatch):
     import time
     from types import SimpleNamespace
@@ -490,24 +543,28 @@ def test_cli_train_data_self_trains_on_the_base_models_own_answers(tmp_path, mon
     from mlx_lm import generate as lm_generate
 
     from mlx_sbd import distill, stdlib_text
+    from mlx_sbd.general_prompts import general_prompts
     from mlx_sbd.generate import encode_prompt
 
     monkeypatch.setattr(distill, "SELF_ROWS", {"train": 2, "valid": 1})
     monkeypatch.setattr(distill, "SELF_CODE", 2)
+    monkeypatch.setattr(distill, "SELF_GENERAL", 2)
     monkeypatch.setattr(distill, "MAX_TOKENS", 12)
     monkeypatch.setattr(distill, "BATCH_SIZE", 1)  # batched rows are padded; one at a time matches generate exactly
     adapters = tmp_path / "ad"
     folder = adapters / "data_self"
     # A run killed after its first answer: the prompts file and one kept row (a sentinel, so a redo would show).
-    prompts = distill.split_prompts(folder / distill.PROMPTS, distill.SELF_ROWS, distill.SELF_CODE, 0)
+    prompts = distill.split_prompts(folder / distill.PROMPTS, distill.SELF_ROWS, distill.SELF_CODE, 0,
+                                    distill.SELF_GENERAL)
     (folder / "answers_train.jsonl").write_text(json.dumps({"text": "kept from the killed run"}) + "\n")
     args = ["train", "--data", "self", "--adapter-path", str(adapters), "--iters", "1", "--batch-size", "2",
             "--num-layers", "2", "--max-seq-length", "96", "--block-size-max", "4", "--no-compile", "--heldout", "0"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     modules = stdlib_text.split_modules(0)
-    held_out = set(stdlib_text.chat_prompts(modules["test"], 0) + stdlib_text.code_prompts(modules["test"], 10_000, 0))
-    assert [len(prompts[s]) for s in ("train", "valid")] == [4, 1] and not held_out & {
+    held_out = set(stdlib_text.chat_prompts(modules["test"], 0) + stdlib_text.code_prompts(modules["test"], 10_000, 0)
+                   + general_prompts("test", 0))
+    assert [len(prompts[s]) for s in ("train", "valid")] == [6, 1] and not held_out & {
         p["prompt"] for rows in prompts.values() for p in rows}
     model, tokenizer = load(adapter_path=False)
     for split, todo in prompts.items():
@@ -523,4 +580,4 @@ def test_cli_train_data_self_trains_on_the_base_models_own_answers(tmp_path, mon
     assert not (folder / "answers_train.jsonl").exists()
     training = json.loads((adapters / "adapter_config.json").read_text())["sbd"]["training"]
     assert training["data"] == "self" and training["mask_prompt"] is True and training["targets"] == "soft"
-    assert "Self-distilled data: 4 training rows, 1 validation rows" in result.output
+    assert "Self-distilled data: 6 training rows, 1 validation rows" in result.output
