@@ -17,10 +17,9 @@ from .general_prompts import general_prompts
 from .generate import encode_prompt, stream_generate
 
 KINDS = ("chat", "code", "general")
-TARGET_KINDS = ("chat", "code")  # the kinds issue 21's targets name; what `mlx-sbd train` reports
 
 
-def heldout_prompts(tokenizer, n: int, seed: int = 0, kinds=TARGET_KINDS) -> Dict[str, List[List[int]]]:
+def heldout_prompts(tokenizer, n: int, seed: int = 0, kinds=KINDS) -> Dict[str, List[List[int]]]:
     """{kind: [prompt ids]}, n of each kind, from the held-out (test) modules and topics."""
     modules = stdlib_text.split_modules(seed)["test"]
     out = {}

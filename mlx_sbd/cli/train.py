@@ -50,7 +50,7 @@ YAML_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+
 @click.option("--noise", default=None, type=click.Choice(["uniform", "full"]), help="Masking: the paper's rate eta ~ U(0,1) per sequence (uniform), or every answer token masked (full: the only blocks verified decoding runs). Default: full for gated runs, uniform with --ungated")
 @click.option("--drafts-only", "drafts_only", is_flag=True, default=None, help="Gated runs: no MATP loss on the first masked token of each block, whose guess verified decoding never uses (the causal row supplies that token), only on the later ones, the drafts.")
 @click.option("--cache-clean", "cache_clean", is_flag=True, default=None, help="Gated runs: keep each batch's clean half (the base model's keys, values and hidden states, which the adapter never changes) in memory after its first epoch, so later epochs skip that forward: the same loss, faster steps when the data is seen more than once. Memory: ~layers x 2 x kv_heads x head_dim x 4 bytes per token (SmolLM2-135M: 46 KB), estimated and checked at the start.")
-@click.option("--heldout", default=8, show_default=True, type=int, help="After training, measure the adapter's tokens per forward (verified greedy decoding, its own drafts) on this many held-out chat and code prompts; 0 skips.")
+@click.option("--heldout", default=8, show_default=True, type=int, help="After training, measure the adapter's tokens per forward (verified greedy decoding, its own drafts) on this many held-out prompts of each kind (chat and code about held-out standard-library modules, general chat on held-out topics); 0 skips.")
 @click.option("-c", "--config", "config_file", default=None, type=click.Path(), help="YAML file of TrainConfig settings.")
 def command(config_file, no_compile, ungated, heldout, **flags):
     """Fine-tune a Llama/Qwen model with the SBD objective (NTP + masked-block prediction)."""
@@ -88,7 +88,7 @@ def heldout_line(cfg, n: int) -> str:
     """What the new adapter gives, measured: tokens per forward on held-out prompts (mlx_sbd.heldout). The drafts'
     acceptance per position is written into the adapter, as --draft auto's starting estimate."""
     from ..adapter import record_draft_acceptance
-    from ..heldout import heldout_prompts, measure, pooled
+    from ..heldout import KINDS, heldout_prompts, measure, pooled
     from ..loading import load
 
     model, tokenizer = load(cfg.model, adapter_path=cfg.adapter_path)
@@ -98,8 +98,8 @@ def heldout_line(cfg, n: int) -> str:
         parts.append(f"{results[-1]['tokens_per_forward']:.2f} on {kind}")
     record_draft_acceptance(cfg.adapter_path, pooled(results)["draft_acceptance"])
     same = "the base model's output, token for token" if cfg.gated else "the adapter's own one-token output"
-    return (f"Held-out prompts ({n} chat, {n} code, 64 tokens each): tokens per forward of verified decoding with "
-            f"the adapter's drafts: {', '.join(parts)} (greedy output: {same})")
+    return (f"Held-out prompts ({', '.join(f'{n} {kind}' for kind in KINDS)}, 64 tokens each): tokens per forward "
+            f"of verified decoding with the adapter's drafts: {', '.join(parts)} (greedy output: {same})")
 
 
 def read_yaml(path) -> dict:
