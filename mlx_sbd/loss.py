@@ -38,16 +38,20 @@ def sbd_loss(model, batch: Batch):
     return ntp + matp, ntp, matp, n_ntp
 
 
-CLEAN = ("clean_kv", "clean_h", "clean_ntp_ce", "clean_next")  # a batch's clean half, as clean_pass returns it
+def clean_pass(model, batch: Batch, soft: bool = True) -> dict:
+    """The clean half of a gated step: the base weights (mask_rows=0), causal, no gradient. ->
+    {"clean_kv": [(keys, values) of each layer],
+     "clean_pw", "clean_pb": the soft targets folded into the head (below), [B, L, hidden] and [B, L] (soft only),
+     "clean_ntp_ce": the NTP cross-entropies [B, L] (weighted; logged, never trained: the base is fixed),
+     "clean_next": the base's argmax after each position [B, L]},
+    all a function of the batch's clean tokens alone, so a run that sees a batch again can keep them
+    (clean_cache.py, --cache-clean).
 
-
-def clean_pass(model, batch: Batch):
-    """The clean half of a gated step: the base weights (mask_rows=0), causal, no gradient. -> (clean, base, lse):
-    clean = {"clean_kv": [(keys, values) of each layer], "clean_h": final hidden states [B, L, hidden],
-    "clean_ntp_ce": the NTP cross-entropies [B, L] (weighted; logged, never trained: the base does not change),
-    "clean_next": the base's argmax after each position [B, L]}, all a function of the batch's clean tokens alone,
-    so a run that sees a batch again can keep them (train.CleanCache, --cache-clean); base: its logits [B, L, V]
-    (float32); lse: their logsumexp [B, L]."""
+    Soft targets without a pass over the vocabulary: the head is affine, z = W h + b, so the expected logit under
+    the base's distribution p is sum_v p_v z_v = (p W) . h + p . b. pw = p W (the head's vector-Jacobian product
+    with p, whatever the head's form: tied, untied, quantized) and pb = p . b depend on the clean half only; a
+    noised row's soft term is then a dot product with its hidden state, and its gradient a vector, where the
+    vocabulary-wide product cost an exp, a product and their backward over 50M logits per batch on the CPU."""
     from .model import PrefixKV
 
     L = batch["ntp_targets"].shape[1]
@@ -56,13 +60,19 @@ def clean_pass(model, batch: Batch):
                       return_hidden=True, checkpoint=False)  # padding sits at the end: causal suffices
     h = mx.stop_gradient(h)
     base = model.logits(h).astype(mx.float32)  # [B, L, V]: the base's next-token logits
-    # One logsumexp over the base's logits serves the NTP term and the soft targets' normalisation: every pass over
-    # the vocabulary is an exp per logit, which on the CPU runs one float at a time.
+    # One logsumexp over the base's logits serves the NTP term and the soft targets: every pass over the
+    # vocabulary is an exp per logit, which on the CPU runs one float at a time.
     lse = mx.logsumexp(base, axis=-1)  # [B, L]
     ntp_ce = (lse - mx.take_along_axis(base, batch["ntp_targets"][..., None], axis=-1)[..., 0]) * batch["ntp_weights"]
-    clean = {"clean_kv": [c.kv for c in kv], "clean_h": h, "clean_ntp_ce": ntp_ce,
+    clean = {"clean_kv": [c.kv for c in kv], "clean_ntp_ce": ntp_ce,
              "clean_next": mx.argmax(base, axis=-1).astype(mx.int32)}
-    return clean, base, lse
+    if soft:
+        p = mx.exp(base - lse[..., None])
+        # the vjp's own output (the head's forward again) is never evaluated: only p W is
+        _, (pw,) = mx.vjp(lambda x: model.logits(x).astype(mx.float32), [h], [p])
+        bias = model.logits(mx.zeros((1, h.shape[-1]), h.dtype)).astype(mx.float32)  # b (zero for Llama and Qwen)
+        clean.update(clean_pw=mx.stop_gradient(pw).astype(mx.float32), clean_pb=(p * bias).sum(axis=-1))
+    return clean
 
 
 def gated_sbd_loss(model, batch: Batch, targets: str = "data", block_size_max: int = None):
@@ -89,12 +99,13 @@ def gated_sbd_loss(model, batch: Batch, targets: str = "data", block_size_max: i
     tokens, positions, mask = batch["tokens"], batch["positions"], batch["mask"]
     data = batch["matp_targets"]  # [B, n]: the noised half holds positions L-n..L-1 (batches.make_batch)
     n = data.shape[1]
-    clean, base, lse = (batch, None, None) if "clean_kv" in batch else clean_pass(model, batch)
+    clean = batch if "clean_kv" in batch else clean_pass(model, batch, soft=targets == "soft")
     kv = [PrefixKV(*pair) for pair in clean["clean_kv"]]
     # The noised rows' attention by groups of rows, each over the keys it can see (attention.RowGroups).
     noised_mask = mask[..., L:, :] if block_size_max is None else row_groups(mask[..., L:, :], L, L - n, block_size_max)
-    logits = model.forward(tokens[:, L:], positions=positions[:, L:], mask=noised_mask, cache=kv,
-                           mask_rows=L, checkpoint=model.grad_checkpoint).astype(mx.float32)  # [B, n, V]
+    hidden = model.forward(tokens[:, L:], positions=positions[:, L:], mask=noised_mask, cache=kv, mask_rows=L,
+                           checkpoint=model.grad_checkpoint, return_hidden=True)
+    logits = model.logits(hidden).astype(mx.float32)  # [B, n, V]
     before = slice(L - n - 1, L - 1) if n < L else None  # rows L-n-1..L-2 predict the noised half's tokens
 
     def previous(x):  # [B, L, ...] -> the rows before the noised half's positions (row 0 stands in for position 0)
@@ -106,16 +117,10 @@ def gated_sbd_loss(model, batch: Batch, targets: str = "data", block_size_max: i
         matp_ce = nn.losses.cross_entropy(logits, data)
     elif targets == "base":
         matp_ce = nn.losses.cross_entropy(logits, base_next)
-    else:  # soft: cross-entropy against the base's distribution, logsumexp(z) - sum_v p_v z_v (the data token's
-        # z at position 0). One logsumexp for both: each pass over the vocabulary is an exp per logit, forward and
-        # backward, and a second cross-entropy only for position 0 cost two more.
-        if base is None:  # a kept clean half: the base's logits of the rows needed only
-            prev = model.logits(previous(clean["clean_h"])).astype(mx.float32)
-            prev_lse = mx.logsumexp(prev, axis=-1)
-        else:
-            prev, prev_lse = previous(base), previous(lse)  # [B, n, V], [B, n]
-        expected = mx.where(first, mx.take_along_axis(logits, data[..., None], axis=-1)[..., 0],
-                            (mx.exp(prev - prev_lse[..., None]) * logits).sum(axis=-1))
+    else:  # soft: cross-entropy against the base's distribution p at the previous row, logsumexp(z) - sum_v p_v z_v,
+        # with sum_v p_v z_v = (p W) . h + p . b (clean_pass); the data token's z at position 0
+        expected = (hidden.astype(mx.float32) * previous(clean["clean_pw"])).sum(axis=-1) + previous(clean["clean_pb"])
+        expected = mx.where(first, mx.take_along_axis(logits, data[..., None], axis=-1)[..., 0], expected)
         matp_ce = mx.logsumexp(logits, axis=-1) - expected
     weights = batch["matp_weights"]
     hits = ((mx.argmax(logits, axis=-1) == base_next) * batch["draft_weights"]).sum()

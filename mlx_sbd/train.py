@@ -168,7 +168,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     numbers = batch_numbers(len(batches), cfg.seed, start=start * accum)
     kept = None
     if cfg.cache_clean:
-        kept = CleanCache(model, train_set, batches, rows.stop - rows.start)
+        kept = CleanCache(model, train_set, batches, rows.stop - rows.start, soft=cfg.targets == "soft")
         if main:
             tqdm.write(f"--cache-clean: each batch's clean half is kept after its first epoch "
                        f"(~{kept.size / 2**30:.2f} GB once all {len(batches)} batches were seen)")

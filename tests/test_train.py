@@ -105,12 +105,12 @@ def test_cache_clean_trains_as_the_run_without_it(setup, tmp_path, monkeypatch, 
     base, data = setup
     passes = []
     real = clean_cache.clean_pass
-    monkeypatch.setattr(clean_cache, "clean_pass", lambda model, batch: passes.append(1) or real(model, batch))
+    monkeypatch.setattr(clean_cache, "clean_pass", lambda *a, **kw: passes.append(1) or real(*a, **kw))
     caches = []
 
     class Seen(clean_cache.CleanCache):
-        def __init__(self, *args):
-            super().__init__(*args)
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
             caches.append(self)
 
     monkeypatch.setattr(train_module, "CleanCache", Seen)
