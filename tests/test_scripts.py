@@ -79,6 +79,14 @@ def test_general_prompts_keep_their_topics_in_one_split_and_leave_bench_decode_h
                for split, rows in made.items()}
     assert [len(general[s]) for s in ("train", "valid", "test")] == [50, 5, 2]
     assert [sum(r["kind"] == "chat" for r in made[s]) for s in ("train", "valid")] == [90, 10]
+    # --prompts-only writes the prompts of a stage answered elsewhere (device_stage.sh) without loading the model
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(make_distill_data.main, ["--out", str(tmp_path / "d"), "--n-train", "3", "--n-valid",
+                                                         "1", "--n-test", "0", "--n-general", "20", "--prompts-only"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "d" / "prompts.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 + 20 + 1 + 1 and not (tmp_path / "d" / "train.jsonl").exists()
     bench = " ".join(t.lower() for t in g.TOPICS)
     for word in ("robot", "paint", "hash table", "from home", "productiv", "france", "paris"):  # bench_decode's
         assert word not in bench, word
