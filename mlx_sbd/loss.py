@@ -89,8 +89,8 @@ def gated_sbd_loss(model, batch: Batch, targets: str = "data", block_size_max: i
     block_size_max: the largest block the batches use; given, the noised rows attend by groups to the keys they can
     see (attention.RowGroups: same result, fewer exps), else to every key through the dense mask.
 
-    A batch that carries its clean half (the CLEAN keys, from clean_pass: a later epoch of a --cache-clean run) skips
-    that pass: the same loss, with the base's logits computed again only where soft targets need them.
+    A batch that carries its clean half (clean_pass's arrays: a later epoch of a --cache-clean run) skips that pass,
+    with the same loss.
     """
     from .attention import row_groups
     from .model import PrefixKV
