@@ -95,18 +95,11 @@ def batch_order(dataset: Sequence, batch_size: int) -> List[List[int]]:
     return [idx[i : i + batch_size] for i in range(0, len(idx) - batch_size + 1, batch_size)]
 
 
-def iterate_batches(dataset: Sequence, batch_size: int, seed: int, start: int = 0) -> Iterator[List]:
-    """Endless stream of batches (lists of sequences). Epoch e visits the batches in the permutation drawn
-    from seed (seed, e), so batch number n is a pure function of (seed, n): a resumed run passes `start` = the
-    number of batches already consumed and sees the same data order as an uninterrupted one."""
-    batches = batch_order(dataset, batch_size)
-    for b in batch_numbers(len(batches), seed, start):
-        yield [dataset[j] for j in batches[b]]
-
-
 def batch_numbers(n_batches: int, seed: int, start: int = 0) -> Iterator[int]:
-    """iterate_batches' order as indices into batch_order: a batch keeps its number from epoch to epoch (what a run
-    that keeps each batch's clean half keys it by, clean_cache.py)."""
+    """Endless stream of batch numbers (indices into batch_order). Epoch e visits the batches in the permutation
+    drawn from seed (seed, e), so batch n of the stream is a pure function of (seed, n): a resumed run passes `start`
+    = the number of batches already consumed and sees the same data order as an uninterrupted one. A batch keeps its
+    number from epoch to epoch (what a run that keeps each batch's clean half keys it by, clean_cache.py)."""
     n = start
     while True:
         epoch, i = divmod(n, n_batches)

@@ -2,9 +2,8 @@
 
 A gated adapter leaves the causal path the base model, so the clean half of a training step (loss.clean_pass: the
 keys and values of every layer, the soft targets folded into the head, the logged NTP terms, the base's argmax)
-depends only on
-the batch's tokens, never on the adapter. The batches of a run are fixed groups of rows (batches.batch_order; an
-epoch only reorders them), so from the second epoch on a step can skip that forward: the same loss and gradients
+depends only on the batch's tokens, never on the adapter. The batches of a run are fixed groups of rows
+(batches.batch_order; an epoch only reorders them, batches.batch_numbers), so from the second epoch on a step can skip that forward: the same loss and gradients
 (the kept arrays are the ones the pass computes, in its dtype), for the memory they take. Worth it when the data is
 seen several times (a small folder, a long stage); with one pass over the data it saves nothing.
 """
@@ -51,7 +50,7 @@ def machine_memory() -> int:
 
 
 class CleanCache:
-    """Batch number (in batches.batch_order) -> its clean half (loss.clean_pass's first result), evaluated."""
+    """Batch number (in batches.batch_order) -> its clean half (loss.clean_pass's arrays), evaluated."""
 
     def __init__(self, model, dataset: Sequence, batches: List[List[int]], rows: int, soft: bool):
         self.soft = soft

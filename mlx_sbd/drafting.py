@@ -278,7 +278,7 @@ class Drafter:
         if self.mode != "auto" or self.problem is None or self.since_solve < SOLVE_EVERY:
             return
         self._solve(*self.problem)
-        seconds, outlooks = self.problem[4], self.problem[5]
+        *_, seconds, outlooks = self.problem
         for key, expected in outlooks.items():
             self.planner.table(key, expected or [0.0], seconds)
 

@@ -70,8 +70,11 @@ def clean_pass(model, batch: Batch, soft: bool = True) -> dict:
         p = mx.exp(base - lse[..., None])
         # the vjp's own output (the head's forward again) is never evaluated: only p W is
         _, (pw,) = mx.vjp(lambda x: model.logits(x).astype(mx.float32), [h], [p])
-        bias = model.logits(mx.zeros((1, h.shape[-1]), h.dtype)).astype(mx.float32)  # b (zero for Llama and Qwen)
-        clean.update(clean_pw=mx.stop_gradient(pw).astype(mx.float32), clean_pb=(p * bias).sum(axis=-1))
+        # p . b: a head without a bias (tied embeddings; Llama's and Qwen's lm_head) needs no pass over p for it
+        tied = model.lm.args.tie_word_embeddings
+        pb = (p @ model.lm.lm_head.bias.astype(mx.float32) if not tied and "bias" in model.lm.lm_head
+              else mx.zeros(p.shape[:-1], mx.float32))
+        clean.update(clean_pw=mx.stop_gradient(pw).astype(mx.float32), clean_pb=pb)
     return clean
 
 

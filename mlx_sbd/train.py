@@ -120,7 +120,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     else:
         data = cfg.data
     train_set, valid_set, _ = load_dataset(data, tokenizer, cfg.max_seq_length, cfg.mask_prompt)
-    batch_order(train_set, cfg.batch_size)  # fail now, not at the first step, on a too-small dataset
+    batches = batch_order(train_set, cfg.batch_size)  # fails now, not at the first step, on a too-small dataset
     if valid_set and len(valid_set) < size:
         raise SBDError(f"valid.jsonl has {len(valid_set)} examples, fewer than the {size} processes; add examples")
     mx.random.seed(cfg.seed)  # LoRA initialisation
@@ -164,7 +164,6 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
 
     if cfg.compile:
         step_fn = mx.compile(step_fn, inputs=state, outputs=state)
-    batches = batch_order(train_set, cfg.batch_size)
     numbers = batch_numbers(len(batches), cfg.seed, start=start * accum)
     kept = None
     if cfg.cache_clean:

@@ -66,7 +66,7 @@ class TrainConfig:
     # The cosine decay then follows whichever runs out first, the steps or the minutes, so a stage stopped by the
     # clock still ends at min_learning_rate.
     time_limit: Optional[float] = None
-    # Gated runs: keep each batch's clean half (keys, values, hidden states) in memory after its first epoch, so later
+    # Gated runs: keep each batch's clean half (keys, values, soft targets) in memory after its first epoch, so later
     # epochs skip that forward (clean_cache.py): the same loss, less time, more memory.
     cache_clean: bool = False
 

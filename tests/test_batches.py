@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mlx_sbd.batches import PAD_TO, batch_order, iterate_batches, make_batch
+from mlx_sbd.batches import PAD_TO, batch_numbers, batch_order, make_batch
 from mlx_sbd.errors import SBDError
 from mlx_sbd.masks import training_mask
 from mlx_sbd.model import MASK_ID
@@ -96,10 +96,13 @@ def test_batches_length_sorted_and_resumable():
     assert len(order) == 5  # remainder dropped
     lengths = [[len(data[i][0]) for i in b] for b in order]
     assert all(max(a) <= min(b) for a, b in zip(lengths, lengths[1:]))
-    stream = iterate_batches(data, 4, seed=3)
-    first = [next(stream) for _ in range(12)]
+    def stream(start=0):  # the training loop's batches: batch_order's groups in batch_numbers' order
+        return ([data[i] for i in order[b]] for b in batch_numbers(len(order), seed=3, start=start))
+
+    batches = stream()
+    first = [next(batches) for _ in range(12)]
     assert sorted(map(str, first[:5])) == sorted(str([data[i] for i in b]) for b in order)  # an epoch = every batch
-    resumed = iterate_batches(data, 4, seed=3, start=7)
+    resumed = stream(start=7)
     assert [next(resumed) for _ in range(5)] == first[7:12]
     with pytest.raises(SBDError, match="fewer than --batch-size"):
         batch_order(data[:3], 4)
