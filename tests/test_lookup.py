@@ -71,8 +71,14 @@ def test_greedy_equals_mlx_lm_with_lookup_drafts(gated, draft, layout):
         assert hits > 0  # some drafts passed, so acceptance (not only rejection) was exercised
 
 
-def test_plain_model_decodes_with_lookup_by_default(gated):
-    """A model without an SBD adapter gets prompt lookup (auto), lossless, and drafts on text that repeats."""
+def test_plain_model_decodes_with_lookup_by_default(gated, monkeypatch):
+    """A model without an SBD adapter gets prompt lookup (auto), lossless, and drafts on text that repeats. auto
+    prices rows with a fixed table (rows cheap, as on a GPU): with the time(rows) this machine measures, whether
+    drafts pay depends on its noise (32 rows at 30x one row, auto rightly sends none), and one CI run sent 7 that
+    failed, where the assertion below wants some passed."""
+    from mlx_sbd import costs, decode
+
+    monkeypatch.setattr(decode, "cached_row_cost", lambda m: costs.ContextCost({256: {1: 1.0, 32: 1.2}}))
     base, _, _, tokenizer = gated
     model, _ = mlx_sbd.load(base, adapter_path=False)
     for ids in PROMPTS + [REPEATING]:
