@@ -18,8 +18,10 @@ prefill: measuring 4096 tokens costs the forwards, not a 4096-token prefill.
 Cache: ~/.cache/mlx_sbd/rows_time/<key>.json (MLX_SBD_CACHE overrides the folder), one file per model and device
 holding every bucket measured so far; key = the model's shapes and dtype, the device, the MLX version and the mask
 rows' window (attention.DRAFT_WINDOW); delete the file to measure again. A cached table is also checked against the
-first verified forwards over each bucket in every process, and measured again when they disagree with it
-(ContextCost.observe): a machine's speed is not fixed (power state, other work), and a stale table misprices rows.
+first verified forwards over each bucket in every process (ContextCost.observe): a machine's speed is not fixed
+(power state, other work), and a stale table misprices rows. When they disagree with it by a common factor, at row
+counts far enough apart to show the shape, the table is scaled (which changes no choice, and costs nothing);
+otherwise it is measured again.
 """
 
 import hashlib
@@ -46,7 +48,8 @@ from .model import MASK_ID, PerModel
 ROWS = (1, 2, 4, 8, 16, 32)
 CONTEXTS = (256, 1024, 4096, 16384)  # the context buckets time(rows) is measured at
 CHECK_FORWARDS = 8  # verified forwards a bucket's time(rows) is checked against (ContextCost.observe)
-CHECK_TOLERANCE = 0.25  # off by more than this (their median ratio), the bucket is measured again
+CHECK_TOLERANCE = 0.25  # off by more than this (their median ratio), the bucket is scaled or measured again
+SHAPE_SPAN = 1.5  # row counts this far apart, both seen, confirm a table's shape (same_shape)
 SCALE_FORWARDS = 32  # the latest forwards of each layout whose ratio to the table prices pre-drafting (predraft_scale)
 SCALE_MIN = 4
 
@@ -76,6 +79,24 @@ class RowCost:
     def to_dict(self) -> dict:
         return {str(r): t for r, t in zip(self.rows, self.times)}
 
+    def scaled(self, factor: float) -> "RowCost":
+        return RowCost({r: t * factor for r, t in zip(self.rows, self.times)})
+
+
+def same_shape(seen: Sequence[tuple]) -> bool:
+    """Whether forwards (rows, seconds / the table's seconds) confirm the table's shape: at least two row counts
+    SHAPE_SPAN apart, each seen at least twice, whose median ratios agree within CHECK_TOLERANCE. Then a table off
+    by a common factor only missed the device's speed (a power state, other work: these CPUs move +-20% between
+    processes), which changes no choice of auto's (it compares rows at one price list) but would cost a measurement
+    inside an answer (~4 s here); a table whose shape is wrong (16 rows priced like 8) is measured again."""
+    by_rows: Dict[int, list] = {}
+    for rows, ratio in seen:
+        by_rows.setdefault(rows, []).append(ratio)
+    medians = {r: statistics.median(x) for r, x in by_rows.items() if len(x) >= 2}
+    if len(medians) < 2 or max(medians) < SHAPE_SPAN * min(medians):
+        return False
+    return max(medians.values()) <= (1 + CHECK_TOLERANCE) * min(medians.values())
+
 
 class ContextCost:
     """time(rows, context): a RowCost per context bucket, linear in the context between buckets (attention's work
@@ -85,10 +106,11 @@ class ContextCost:
 
     Checked against the forwards it prices: `observe(rows, context, seconds)` after each verified forward. When
     the median of the first CHECK_FORWARDS forwards' seconds / the table's seconds over a bucket is off by more than
-    CHECK_TOLERANCE, that bucket is measured again now (and saved): a table measured on another day, on a busier
-    machine or in another power state, would otherwise misprice rows for good (in one measured case it priced 16
-    rows like 8, and auto sent 9 rows per forward at 0.89x mlx_lm; BENCHMARKS.md 8). Once per bucket per process,
-    so a generation pays for at most one more measurement per bucket."""
+    CHECK_TOLERANCE, that bucket is scaled by that median when the forwards confirm its shape (same_shape), and
+    measured again now otherwise (and saved either way): a table measured on another day, on a busier machine or in
+    another power state, would otherwise misprice rows for good (in one measured case it priced 16 rows like 8, and
+    auto sent 9 rows per forward at 0.89x mlx_lm; BENCHMARKS.md 8). Once per bucket per process, so a generation
+    pays for at most one more measurement per bucket."""
 
     def __init__(self, tables: Dict[int, Dict[int, float]], measure: Optional[Callable[[int], Dict[int, float]]] = None,
                  save: Optional[Callable[["ContextCost"], None]] = None):
@@ -96,6 +118,7 @@ class ContextCost:
         self.measure, self.save = measure, save
         self.checks: Dict[int, Optional[list]] = {}  # bucket -> ratios seen so far; None once checked
         self.remeasured: list = []  # the buckets measured again after a check (for reports and tests)
+        self.rescaled: list = []  # the buckets scaled after a check, their shape confirmed by the forwards
         self.recent = {False: deque(maxlen=SCALE_FORWARDS), True: deque(maxlen=SCALE_FORWARDS)}  # ratios by layout
         self.version = 0  # counts the buckets measured: a price read before is stale when it moves
 
@@ -112,10 +135,19 @@ class ContextCost:
         ratios = self.checks.setdefault(bucket, [])
         if ratios is None:
             return
-        ratios.append(ratio)
+        ratios.append((rows, ratio))
         if len(ratios) >= CHECK_FORWARDS:
             self.checks[bucket] = None
-            if abs(math.log(statistics.median(ratios))) > math.log(1 + CHECK_TOLERANCE):
+            off = statistics.median(r for _, r in ratios)
+            if abs(math.log(off)) <= math.log(1 + CHECK_TOLERANCE):
+                return
+            if same_shape(ratios):  # the device's speed moved, not the table's shape: scale it, measure nothing
+                self.tables[bucket] = self.tables[bucket].scaled(off)
+                self.rescaled.append(bucket)
+                self.version += 1
+                if self.save is not None:
+                    self.save(self)
+            else:
                 self.add(bucket)
                 self.remeasured.append(bucket)
 

@@ -212,12 +212,12 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
     print(f"auto / best fixed ({best['setting']}): {auto['tps'] / best['tps']:.3f} (target >= 0.95)")
     print(f"mask rows' window: {attention.DRAFT_WINDOW} cached keys")
     print(f"time(rows) buckets measured again after checking them against the forwards: {cost.remeasured or 'none'}"
-          + (" (checks off: --no-cost-check)" if no_cost_check else ""))
+          f"; scaled: {cost.rescaled or 'none'}" + (" (checks off: --no-cost-check)" if no_cost_check else ""))
     save({"machine": machine(), "model": model or "built-in SmolLM2-135M-Instruct", "adapter": adapter_path,
           "draft_window": attention.DRAFT_WINDOW, "max_tokens": max_tokens, "rounds": rounds, "context": context,
           "cold": cold, "heldout": heldout, "prompt_tokens": [len(p) for p in prompts],
           "cost_check": not no_cost_check, "remeasured": cost.remeasured,
-          "time_rows": times, "rows": rows_out,
+          "rescaled": cost.rescaled, "time_rows": times, "rows": rows_out,
           "auto_over_best_fixed": auto["tps"] / best["tps"], "best_fixed": best["setting"],
           "runs": runs}, out)
 

@@ -139,6 +139,38 @@ def test_a_table_the_forwards_disagree_with_is_measured_again():
     assert measured == [256] and ok.checks == {1024: None}
 
 
+def test_a_table_off_by_a_common_factor_is_scaled_and_one_off_in_shape_is_measured_again():
+    """Forwards at row counts SHAPE_SPAN apart that all see the table off by one factor (the device's speed moved)
+    scale the bucket by it: no forwards spent measuring inside an answer, the prices then true, saved. When their
+    ratios differ by row count (the table's shape is wrong) or one row count was seen, the bucket is measured."""
+    measured, saved = [], []
+
+    def measure(context):
+        measured.append(context)
+        return {r: true_time(r) for r in costs.ROWS}
+
+    fast_day = {256: {r: 0.6 * true_time(r) for r in costs.ROWS}}
+    cost = costs.ContextCost(fast_day, measure=measure, save=saved.append)
+    version = cost.version
+    for i in range(costs.CHECK_FORWARDS):
+        rows = (5, 9)[i % 2]
+        cost.observe(rows, 256, true_time(rows) * (1 + 0.02 * (i % 3)))  # a little noise on top
+    assert measured == [] and cost.rescaled == [256] and cost.remeasured == [] and saved == [cost]
+    assert cost.version > version  # auto reads its prices again
+    assert [cost(r, 256) for r in (1, 3, 16, 32)] == pytest.approx([true_time(r) for r in (1, 3, 16, 32)], rel=0.03)
+
+    flat = costs.ContextCost({256: {1: 0.1, 32: 0.1}}, measure=measure)  # prices 9 rows like 5: wrong in shape
+    for i in range(costs.CHECK_FORWARDS):
+        rows = (5, 9)[i % 2]
+        flat.observe(rows, 256, true_time(rows))
+    assert measured == [256] and flat.remeasured == [256] and flat.rescaled == []
+    close = costs.ContextCost(fast_day, measure=measure)  # 5 and 6 rows: too close to tell the shape
+    for i in range(costs.CHECK_FORWARDS):
+        rows = (5, 6)[i % 2]
+        close.observe(rows, 256, true_time(rows))
+    assert measured == [256, 256] and close.remeasured == [256]
+
+
 def test_auto_follows_a_table_measured_again():
     """A stale table that prices rows as free makes auto send a long mask block; once the forwards it sees have the
     table measured again, auto makes the choice the true costs call for."""
