@@ -14,7 +14,11 @@
 # Session 18 ran an earlier form of this on one H200 with a second training run beside this one: that one died
 # at its first step (CUDA: illegal memory access) and the answers stopped at 768 of 3345 (out of memory), each
 # process holding ~44 GB at batch 32 x 384. So here one job runs at a time.
-#   DEADLINE=540 GEN_TIME=150 OUT=... bash scripts/device_stage.sh   (also: PROMPTS, CONFIG, GEN_BATCH, MAXTOK, TRAIN_ARGS, PY)
+# ANSWERS=stage_data/smollm2-distill3 starts from the answers the development machine made beforehand (its
+# prompts.jsonl, valid.jsonl and train.jsonl.gz; make_distill_data continues any prompts left), so the device's
+# minutes go to training.
+#   DEADLINE=540 GEN_TIME=150 OUT=... bash scripts/device_stage.sh   (also: PROMPTS, ANSWERS, CONFIG, GEN_BATCH, MAXTOK,
+#   TRAIN_ARGS, PY)
 set -u
 T0=$(date +%s)
 DEADLINE=${DEADLINE:-540}
@@ -29,6 +33,11 @@ log "start; $(left) s left"
 $PY -c "import mlx.core as mx, mlx_sbd; mlx_sbd.load(adapter_path=False); print(mx.default_device(), mx.__version__)" \
   2>&1 | tail -1 | tee -a "$OUT/log.txt"
 mkdir -p /tmp/distill && cp "$PROMPTS" /tmp/distill/prompts.jsonl
+if [ -n "${ANSWERS:-}" ]; then  # answers made beforehand (on the CPUs): the generation below continues after them
+  cp "$ANSWERS/prompts.jsonl" /tmp/distill/prompts.jsonl && cp "$ANSWERS/valid.jsonl" /tmp/distill/
+  gunzip -c "$ANSWERS/train.jsonl.gz" > /tmp/distill/train.jsonl
+  log "answers made beforehand: $(wc -l < /tmp/distill/train.jsonl) train rows"
+fi
 gen=$(( GEN_TIME < $(left) - 120 ? GEN_TIME : $(left) - 120 ))
 timeout $gen $PY scripts/make_distill_data.py --out /tmp/distill --n-train 100000 --n-valid 24 --n-test 0 \
   --n-code 100000 --n-general 100000 --n-synthetic 0 --max-tokens ${MAXTOK:-128} --batch-size ${GEN_BATCH:-256} > /tmp/gen.log 2>&1
