@@ -42,6 +42,7 @@ from common import machine, save  # noqa: E402
 
 import mlx_sbd  # noqa: E402
 from mlx_sbd import attention  # noqa: E402
+from mlx_sbd.adapter import base_layers  # noqa: E402
 from mlx_sbd import costs  # noqa: E402
 from mlx_sbd.costs import cached_row_cost  # noqa: E402
 from mlx_sbd.drafting import forget  # noqa: E402
@@ -61,9 +62,10 @@ def run_mlx_lm(model, tokenizer, ids, max_tokens, cache):
     keep = min(cache[0].offset, len(ids) - 1)  # `cache` holds this prompt from an earlier run: all but its last token
     trim_prompt_cache(cache, cache[0].offset - keep)
     last, start = None, time.perf_counter()
-    for last in mlx_lm_stream_generate(model.lm, tokenizer, mx.array(ids[keep:]), max_tokens=max_tokens,
-                                       prompt_cache=cache):
-        pass
+    with base_layers(model) as lm:  # the base as mlx_lm loads it: no idle gated layers in its forwards
+        for last in mlx_lm_stream_generate(lm, tokenizer, mx.array(ids[keep:]), max_tokens=max_tokens,
+                                           prompt_cache=cache):
+            pass
     n = last.generation_tokens
     return {"tokens": n, "seconds": n / last.generation_tps, "nfe": n, "rows": [1] * n,
             "contexts": [len(ids) + i for i in range(n)], "start": start}

@@ -18,7 +18,7 @@ from mlx_lm.generate import generate_step
 
 import mlx_sbd
 from mlx_sbd import decode
-from mlx_sbd.adapter import load_adapter, make_trainable, save_adapter
+from mlx_sbd.adapter import base_layers, load_adapter, make_trainable, save_adapter
 from mlx_sbd.attention import BlockMask
 from mlx_sbd.errors import SBDError
 from mlx_sbd.loading import load_model
@@ -91,6 +91,27 @@ def test_gated_adapter_is_gated_and_changes_only_mask_rows(gated):
     assert np.abs(np.array(full[0, :-4]) - np.array(ref[0, :-4])).max() <= 1e-5
     assert np.abs(np.array(full[0, -4:]) - np.array(ref[0, -4:])).max() > 1e-2
     assert '"gated": true' in (gated[1] / "adapter_config.json").read_text()
+
+
+def test_base_layers_is_the_base_as_mlx_lm_loads_it_and_gives_the_gated_layers_back(gated):
+    """Within base_layers the model's modules are the base's (no gated layer: a mask-row forward is the base's too,
+    as mlx_lm's model would be; the same weight arrays), after it the gated layers are back, also after an error."""
+    base, _, model, _ = gated
+    plain = load_model(base)
+    ids = mx.array([PROMPTS[1]])
+    kinds = lambda lm: sorted({type(m).__name__ for _, m in lm.named_modules()})  # noqa: E731
+    before = kinds(model.lm)
+    assert "GatedLoRALinear" in before
+    with base_layers(model) as lm:
+        assert lm is model.lm and kinds(lm) == kinds(plain.lm)
+        assert np.abs(np.array(model.forward(ids, mask_rows=4)) - np.array(plain.forward(ids))).max() <= 1e-5
+        assert np.array_equal(np.array(mlx_lm_model(str(base))(ids)), np.array(lm(ids)))
+    assert kinds(model.lm) == before
+    assert np.abs(np.array(model.forward(ids, mask_rows=4)[0, -4:]) - np.array(plain.forward(ids)[0, -4:])).max() > 1e-2
+    with pytest.raises(RuntimeError):
+        with base_layers(model):
+            raise RuntimeError("a failing baseline")
+    assert kinds(model.lm) == before
 
 
 def test_one_sequence_form_is_the_batched_forward_and_gated(gated):
