@@ -92,8 +92,13 @@ def gate_lora_layers(model) -> None:
         model.lm.update_modules(tree_unflatten(gated))
 
 
+def gated_layers(model) -> list:
+    """[(name, layer)] of every gated LoRA/DoRA layer of `model.lm`."""
+    return [(name, m) for name, m in model.lm.named_modules() if isinstance(m, tuple(GATED.values()))]
+
+
 def is_gated(model) -> bool:
-    return any(isinstance(m, tuple(GATED.values())) for _, m in model.lm.named_modules())
+    return bool(gated_layers(model))
 
 
 @contextmanager
@@ -101,7 +106,7 @@ def base_layers(model):
     """Within: `model.lm` with every gated layer replaced by its base linear, the same weight arrays (the base model
     as mlx_lm would load it, for a baseline timed in the same memory; each idle gated layer costs a Python call per
     forward, ~0.4 ms of SmolLM2's ~60 ms on these CPUs). Its gated layers are back after."""
-    gated = [(name, m) for name, m in model.lm.named_modules() if isinstance(m, tuple(GATED.values()))]
+    gated = gated_layers(model)
     if gated:
         model.lm.update_modules(tree_unflatten([(name, m.linear) for name, m in gated]))
     try:

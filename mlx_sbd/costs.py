@@ -116,7 +116,7 @@ class ContextCost:
                  save: Optional[Callable[["ContextCost"], None]] = None):
         self.tables = {c: RowCost(t) for c, t in tables.items()}
         self.measure, self.save = measure, save
-        self.checks: Dict[int, Optional[list]] = {}  # bucket -> ratios seen so far; None once checked
+        self.checks: Dict[int, Optional[list]] = {}  # bucket -> (rows, ratio) seen so far; None once checked
         self.remeasured: list = []  # the buckets measured again after a check (for reports and tests)
         self.rescaled: list = []  # the buckets scaled after a check, their shape confirmed by the forwards
         self.recent = {False: deque(maxlen=SCALE_FORWARDS), True: deque(maxlen=SCALE_FORWARDS)}  # ratios by layout
@@ -132,21 +132,18 @@ class ContextCost:
         if self.measure is None or predraft:
             return
         bucket = max([c for c in self.tables if c <= context] or [min(self.tables)])
-        ratios = self.checks.setdefault(bucket, [])
-        if ratios is None:
+        seen = self.checks.setdefault(bucket, [])
+        if seen is None:
             return
-        ratios.append((rows, ratio))
-        if len(ratios) >= CHECK_FORWARDS:
+        seen.append((rows, ratio))
+        if len(seen) >= CHECK_FORWARDS:
             self.checks[bucket] = None
-            off = statistics.median(r for _, r in ratios)
+            off = statistics.median(r for _, r in seen)
             if abs(math.log(off)) <= math.log(1 + CHECK_TOLERANCE):
                 return
-            if same_shape(ratios):  # the device's speed moved, not the table's shape: scale it, measure nothing
-                self.tables[bucket] = self.tables[bucket].scaled(off)
+            if same_shape(seen):  # the device's speed moved, not the table's shape: scale it, measure nothing
+                self.keep(bucket, self.tables[bucket].scaled(off))
                 self.rescaled.append(bucket)
-                self.version += 1
-                if self.save is not None:
-                    self.save(self)
             else:
                 self.add(bucket)
                 self.remeasured.append(bucket)
@@ -164,7 +161,11 @@ class ContextCost:
 
     def add(self, context: int) -> None:
         """Measure the bucket at `context` now (and save)."""
-        self.tables[context] = RowCost(self.measure(context))
+        self.keep(context, RowCost(self.measure(context)))
+
+    def keep(self, context: int, table: RowCost) -> None:
+        """`table` is the bucket at `context` from now on (prices read before are stale: version), and saved."""
+        self.tables[context] = table
         self.version += 1
         if self.save is not None:
             self.save(self)

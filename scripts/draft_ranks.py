@@ -21,7 +21,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 import mlx_sbd
 from mlx_sbd.attention import DRAFT_WINDOW, BlockMask
-from mlx_sbd.decode import make_prompt_cache
+from mlx_sbd.decode import make_prompt_cache, prefill
 from mlx_sbd.heldout import KINDS, heldout_prompts
 from mlx_sbd.model import MASK_ID
 
@@ -33,7 +33,7 @@ def block_scores(model, prompt, answer, k):
     """[(rank of the right token, probability of the block's top token)] per position p, for M1..Mk."""
     seq = list(prompt) + list(answer)
     cache = make_prompt_cache(model)
-    model.lm.model(mx.array(seq[: len(prompt) - 1])[None], cache=cache.layers)
+    prefill(model, cache, seq[: len(prompt) - 1])
     out = []
     for p in range(len(prompt) - 1, len(seq) - 1):
         x = mx.array([seq[p]] + [MASK_ID] * k)
