@@ -36,7 +36,7 @@ from .attention import BlockMask, make_span_mask
 from .costs import cached_row_cost
 from .drafting import Drafter, PromptLookup, learned
 from .errors import SBDError
-from .masks import predraft_spans
+from .masks import branch_spans, predraft_spans
 from .model import MASK_ID, SBDModel
 from .samplers import logits_entropy
 
@@ -81,6 +81,7 @@ class Step:
     accepted: int = 0  # of which accepted
     finish: Optional[str] = None  # "stop" (EOS), "length" or None
     rows: int = 0  # rows (query positions) of all forwards so far: with time(rows), what the forwards cost
+    rescued: int = 0  # forwards so far whose rejected draft a branch row stood beside (its token is the next draft)
 
 
 def log_softmax(logits: mx.array) -> mx.array:
@@ -106,11 +107,14 @@ def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_
                  gamma: float, select: Callable, sample: Callable, temp: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, ntp_first: bool = True, max_tokens: int, max_length: int, eos_ids: Sequence[int],
                  prefill_step_size: int = 512, draft: Optional[str] = None,
-                 lookup: Optional[PromptLookup] = None, layout: str = "auto") -> Iterator[Step]:
+                 lookup: Optional[PromptLookup] = None, layout: str = "auto",
+                 branch: Optional[int] = None) -> Iterator[Step]:
     """Prefill the prompt `ids` now (the caller times it), then return the decoding's steps: plain next-token
     decoding (draft "none"), else verified decoding with drafts from `draft` (drafting.resolve_draft: sbd, lookup,
     both, auto) or (verify=False) the paper's lossy loop. draft=None: "none" for block_size 1, else "sbd". `layout`:
-    one mask block after the drafts (linear), one after each (predraft), or auto's choice. `sample` is
+    one mask block after the drafts (linear), one after each (predraft), or auto's choice; `branch`: branch rows per
+    forward (drafting: the mask block's second guesses beside its drafts; None: auto's choice, none in fixed modes).
+    `sample` is
     the token sampler (samplers.make_token_sampler) of the plain and lossy paths; verified decoding needs the
     distribution itself, so it takes temp / top_p / top_k."""
     common = dict(max_tokens=max_tokens, max_length=max_length, eos_ids=set(eos_ids))
@@ -128,7 +132,7 @@ def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_
         drafter = Drafter(draft, lookup, has_adapter=model.sbd is not None, cost=cached_row_cost(model) if auto else None,
                           block_size=block_size, layout=layout,
                           sbd_prior=model.sbd.draft_acceptance if model.sbd is not None else None,
-                          stop=eos_ids, gamma=gamma,
+                          stop=eos_ids, gamma=gamma, branch=branch,
                           # carried over only when greedy: a seed must give the same draws, so the same choices
                           acceptance=learned(model, block_size) if auto and temp == 0 else None)
         return verified_steps(model, cache, drafter, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k, **common)
@@ -168,45 +172,59 @@ def draft_length(logits: mx.array, gamma: float):
 
 
 def verify_step(model: SBDModel, cache: SBDCache, inputs: mx.array, m: int, k: int, q: Optional[mx.array], *,
-                gamma: float, temp: float, top_p: float, top_k: int, predraft: bool = False):
-    """One verified forward over `inputs` = [tokens not in the cache (x last)] + m drafts + mask blocks of k: one
-    after the drafts (the linear layout), or with `predraft` m + 1, block i after d_i (masks.predraft_spans), so the
-    next drafts exist whatever the verifier accepts.
+                gamma: float, temp: float, top_p: float, top_k: int, predraft: bool = False, alts: int = 0,
+                want_alts: bool = False):
+    """One verified forward over `inputs` = [tokens not in the cache (x last)] + m drafts + `alts` branch rows + mask
+    blocks of k: one after the drafts (the linear layout), or with `predraft` m + 1, block i after d_i
+    (masks.predraft_spans), so the next drafts exist whatever the verifier accepts. Branch row i (linear layout
+    only, masks.branch_spans) holds another candidate for d_(i+1)'s position: when the verifier rejects d_(i+1) and
+    its token is that candidate, the branch row's own causal token is the next forward's first draft.
 
-    Returns (a, n, t, e, q_next), lazy: a the accepted drafts, t the token after them, e [k-1] the next drafts of
-    which n are proposed (from the block after d_a; n a Python int when gamma is inf); q_next [k-1, V] the
-    probabilities the e were drawn from (None when greedy). Greedy, a is None and t holds the m + 1 causal rows'
-    argmaxes: the caller counts the drafts that agree with them (`agreed`) and takes the token after, which costs
-    the host nothing and the device five ops fewer (on small models every op of the step shows). q [m, V]: what the
-    drafts were drawn from (None when greedy: one-hot). The cache grows by every row; the caller trims what was not
-    accepted."""
+    Returns (a, n, t, e, q_next, branch), lazy: a the accepted drafts, t the token after them, e [k-1] the next
+    drafts of which n are proposed (from the block after d_a; n a Python int when gamma is inf); q_next [k-1, V]
+    the probabilities the e were drawn from (None when greedy); branch None without branch rows or `want_alts`,
+    else (y [alts], q_y [alts, V] or None, alt [k-1] or None): y the branch rows' tokens (drawn from their
+    distributions q_y when sampling) and alt the block's best guess other than e at each next position (with
+    `want_alts`). Greedy, a is None and t holds the m + 1 causal rows' argmaxes, then the branch rows': the caller
+    counts the drafts that agree with them (`agreed`) and takes the token after, which costs the host nothing and
+    the device five ops fewer (on small models every op of the step shows). q [m, V]: what the drafts were drawn
+    from (None when greedy: one-hot). The cache grows by every row; the caller trims what was not accepted."""
     rows = inputs.shape[0]
     blocks = (m + 1 if predraft else 1) if k else 0
     c = rows - blocks * k  # first mask row
+    d = c - alts  # the end of the causal rows (x, d1..dm); the branch rows sit between
     positions = None
     if blocks > 1:
-        positions, visible, lo, hi = predraft_spans(cache.offset, c - m, m, k)
+        positions, visible, lo, hi = predraft_spans(cache.offset, d - m, m, k)
+        mask = make_span_mask(visible, lo, hi, cache.offset + rows, mask_from=c, window=attention.DRAFT_WINDOW)
+    elif alts:
+        positions, visible, lo, hi = branch_spans(cache.offset, d - m, m, alts, k)
         mask = make_span_mask(visible, lo, hi, cache.offset + rows, mask_from=c, window=attention.DRAFT_WINDOW)
     else:  # mask rows draft from the last DRAFT_WINDOW cached tokens; the causal rows see them all
         mask = BlockMask(causal_point=c, window=attention.DRAFT_WINDOW) if k else "causal"
     h = model.forward(inputs, positions=positions, mask=mask, cache=cache.layers, return_hidden=True,
                       mask_rows=blocks * k)  # [rows, hidden]
-    drafts = inputs[c - m : c]
+    drafts = inputs[d - m : d]
 
     def after(a):  # logits of the next drafts' rows: M2..Mk of the block that assumed a accepted drafts
         return model.logits(mx.take(h[c:].reshape(blocks, k, -1), a, axis=0)[1:])
 
+    def others(logits, e):  # the block's best guess other than e, per row (another candidate for each position)
+        return mx.where(mx.arange(logits.shape[-1]) == e[:, None], -mx.inf, logits).argmax(-1) if want_alts else None
+
     if temp == 0 and blocks <= 1:  # greedy, linear: one lm-head call and one argmax for causal and mask rows
-        logits = model.logits(mx.concatenate([h[c - m - 1 : c], h[c + 1 :]]))  # rows x, d1..dm and M2..Mk only
+        logits = model.logits(mx.concatenate([h[c - alts - m - 1 : c], h[c + 1 :]]))  # x, d1..dm, branches, M2..Mk
         targets = logits.argmax(-1)
-        return None, draft_length(logits[m + 1 :], gamma), targets[: m + 1], targets[m + 1 :], None
-    causal = model.logits(h[c - m - 1 : c])
+        e = targets[m + 1 + alts :]
+        branch = (targets[m + 1 : m + 1 + alts], None, others(logits[m + 1 + alts :], e)) if alts or want_alts else None
+        return None, draft_length(logits[m + 1 + alts :], gamma), targets[: m + 1 + alts], e, None, branch
+    causal = model.logits(h[d - m - 1 : d])
     masked = None if blocks > 1 else model.logits(h[c + 1 :])  # the rows after M1: what M1 predicts, x's row does
     if temp == 0:  # greedy, pre-drafting: the block after d_a, once a is known (on the device: no sync; the
         targets = causal.argmax(-1)  # host counts the same a again from the targets, as in the linear layout)
         a = mx.cumprod(targets[:m] == drafts).sum() if m else mx.array(0)
         masked = after(a)
-        return None, draft_length(masked, gamma), targets, masked.argmax(-1), None
+        return None, draft_length(masked, gamma), targets, masked.argmax(-1), None, None
     p = filtered_probs(causal, temp, top_p, top_k)  # [m+1, V]
     if m:
         pd = mx.take_along_axis(p[:m], drafts[:, None], axis=-1)[:, 0]
@@ -216,11 +234,18 @@ def verify_step(model: SBDModel, cache: SBDCache, inputs: mx.array, m: int, k: i
     else:
         a, residual = mx.array(0), p
     t = mx.random.categorical(mx.log(residual[a]))  # categorical normalises norm(max(0, p - q)) itself
+    branch = None
+    if alts:  # a branch row's token is a draft for the next forward: drawn from its own filtered distribution
+        q_y = filtered_probs(model.logits(h[d:c]), temp, top_p, top_k)
+        branch = (mx.random.categorical(mx.log(q_y)), q_y, None)
     if not k:  # no mask block in this forward: no next drafts
-        return a, 0, t, mx.zeros((0,), mx.int32), None
+        return a, 0, t, mx.zeros((0,), mx.int32), None, branch
     masked = after(a) if blocks > 1 else masked
     q_next = filtered_probs(masked, temp, top_p, top_k)
-    return a, draft_length(masked, gamma), t, mx.random.categorical(mx.log(q_next)), q_next
+    e = mx.random.categorical(mx.log(q_next))
+    if want_alts:
+        branch = (*(branch or (mx.zeros((0,), mx.int32), None))[:2], others(masked, e))
+    return a, draft_length(masked, gamma), t, e, q_next, branch
 
 
 def agreed(drafts: List[int], targets: List[int]) -> int:
@@ -239,79 +264,99 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
 
     The next forward is launched (mx.async_eval) before a step is yielded, so the caller's work on it (detokenizing,
     streaming) overlaps the device's; a generator closed early trims that forward's rows back off the cache."""
-    produced = nfe = drafted = accepted = rows = 0
+    produced = nfe = drafted = accepted = rows = rescues = 0
     vocab = model.args.vocab_size
 
-    def launch(masked: Optional[List[int]], q_masked: Optional[mx.array]):
-        """Build and start the next forward -> (its lazy outputs, drafts, mask rows, rows, source, predraft), or None
-        when nothing is left to do."""
+    def launch(masked: Optional[List[int]], q_masked: Optional[mx.array], alts: Optional[List[int]],
+               branch: Optional[List[int]], q_branch: Optional[mx.array]):
+        """Build and start the next forward -> (its lazy outputs, drafts, branch candidates, mask rows, rows, source,
+        predraft, (context, clock)), or None when nothing is left to do. `alts`: the block's other candidates for
+        the positions of `masked`; `branch`: the draft a branch row made (after a rejection it rescued)."""
         left, room = max_tokens - produced, max_length - cache.offset - len(cache.pending)
         if left <= 0 or room <= 0:
             return None
         # drafts past the budget or the context are never needed
         drafts, source, k, predraft = drafter.plan(cache.tokens, masked, min(left - 1, room - 1), len(cache.pending),
-                                                   room, cache.offset)
+                                                   room, cache.offset, branch=branch)
         m = len(drafts)
         k = min(k, room - m)  # block i's masks reach position m_i + k at most: room - m bounds every block
         k = k if k >= 2 and left - m > 1 else 0  # no mask block when its drafts could not be used
         predraft = predraft and k > 0 and m > 0
+        # branch rows: other candidates for the mask block's drafts (linear layout; never past what is left)
+        n_alts = 0 if predraft or source != "sbd" or not alts else \
+            drafter.alternatives(min(m, len(alts)), len(cache.pending) + m + k, cache.offset)
+        alts = alts[:n_alts] if n_alts else []
         q = None
-        if temp > 0 and m:  # what the drafts were drawn from: the masked marginals, or one-hot for a lookup token
-            q = q_masked[:m] if source == "sbd" else (mx.arange(vocab)[None] == mx.array(drafts)[:, None]).astype(mx.float32)
+        if temp > 0 and m:  # what the drafts were drawn from: the masked marginals, a branch row's distribution, or
+            # one-hot for a lookup token
+            q = q_masked[:m] if source == "sbd" else q_branch[:m] if source == "branch" else \
+                (mx.arange(vocab)[None] == mx.array(drafts)[:, None]).astype(mx.float32)
         mask_rows = (m + 1 if predraft else 1) * k
-        inputs = mx.array(cache.pending + drafts + [MASK_ID] * mask_rows, mx.int32)
+        inputs = mx.array(cache.pending + drafts + alts + [MASK_ID] * mask_rows, mx.int32)
         context, tic = cache.offset, time.perf_counter()  # before the graph is built: on the CPU much of the
         # forward runs while it is (a KV cache update evaluates), so a clock started after async_eval saw a fifth
         with mx.stream(generation_stream):
             out = verify_step(model, cache, inputs, m, k, q, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k,
-                              predraft=predraft)
-        mx.async_eval(*(x for x in out if isinstance(x, mx.array)))
+                              predraft=predraft, alts=len(alts), want_alts=drafter.branching and k > 0 and not predraft)
+        mx.async_eval(*(x for x in out[:5] if isinstance(x, mx.array)), *(x for x in out[5] or () if x is not None))
         drafter.think()  # auto's planning for later forwards, while this one computes
-        return out, drafts, mask_rows, inputs.shape[0], source, predraft, (context, tic)
+        return out, drafts, alts, mask_rows, inputs.shape[0], source, predraft, (context, tic)
 
-    flight = launch(None, None)
+    flight = launch(None, None, None, None, None)
     try:
         while flight is not None:
-            (a, n, t, e, q_next), drafts, mask_rows, n_rows, source, predraft, (context, tic) = flight
+            (a, n, t, e, q_next, branch), drafts, alts, mask_rows, n_rows, source, predraft, (context, tic) = flight
             flight, m = None, len(drafts)
             rows += n_rows
-            if a is None:  # greedy: t holds the causal rows' tokens; the agreeing drafts are counted here
-                targets = t.tolist()  # the one wait per forward: the others were evaluated with it
+            if a is None:  # greedy: t holds the causal rows' tokens, then the branch rows'; the agreeing drafts are
+                targets = t.tolist()  # counted here. The one wait per forward: the others were evaluated with it
                 a = agreed(drafts, targets)
-                t = targets[a]
+                t, ys = targets[a], targets[m + 1 :]
             else:
                 a, t = a.item(), t.item()
+                ys = branch[0].tolist() if alts else []
             n, e = n if isinstance(n, int) else n.item(), e.tolist()
             if drafter.cost is not None:  # what this forward took, from its launch: auto's prices follow the device
                 drafter.cost.observe(n_rows, context, time.perf_counter() - tic, predraft=predraft)
             nfe, drafted, accepted = nfe + 1, drafted + m, accepted + a
             drafter.record(source, m, a)
+            # a branch row rescues the rejected draft it stands beside: its token is the verifier's, so its own
+            # causal token (the one after it) is the next forward's first draft
+            rescued = a < len(alts) and t == alts[a]
+            if alts:
+                drafter.record_alternatives(len(alts), a if rescued else None)
+                rescues += rescued
             new = drafts[:a] + [t]  # the accepted drafts (their K/V are in the cache) and t (not yet)
             stop = next((i for i, tok in enumerate(new) if tok in eos_ids), None)
             # EOS ends the conversation: nothing after it is kept. (max_tokens needs no cut here: launch proposes at
             # most left - 1 drafts, so a forward never yields more than what is left.)
             end = len(new) if stop is None else stop + 1
             new = new[:end]
-            # Keep K/V of the accepted drafts up to `end`; drop the rejected drafts, the mask blocks and the rest.
-            trim_prompt_cache(cache.layers, (m - a) + mask_rows + (a - min(end, a)))
+            # Keep K/V of the accepted drafts up to `end`; drop the rejected drafts, the branch rows, the mask blocks
+            # and the rest.
+            trim_prompt_cache(cache.layers, (m - a) + len(alts) + mask_rows + (a - min(end, a)))
             cache.pending = [t] if end == a + 1 else []  # t is committed; its K/V come with the next forward
             cache.tokens += new
             produced += len(new)
             if stop is not None:
-                yield Step(new[:-1], nfe, drafted, accepted, "stop", rows)
+                yield Step(new[:-1], nfe, drafted, accepted, "stop", rows, rescues)
                 return
             # the mask block's guesses assumed the drafts before it: with one block they are drafts only when all
             # passed; with pre-drafting the block after d_a was chosen on the device
             valid = mask_rows > 0 and (predraft or a == m)
             if valid:
                 drafter.record_kept(mask_rows // (m + 1 if predraft else 1), n)
-            flight = launch(e[:n] if valid else None, q_next if valid else None)
-            yield Step(new, nfe, drafted, accepted, rows=rows)
-        yield Step([], nfe, drafted, accepted, "length", rows)
+            alt_next = branch[2] if valid and branch is not None and branch[2] is not None else None
+            flight = launch(e[:n] if valid else None, q_next if valid else None,
+                            alt_next.tolist()[:n] if alt_next is not None else None,
+                            [ys[a]] if rescued else None, branch[1][a : a + 1] if rescued and branch[1] is not None
+                            else None)
+            yield Step(new, nfe, drafted, accepted, rows=rows, rescued=rescues)
+        yield Step([], nfe, drafted, accepted, "length", rows, rescues)
     finally:
         if flight is not None:  # closed with a forward in flight: its rows leave the cache, pending stays pending
-            mx.eval(*(x for x in flight[0] if isinstance(x, mx.array)))
-            trim_prompt_cache(cache.layers, flight[3])
+            mx.eval(*(x for x in flight[0][:5] if isinstance(x, mx.array)))
+            trim_prompt_cache(cache.layers, flight[4])
 
 
 # --- plain next-token decoding -------------------------------------------------------------------------------

@@ -13,6 +13,14 @@ the output stays the model's own. Two sources:
 `both` runs the mask block and takes its drafts when they are valid (the last forward accepted everything),
 lookup's otherwise, i.e. exactly after the rejections that leave the mask block with nothing to offer. `auto`
 (the default) chooses source, draft count and mask block per forward from measured costs (Drafter).
+
+Branch rows (the one tree decoding.verify_step builds): beside the mask block's drafts, a forward may carry the
+block's second guess for the first few draft positions, each a causal row that sees what the draft at its position
+sees (masks.branch_spans). When the verifier rejects the draft at a position and its token is the branch row's
+candidate, the branch row has already run the model one token further: its causal token is the next forward's
+first draft (source `branch`), which passes unless rounding or sampling says otherwise. A branch row costs a row
+and never changes the output (its token is only a draft); auto adds one while the chance it rescues (measured per
+position, RESCUE_PRIOR to start) is worth its row at the generation's rate.
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -105,11 +113,40 @@ class PromptLookup:
 # a 3-gram; once the first passed, the next ones pass ~80% of the time whatever the match. The mask block's come
 # from its adapter (SBDSettings.draft_acceptance, measured on held-out prompts when it was made), else are unknown
 # until seen (1/2). Each prior weighs as much as PRIOR_WEIGHT observed drafts.
-PRIORS = {("lookup", 1): (0.2, 0.8), ("lookup", 2): (0.45, 0.8), ("lookup", 3): (0.8, 0.8)}
+PRIORS = {("lookup", 1): (0.2, 0.8), ("lookup", 2): (0.45, 0.8), ("lookup", 3): (0.8, 0.8), "branch": (0.95, 0.5)}
 DEFAULT_PRIOR = (0.5, 0.5)
 PRIOR_WEIGHT = 4.0
 MEMORY = 64.0  # observations per position an estimate keeps: older ones fade (halved past twice this), so the
 # estimate follows the text (code, chat) while carrying over between generations of one model (chat, server)
+
+
+# Branch rows (module docstring): how often the row beside draft position j rescued its forward's rejection, per row
+# sent, measured with the shipped SmolLM2 adapter on held-out chat and code (BENCHMARKS.md 12); a rescue is worth one
+# token (the next forward's first draft, which passes).
+RESCUE_PRIOR = (0.15, 0.08, 0.05, 0.03)
+RESCUE_VALUE = 1.0
+
+
+class Rescues:
+    """Per branch-row position j: how often a row there rescued, from RESCUE_PRIOR (weighing PRIOR_WEIGHT rows),
+    fading as Acceptance's estimates do."""
+
+    def __init__(self, prior: Sequence[float] = RESCUE_PRIOR, size: int = 64):
+        rates = list(prior) + [prior[-1]] * (size - len(prior))
+        self.sent = [PRIOR_WEIGHT] * size
+        self.hits = [PRIOR_WEIGHT * p for p in rates[:size]]
+
+    def record(self, rows: int, rescued_at: Optional[int]) -> None:
+        for j in range(min(rows, len(self.sent))):
+            self.sent[j] += 1
+            self.hits[j] += j == rescued_at
+            if self.sent[j] > 2 * MEMORY:
+                self.sent[j] *= 0.5
+                self.hits[j] *= 0.5
+
+    def rate(self, j: int) -> float:
+        j = min(j, len(self.sent) - 1)
+        return self.hits[j] / self.sent[j]
 
 
 class Acceptance:
@@ -171,7 +208,8 @@ class Drafter:
 
     def __init__(self, mode: str, lookup: Optional[PromptLookup] = None, has_adapter: bool = True, cost=None,
                  block_size: int = 0, layout: str = "linear", acceptance: Optional[dict] = None,
-                 sbd_prior: Optional[Sequence[float]] = None, stop: Sequence[int] = (), gamma: float = float("inf")):
+                 sbd_prior: Optional[Sequence[float]] = None, stop: Sequence[int] = (), gamma: float = float("inf"),
+                 branch: Optional[int] = None):
         if layout not in LAYOUTS:
             raise SBDError(f"layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
         self.mode, self.layout = mode, layout
@@ -193,6 +231,14 @@ class Drafter:
         self.problem = None  # what the last plan would have solved with (_solve's arguments): think() uses it
         # how many of a block's guesses the EB rule proposes (all with gamma inf): estimated like acceptance
         self.kept_key = None if gamma == float("inf") else ("kept", gamma)
+        # branch rows: a fixed count per forward (0: none), or auto's choice (None; fixed modes have none)
+        if branch is not None and (isinstance(branch, bool) or not isinstance(branch, int) or branch < 0):
+            raise SBDError(f"branch must be an integer >= 0 (got {branch!r})")
+        self.branch = branch if branch is not None or mode == "auto" else 0
+        self.branching = bool(self.block_size) and self.branch != 0
+        if self.branching and ("rescues", block_size) not in self.acceptance:
+            self.acceptance["rescues", block_size] = Rescues()  # carried over with the acceptance (learned())
+        self.rescues = self.acceptance.get(("rescues", block_size))
 
     def until_stop(self, drafts: List[int]) -> List[int]:
         """`drafts` up to and including the first end-of-sequence token: the rows after it would be wasted (a lookup
@@ -205,9 +251,12 @@ class Drafter:
     def _lookup(self, tokens: Sequence[int], limit: int) -> List[int]:
         return self.until_stop(self.lookup.propose(tokens, limit))
 
-    def propose(self, tokens: Sequence[int], masked: Optional[List[int]], limit: int) -> Tuple[List[int], str]:
+    def propose(self, tokens: Sequence[int], masked: Optional[List[int]], limit: int,
+                branch: Optional[List[int]] = None) -> Tuple[List[int], str]:
         """(drafts, source) for the forward after `tokens` in the fixed modes. `masked`: the mask block's drafts when
-        valid, else None."""
+        valid, else None; `branch`: a branch row's draft (after the rejection it rescued), else None."""
+        if branch and limit > 0:
+            return self.until_stop(branch[:limit]), "branch"
         if masked and self.mode in ("sbd", "both", "auto"):
             return self.until_stop(masked[:limit]), "sbd"
         if self.lookup is not None:
@@ -215,14 +264,17 @@ class Drafter:
         return [], "sbd"
 
     def plan(self, tokens: Sequence[int], masked: Optional[List[int]], limit: int, pending: int,
-             room: int, context: int = 0) -> Tuple[List[int], str, int, bool]:
+             room: int, context: int = 0, branch: Optional[List[int]] = None) -> Tuple[List[int], str, int, bool]:
         """(drafts, source, mask block size, pre-drafting) of the next forward; `room` bounds drafts + masks;
-        `context`: the tokens already in the KV cache, which every row attends to (rows cost more over a longer one)."""
+        `context`: the tokens already in the KV cache, which every row attends to (rows cost more over a longer one);
+        `branch`: a branch row's draft, when the last forward's rejection was rescued (propose)."""
         if self.mode != "auto" or self.cost is None:
-            drafts, source = self.propose(tokens, masked, limit)
+            drafts, source = self.propose(tokens, masked, limit, branch)
             self.last_key = source
             return drafts, source, self.block_size, self.layout == "predraft"  # fixed modes: auto layout = linear
         sources = []  # (drafts, source, acceptance key) open to the next forward
+        if branch:
+            sources.append((self.until_stop(branch[:limit]), "branch", "branch"))
         if masked:
             sources.append((self.until_stop(masked[:limit]), "sbd", "sbd"))
         if self.lookup is not None:
@@ -336,10 +388,35 @@ class Drafter:
                 prior = self.sbd_prior
             elif isinstance(key, tuple) and key[0] == "lookup" and key[1]:
                 prior = PRIORS.get(("lookup", min(key[1], 3)), DEFAULT_PRIOR)
+            elif key == "branch":
+                prior = PRIORS["branch"]
             else:  # lookup with no match, or the EB rule's kept drafts (key ("kept", gamma))
                 prior = DEFAULT_PRIOR
             self.acceptance[key] = Acceptance(prior)
         return self.acceptance[key]
+
+    def alternatives(self, limit: int, rows: int, context: int = 0) -> int:
+        """How many branch rows (the mask block's second guesses for draft positions 1, 2, ...) a forward of `rows`
+        rows carries, at most `limit`: the fixed count, or auto's, rows while a row's chance to rescue is worth
+        more than its time at the generation's rate (planning.Planner.rho, tokens per second)."""
+        if not self.branching or limit <= 0:
+            return 0
+        if self.branch is not None:
+            return min(self.branch, limit)
+        rho = self.planner.rho
+        if self.cost is None or not rho:
+            return 0
+        seconds = self.prices[1] if self.prices is not None and len(self.prices[1]) > rows + limit else \
+            self._seconds(rows + limit, context)
+        n = 0
+        while n < limit and self.rescues.rate(n) * RESCUE_VALUE > rho * (seconds[rows + n + 1] - seconds[rows + n]):
+            n += 1
+        return n
+
+    def record_alternatives(self, rows: int, rescued_at: Optional[int]) -> None:
+        """A forward carried `rows` branch rows; the one at `rescued_at` (or none) rescued its rejection."""
+        if self.rescues is not None:
+            self.rescues.record(rows, rescued_at)
 
     def record_kept(self, block: int, proposed: int) -> None:
         """A valid mask block of `block` masks offered `proposed` drafts (the EB rule keeps the first always)."""

@@ -38,6 +38,7 @@ class GenerationResponse:
     drafted: int = 0  # drafts verified so far (verified decoding)
     accepted: int = 0  # of which the causal path accepted
     rows: int = 0  # query rows of the forwards so far (one per token for plain decoding; drafts + masks for SBD)
+    rescued: int = 0  # forwards so far whose rejected draft a branch row rescued (verified decoding, drafting.py)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -100,6 +101,7 @@ def stream_generate(
     draft: str = "auto",
     lookup: Optional[PromptLookup] = None,
     layout: str = "auto",
+    branch: Optional[int] = None,
 ) -> Iterator[GenerationResponse]:
     """Yield GenerationResponse chunks as tokens are finalised (several per forward with SBD).
 
@@ -115,7 +117,9 @@ def stream_generate(
     decoding) or "auto" (the default: source, number of drafts and mask block chosen per forward from time(rows)
     measured on this device and the acceptance seen so far; the mask block only with an SBD adapter; block_size=1
     is none). `layout`: "linear" (one mask block after the drafts), "predraft" (one after each draft, so the next
-    drafts exist whatever passes; more rows) or "auto" (auto chooses; fixed draft modes use linear)."""
+    drafts exist whatever passes; more rows) or "auto" (auto chooses; fixed draft modes use linear). `branch`: how
+    many of the mask block's drafts get a branch row beside them, holding the block's second guess (drafting.py;
+    None: auto's choice per forward, none in the fixed modes)."""
     draft = resolve_draft(draft, block_size, verify)
     if layout not in LAYOUTS:
         raise SBDError(f"layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
@@ -144,7 +148,7 @@ def stream_generate(
                              sample=sample, temp=temp, top_p=top_p, top_k=top_k, ntp_first=ntp_first, max_tokens=max_tokens,
                              max_length=max_length, eos_ids=list(tokenizer.eos_token_ids),
                              prefill_step_size=prefill_step_size, draft=draft, lookup=lookup,
-                             layout=layout)
+                             layout=layout, branch=branch)
         prompt_tps = len(ids) / max(time.perf_counter() - tic, 1e-9)
 
         detokenizer = tokenizer.detokenizer
@@ -176,6 +180,7 @@ def stream_generate(
                     drafted=step.drafted,
                     accepted=step.accepted,
                     rows=step.rows,
+                    rescued=step.rescued,
                 )
                 if reason is not None:
                     return
@@ -201,6 +206,7 @@ def format_stats(r: GenerationResponse) -> str:
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec\n"
         f"Forward passes: {r.nfe}, {r.tokens_per_forward:.2f} tokens per forward"
         + (f", {r.accepted}/{r.drafted} drafts accepted ({100 * r.acceptance_rate:.0f}%)" if r.drafted else "")
+        + (f", {r.rescued} rejections rescued by branch rows" if r.rescued else "")
         + f"\nPeak memory: {r.peak_memory:.3f} GB"
     )
 

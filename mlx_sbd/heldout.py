@@ -37,27 +37,29 @@ MIN_TRIED = 20  # a position's acceptance is reported once drafts reached it thi
 
 
 def measure(model, tokenizer, prompts: List[List[int]], max_tokens: int = 64, block_size=None,
-            draft: str = "sbd", gamma: float = float("inf"), layout: str = "linear") -> dict:
+            draft: str = "sbd", gamma: float = float("inf"), layout: str = "linear", branch=None) -> dict:
     """Verified greedy decoding of each prompt -> {tokens, forwards, tokens_per_forward, rows_per_forward, per_prompt,
     draft_tried, draft_passed, draft_acceptance}. gamma=inf drafts every position of the block each forward, so the
     number is what the adapter's drafts can give (layout "predraft": drafts on every forward, not only after one
     that accepted all). draft_acceptance[j]: how often a draft at position j passed when the drafts before it did
-    (positions reached at least MIN_TRIED times), what --draft auto starts from for this adapter."""
-    tokens = forwards = rows = 0
+    (positions reached at least MIN_TRIED times), what --draft auto starts from for this adapter. `branch`: branch
+    rows per forward (drafting.py; "rescued" counts the rejections they rescued)."""
+    tokens = forwards = rows = rescued = 0
     per_prompt = []
     tried, passed = [], []
     for ids in tqdm(prompts, desc="held-out prompts", unit="prompt", leave=False):
         last, drafted, accepted = None, 0, 0
         for last in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, block_size=block_size,
-                                     gamma=gamma, draft=draft, layout=layout):
+                                     gamma=gamma, draft=draft, layout=layout, branch=branch):
             count_positions(tried, passed, last.drafted - drafted, last.accepted - accepted)
             drafted, accepted = last.drafted, last.accepted
         tokens += last.generation_tokens
         forwards += last.nfe
         rows += last.rows
+        rescued += last.rescued
         per_prompt.append(last.tokens_per_forward)
     return {"tokens": tokens, "forwards": forwards, "tokens_per_forward": tokens / max(forwards, 1),
-            "rows_per_forward": rows / max(forwards, 1), "per_prompt": per_prompt, "draft_tried": tried,
+            "rows_per_forward": rows / max(forwards, 1), "rescued": rescued, "per_prompt": per_prompt, "draft_tried": tried,
             "draft_passed": passed, "draft_acceptance": acceptance_rates(tried, passed)}
 
 

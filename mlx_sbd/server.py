@@ -380,6 +380,7 @@ class Defaults:
     verify: bool = True
     draft: str = "auto"
     layout: str = "auto"
+    branch: Optional[int] = None  # None: auto's choice (drafting.py)
     temp: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -404,6 +405,7 @@ def parse_settings(body: dict, defaults: Defaults, vocab_size: int) -> dict:
         selector=body.get("selector", defaults.selector),
         draft=body.get("draft", defaults.draft),
         layout=body.get("layout", defaults.layout),
+        branch=_number(body, "branch", defaults.branch, lo=0, hi=MAX_BLOCK_SIZE, integer=True),
     )
     if settings["top_k"] >= vocab_size:
         settings["top_k"] = 0  # keeping the top V of V tokens is no filter, and mlx_lm's top-k refuses k >= V

@@ -88,7 +88,8 @@ def run_sbd(model, tokenizer, ids, max_tokens, cache, no_prior=False, **kw):
         prev, produced = last.rows, last.generation_tokens
     n = last.generation_tokens
     return {"tokens": n, "seconds": n / last.generation_tps if n else 0.0, "nfe": last.nfe, "rows": rows,
-            "contexts": contexts, "drafted": last.drafted, "accepted": last.accepted, "start": start}
+            "contexts": contexts, "drafted": last.drafted, "accepted": last.accepted, "rescued": last.rescued,
+            "start": start}
 
 
 def long_prompt(tokenizer, question: str, tokens: int) -> list:
@@ -120,9 +121,11 @@ def long_prompt(tokenizer, question: str, tokens: int) -> list:
               "disagree with it (the default measures a bucket again when they do; costs.ContextCost.observe).")
 @click.option("--auto-gamma", default=None, help="Run auto with this gamma, the EB rule's entropy budget for the mask "
               "block's drafts (auto's default is inf: every guess offered).")
+@click.option("--no-branch", is_flag=True, help="Also run auto without branch rows (branch=0), beside the default "
+              "that chooses them (drafting.py).")
 @click.option("--out", default="results/bench_decode.json", show_default=True)
 def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, context, cold, draft_window, heldout,
-         no_cost_check, auto_gamma, out):
+         no_cost_check, auto_gamma, no_branch, out):
     if heldout and context:
         raise click.UsageError("--heldout decodes the held-out prompts as they are; leave out --context")
     if draft_window is not None:
@@ -143,6 +146,8 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
         settings["auto (default)"] = dict(draft="auto")
     else:  # not beside the default: the two would share (and mix) what auto learns of the drafts
         settings[f"auto gamma={auto_gamma}"] = dict(draft="auto", gamma=float(auto_gamma))
+    if no_branch:  # shares what auto learns of the mask block's drafts with the default; branch drafts are apart
+        settings["auto, no branch rows"] = dict(draft="auto", branch=0)
     if cold and sbd_model.sbd is not None and sbd_model.sbd.draft_acceptance:
         settings["auto, no prior"] = dict(draft="auto", no_prior=True)
 
@@ -188,7 +193,7 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
                    rows_per_forward=(sum(all_rows) / len(all_rows)) if all_rows else None,
                    acceptance=(sum(r.get("accepted", 0) for r in first) / drafted) if drafted else None,
                    tps=statistics.median(tps), tps_rounds=tps, ratio=statistics.median(ratio), ratio_lo=min(ratio),
-                   ratio_hi=max(ratio), predicted_tps=predicted,
+                   ratio_hi=max(ratio), predicted_tps=predicted, rescued=sum(r.get("rescued", 0) for r in first),
                    gap=(statistics.median(tps) / predicted - 1) if predicted else None)
         rows_out.append(row)
     fixed = [r for r in rows_out if r["setting"] != "mlx_lm" and not r["setting"].startswith(("auto", "lossy"))]
@@ -212,6 +217,8 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
         print(f"{r['setting']:16} {r['tokens_per_forward']:7.2f} {rpf} {acc} {r['tps']:7.2f} {r['ratio']:7.3f}x "
               f"{r['ratio_lo']:5.2f}-{r['ratio_hi']:.2f} {pred} {gap}")
     print(f"auto / best fixed ({best['setting']}): {auto['tps'] / best['tps']:.3f} (target >= 0.95)")
+    print("rejections rescued by branch rows (round 1): "
+          + (", ".join(f"{r['setting']} {r['rescued']}" for r in rows_out if r["rescued"]) or "none"))
     print(f"mask rows' window: {attention.DRAFT_WINDOW} cached keys")
     print(f"time(rows) buckets measured again after checking them against the forwards: {cost.remeasured or 'none'}"
           f"; scaled: {cost.rescaled or 'none'}" + (" (checks off: --no-cost-check)" if no_cost_check else ""))

@@ -29,15 +29,22 @@ from mlx_sbd.heldout import KINDS, heldout_prompts, measure, pooled
               help="predraft: a mask block after each draft, so every forward has drafts (more rows per forward).")
 @click.option("--draft", default="sbd", show_default=True, type=click.Choice(["sbd", "both"]),
               help="both: prompt lookup's drafts where the mask block has none valid (e.g. after a rejection).")
+@click.option("--branch", default=None, type=click.IntRange(min=0), help="Branch rows per forward (the mask block's "
+              "second guesses beside its first N drafts); the table then shows how often each position's row "
+              "rescued a rejection (drafting.RESCUE_PRIOR's measurement).")
 @click.option("--kinds", default=",".join(KINDS), show_default=True)
 @click.option("--out", default="results/eval_drafts.json", show_default=True)
 @click.option("--record", is_flag=True, help="Write each adapter's measured acceptance per draft position into its "
               "adapter_config.json (--draft auto's starting estimate).")
-def main(adapters, model, n, max_tokens, block_size, layout, draft, kinds, out, record):
+def main(adapters, model, n, max_tokens, block_size, layout, draft, branch, kinds, out, record):
     if record and draft != "sbd":
         raise click.UsageError("--record writes the mask block's own acceptance: measure it with --draft sbd")
+    if record and branch:
+        raise click.UsageError("--record writes the mask block's own acceptance: measure it without --branch (a "
+                               "branch row's drafts would count as the block's)")
     rows = []
     prompts = None
+    rescues = RescueCounts() if branch else None
     for spec in adapters:
         name, _, path = spec.partition("=")
         m, tokenizer = mlx_sbd.load(model, adapter_path=path)
@@ -45,11 +52,20 @@ def main(adapters, model, n, max_tokens, block_size, layout, draft, kinds, out, 
             prompts = heldout_prompts(tokenizer, n, kinds=kinds.split(","))
         for kind, ids in prompts.items():
             tic = time.perf_counter()
-            r = measure(m, tokenizer, ids, max_tokens=max_tokens, block_size=block_size, layout=layout, draft=draft)
+            if rescues is not None:
+                rescues.reset()
+            r = measure(m, tokenizer, ids, max_tokens=max_tokens, block_size=block_size, layout=layout, draft=draft,
+                        branch=branch)
+            if rescues is not None:
+                sent, hits = rescues.sent, rescues.hits
+                r.update(branch_rows_sent=sent, branch_rows_rescued=hits,
+                         rescue_rate=[round(h / s, 4) for s, h in zip(sent, hits) if s])
             r.update(adapter=name, path=path, kind=kind, seconds=time.perf_counter() - tic)
             rows.append(r)
             print(f"{name:24s} {kind:5s} tokens/forward {r['tokens_per_forward']:.2f}  ({r['tokens']} tokens, "
-                  f"{r['forwards']} forwards, {r['seconds']:.0f} s)", flush=True)
+                  f"{r['forwards']} forwards, {r['rows_per_forward']:.1f} rows/forward, {r['seconds']:.0f} s)"
+                  + (f"; rescued {r['rescued']}, per branch row by position {r['rescue_rate']}" if branch else ""),
+                  flush=True)
         both = pooled([r for r in rows if r["adapter"] == name])
         print(f"{name:24s} acceptance per draft position: {both['draft_acceptance']}")
         rows.append({"adapter": name, "path": path, "kind": "all", **both})
@@ -57,8 +73,31 @@ def main(adapters, model, n, max_tokens, block_size, layout, draft, kinds, out, 
             record_draft_acceptance(path, both["draft_acceptance"])
             print(f"recorded in {path}")
     save({"machine": machine(), "n": n, "max_tokens": max_tokens, "block_size": block_size, "layout": layout,
-          "draft": draft, "rows": rows}, out)
+          "draft": draft, "branch": branch, "rows": rows}, out)
     print(f"raw results -> {out}")
+
+
+class RescueCounts:
+    """Branch rows sent and rescues per position, as every Drafter of this process records them."""
+
+    def __init__(self):
+        from mlx_sbd.drafting import Drafter
+
+        self.sent, self.hits = [], []
+        real = Drafter.record_alternatives
+
+        def record(drafter, rows, rescued_at):
+            self.sent += [0] * (rows - len(self.sent))
+            self.hits += [0] * (rows - len(self.hits))
+            for j in range(rows):
+                self.sent[j] += 1
+                self.hits[j] += j == rescued_at
+            real(drafter, rows, rescued_at)
+
+        Drafter.record_alternatives = record
+
+    def reset(self):
+        self.sent, self.hits = [], []
 
 
 if __name__ == "__main__":

@@ -179,3 +179,28 @@ def test_lookup_drafts_on_the_plain_base_are_lossless_and_end_inside_a_draft(bas
     assert cut == out[:j] and steps[-1].finish_reason == "stop"
     ref = [r.token for r in mlx_lm_stream_generate(lm, ref_tok, mx.array(ids), max_tokens=N)]
     assert ref[: ref.index(out[j])] == cut  # mlx_lm's own output, cut at that token
+
+
+def test_branch_rows_rescue_and_stay_lossless_with_the_shipped_adapter(base, monkeypatch):
+    """Branch rows with the shipped gated adapter (its second guesses are often the base's token): the output is
+    mlx_lm's on the base, rescues happen, and every draft a branch row made passes (greedy, float32: it is the
+    base's own next token after the verifier's)."""
+    from mlx_sbd.drafting import Drafter
+
+    _, lm, tokenizer = base
+    model, tok = mlx_sbd.load()
+    seen, real = [], Drafter.record
+    monkeypatch.setattr(Drafter, "record", lambda self, source, m, a: (seen.append((source, m, a)),
+                                                                       real(self, source, m, a))[1])
+    rescued = 0
+    for prompt in PROMPTS:
+        ids = encode_prompt(tok, prompt)
+        got, last = [], None
+        for last in mlx_sbd.stream_generate(model, tok, ids, max_tokens=N, draft="sbd", block_size=8,
+                                            gamma=float("inf"), branch=3):
+            got += last.tokens
+        assert got == reference(lm, tokenizer, ids)
+        rescued += last.rescued
+    branch_drafts = [(m, a) for source, m, a in seen if source == "branch"]
+    assert rescued >= 5 and len(branch_drafts) >= rescued - len(PROMPTS)  # a rescue in a last forward has no next
+    assert all(m == a == 1 for m, a in branch_drafts)

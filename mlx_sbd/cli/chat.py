@@ -18,6 +18,7 @@ HELP = """Commands: /reset (or r) starts a new conversation, /stats (or s) toggl
 @click.option("--gamma", default=None, type=float, help="Entropy budget (nats): of the drafts proposed per forward (verified), or of what a forward reveals (--lossy; 0 = one token per forward). Default: inf with --draft auto (all of the mask block's guesses offered; auto sends the ones that pay), else the adapter's, else 0.1.")
 @click.option("--draft", default="auto", show_default=True, type=click.Choice(list(DRAFTS)), help="Where verified decoding's drafts come from: sbd (the adapter's mask block), lookup (n-grams of the prompt and answer: any model, no adapter), both, none (one token per forward), auto (chosen per forward from the measured cost of rows and the acceptance seen; the mask block only with an SBD adapter).")
 @click.option("--layout", default="auto", show_default=True, type=click.Choice(list(LAYOUTS)), help="Verified forwards with the mask block: linear (one block after the drafts), predraft (one after each draft: the next drafts exist whatever passes, more rows), auto (--draft auto chooses from measured costs; fixed --draft modes use linear).")
+@click.option("--branch", default=None, type=click.IntRange(min=0), help="Branch rows per verified forward: the mask block's second guess beside each of its first N drafts; when the verifier rejects a draft and its token is that guess, the branch row's next token is the next forward's first draft. Default: --draft auto chooses per forward from the measured cost of rows; none in the fixed --draft modes.")
 @click.option("--selector", "--sampler", "selector", default="entropy", show_default=True, type=click.Choice(sorted(SELECTORS)), help="--lossy: which masked positions to reveal each forward.")
 @click.option("--lossy", is_flag=True, help="The paper's loop: write the masked guesses straight into the answer (faster with a strong adapter, but the output is no longer the model's own). Default: verified decoding, lossless.")
 @click.option("--temp", default=0.0, show_default=True, type=float, help="Sampling temperature (0 = argmax).")
@@ -27,7 +28,7 @@ HELP = """Commands: /reset (or r) starts a new conversation, /stats (or s) toggl
 @click.option("--system-prompt", default=None, help="System message for the conversation.")
 @click.option("--stats/--no-stats", default=False, show_default=True, help="Print statistics after each answer (/stats toggles).")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute dtype. Default: float32 on CPU, the checkpoint's on Metal.")
-def command(model, adapter_path, no_adapter, max_tokens, block_size, gamma, draft, layout, selector, lossy, temp, top_p, top_k, seed,
+def command(model, adapter_path, no_adapter, max_tokens, block_size, gamma, draft, layout, branch, selector, lossy, temp, top_p, top_k, seed,
             system_prompt, stats, dtype):
     """Chat with a model in the terminal, decoding with SBD.
 
@@ -45,7 +46,7 @@ def command(model, adapter_path, no_adapter, max_tokens, block_size, gamma, draf
     source = resolve_draft(draft, block_size, not lossy)
     k, g = default_settings(sbd_model, block_size, gamma, source)
     check_settings(max_tokens, k, g)
-    settings = dict(max_tokens=max_tokens, block_size=block_size, gamma=gamma, selector=selector, verify=not lossy, draft=draft, layout=layout,
+    settings = dict(max_tokens=max_tokens, block_size=block_size, gamma=gamma, selector=selector, verify=not lossy, draft=draft, layout=layout, branch=branch,
                     temp=temp, top_p=top_p, top_k=top_k, seed=seed)
     session = ChatSession(sbd_model, tokenizer, system_prompt=system_prompt, **settings)
     click.echo(f"[block size {k}, gamma {g}, {'lossy' if lossy else 'verified, drafts: ' + source}] " + HELP, err=True)

@@ -23,6 +23,7 @@ from ..samplers import SELECTORS, make_token_sampler
 @click.option("--lossy", is_flag=True, help="The paper's loop: write the masked guesses straight into the answer (faster with a strong adapter, but the output is no longer the model's own). Default: verified decoding, lossless.")
 @click.option("--draft", default="auto", show_default=True, type=click.Choice(list(DRAFTS)), help="Where verified decoding's drafts come from: sbd (the adapter's mask block), lookup (n-grams of the prompt and answer: any model, no adapter), both, none (one token per forward), auto (chosen per forward from the measured cost of rows and the acceptance seen; the mask block only with an SBD adapter).")
 @click.option("--layout", default="auto", show_default=True, type=click.Choice(list(LAYOUTS)), help="Verified forwards with the mask block: linear (one block after the drafts), predraft (one after each draft: the next drafts exist whatever passes, more rows), auto (--draft auto chooses from measured costs; fixed --draft modes use linear).")
+@click.option("--branch", default=None, type=click.IntRange(min=0), help="Branch rows per verified forward: the mask block's second guess beside each of its first N drafts; when the verifier rejects a draft and its token is that guess, the branch row's next token is the next forward's first draft. Default: --draft auto chooses per forward from the measured cost of rows; none in the fixed --draft modes.")
 @click.option("--selector", "--sampler", "selector", default="entropy", show_default=True, type=click.Choice(sorted(SELECTORS)), help="--lossy: which masked positions to reveal each forward.")
 @click.option("--ntp-first/--masked-first", default=True, show_default=True, help="--lossy: each block's first open token from the causal (next-token) prediction, or from its mask as in the paper.")
 @click.option("--temp", default=0.0, show_default=True, type=float, help="Sampling temperature (0 = argmax).")
@@ -34,7 +35,7 @@ from ..samplers import SELECTORS, make_token_sampler
 @click.option("--ignore-chat-template", is_flag=True, help="Feed the prompt as raw text.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute dtype. Default: float32 on CPU, the checkpoint's on Metal.")
 @click.option("--verbose/--quiet", default=True, show_default=True, help="Print statistics after the text.")
-def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gamma, lossy, draft, layout, selector, ntp_first, temp, top_p, top_k, seed,
+def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gamma, lossy, draft, layout, branch, selector, ntp_first, temp, top_p, top_k, seed,
             stop, system_prompt, ignore_chat_template, dtype, verbose):
     """Generate text several tokens per forward pass with Set Block Decoding."""
 
@@ -62,7 +63,7 @@ def command(model, adapter_path, no_adapter, prompt, max_tokens, block_size, gam
         sbd_model, tokenizer, prompt, max_tokens=max_tokens, block_size=block_size, gamma=gamma, selector=selector,
         temp=temp, top_p=top_p, top_k=top_k, stop=stop, system_prompt=system_prompt,
         chat_template=False if ignore_chat_template else None, ntp_first=ntp_first,
-        verify=not lossy, seed=seed, draft=draft, layout=layout,
+        verify=not lossy, seed=seed, draft=draft, layout=layout, branch=branch,
     ):
         click.echo(last.text, nl=False)
     click.echo()

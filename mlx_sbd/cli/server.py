@@ -24,6 +24,7 @@ def model_name(model, adapter_path, no_adapter) -> str:
 @click.option("--gamma", default=None, type=float, help="Default entropy budget (requests may send gamma): of the drafts proposed per forward (verified), or of what a forward reveals (--lossy; 0 = one token per forward). Default: inf with --draft auto (all of the mask block's guesses offered; auto sends the ones that pay), else the adapter's, else 0.1.")
 @click.option("--draft", default="auto", show_default=True, type=click.Choice(list(DRAFTS)), help="Where verified decoding's drafts come from: sbd (the adapter's mask block), lookup (n-grams of the prompt and answer: any model, no adapter), both, none (one token per forward), auto (chosen per forward from the measured cost of rows and the acceptance seen; the mask block only with an SBD adapter).")
 @click.option("--layout", default="auto", show_default=True, type=click.Choice(list(LAYOUTS)), help="Verified forwards with the mask block: linear (one block after the drafts), predraft (one after each draft: the next drafts exist whatever passes, more rows), auto (--draft auto chooses from measured costs; fixed --draft modes use linear).")
+@click.option("--branch", default=None, type=click.IntRange(min=0), help="Branch rows per verified forward: the mask block's second guess beside each of its first N drafts; when the verifier rejects a draft and its token is that guess, the branch row's next token is the next forward's first draft. Default: --draft auto chooses per forward from the measured cost of rows; none in the fixed --draft modes.")
 @click.option("--selector", "--sampler", "selector", default="entropy", show_default=True, type=click.Choice(sorted(SELECTORS)), help="--lossy: which masked positions to reveal each forward (requests may send selector).")
 @click.option("--lossy", is_flag=True, help="Default to the paper's loop, which writes the masked guesses straight into the answer (requests may send verify). Default: verified decoding, lossless.")
 @click.option("--temp", default=0.0, show_default=True, type=float, help="Default sampling temperature.")
@@ -33,13 +34,13 @@ def model_name(model, adapter_path, no_adapter) -> str:
 @click.option("--max-request-bytes", default=1 << 20, show_default=True, type=int, help="Larger request bodies get 413.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute dtype. Default: float32 on CPU, the checkpoint's on Metal.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def command(model, adapter_path, no_adapter, host, port, max_tokens, block_size, gamma, draft, layout, selector, lossy, temp, top_p,
+def command(model, adapter_path, no_adapter, host, port, max_tokens, block_size, gamma, draft, layout, branch, selector, lossy, temp, top_p,
             top_k, prompt_cache_size, max_request_bytes, dtype, log_level):
     """Serve a model over the OpenAI HTTP API, decoding with SBD.
 
     \b
     POST /v1/chat/completions  POST /v1/completions  GET /v1/models  GET /health
-    Extra request fields: block_size, gamma, selector, draft, layout, verify (false = the paper's lossy loop).
+    Extra request fields: block_size, gamma, selector, draft, layout, branch, verify (false = the paper's lossy loop).
     Needs the server extra: pip install "mlx-sbd[server]".
     """
     import logging
@@ -64,7 +65,7 @@ def command(model, adapter_path, no_adapter, host, port, max_tokens, block_size,
     check_settings(max_tokens, k, g)  # bad flags fail now, not on every request
     name = model_name(model, adapter_path, no_adapter)
     defaults = Defaults(max_tokens=max_tokens, block_size=block_size, gamma=gamma, selector=selector,
-                        verify=not lossy, draft=draft, layout=layout, temp=temp, top_p=top_p, top_k=top_k)
+                        verify=not lossy, draft=draft, layout=layout, branch=branch, temp=temp, top_p=top_p, top_k=top_k)
     app = create_app(sbd_model, tokenizer, name, defaults, cache_size=prompt_cache_size,
                      max_request_bytes=max_request_bytes)
     click.echo(f"Serving '{name}' on http://{host}:{port}/v1 (block size {k}, gamma {g}, "
