@@ -50,6 +50,7 @@ CONTEXTS = (256, 1024, 4096, 16384)  # the context buckets time(rows) is measure
 CHECK_FORWARDS = 8  # verified forwards a bucket's time(rows) is checked against (ContextCost.observe)
 CHECK_TOLERANCE = 0.25  # off by more than this (their median ratio), the bucket is scaled or measured again
 SHAPE_SPAN = 1.5  # row counts this far apart, both seen, confirm a table's shape (same_shape)
+LAYOUT_KINDS = ("linear", "predraft", "branch")  # verified forwards priced apart (ContextCost.layout_scale)
 SCALE_FORWARDS = 32  # the latest forwards of each layout whose ratio to the table prices pre-drafting (predraft_scale)
 SCALE_MIN = 4
 
@@ -119,17 +120,18 @@ class ContextCost:
         self.checks: Dict[int, Optional[list]] = {}  # bucket -> (rows, ratio) seen so far; None once checked
         self.remeasured: list = []  # the buckets measured again after a check (for reports and tests)
         self.rescaled: list = []  # the buckets scaled after a check, their shape confirmed by the forwards
-        self.recent = {False: deque(maxlen=SCALE_FORWARDS), True: deque(maxlen=SCALE_FORWARDS)}  # ratios by layout
+        self.recent = {layout: deque(maxlen=SCALE_FORWARDS) for layout in LAYOUT_KINDS}  # ratios to the table
         self.version = 0  # counts the buckets measured: a price read before is stale when it moves
 
-    def observe(self, rows: int, context: int, seconds: float, predraft: bool = False) -> None:
+    def observe(self, rows: int, context: int, seconds: float, predraft: bool = False, branch: bool = False) -> None:
         """One verified forward of `rows` rows over `context` cached tokens took `seconds` (see above). Pre-drafting
-        forwards are not counted in the check: the table is measured in the linear layout, and their masks cost more
-        per row, which measuring again would not change; their ratio to the table's price is kept instead
-        (predraft_scale)."""
+        forwards and forwards with branch rows are not counted in the check: the table is measured in the linear
+        layout, and their masks and per-row positions cost more, which measuring again would not change; their ratio
+        to the table's price is kept instead (layout_scale)."""
+        layout = "predraft" if predraft else "branch" if branch else "linear"
         ratio = seconds / self(rows, context)
-        self.recent[predraft].append(ratio)
-        if self.measure is None or predraft:
+        self.recent[layout].append(ratio)
+        if self.measure is None or layout != "linear":
             return
         bucket = max([c for c in self.tables if c <= context] or [min(self.tables)])
         seen = self.checks.setdefault(bucket, [])
@@ -149,15 +151,20 @@ class ContextCost:
                 self.remeasured.append(bucket)
 
     def predraft_scale(self) -> float:
-        """What a pre-drafting forward costs against a linear forward the table prices the same: the median ratio
-        (seen / table) of the last SCALE_FORWARDS pre-drafting forwards over that of the last linear ones; 1 until
-        each kind has been seen SCALE_MIN times. The table is measured in the linear layout; a pre-drafting forward's
-        span mask and its blocks' positions cost more (on these CPUs ~1.05-1.1x, BENCHMARKS.md 8), and at 6-9 rows,
-        where a row adds ~2% to a forward, that decides between the layouts."""
-        linear, predraft = self.recent[False], self.recent[True]
-        if min(len(linear), len(predraft)) < SCALE_MIN:
+        """What a pre-drafting forward costs against a linear forward the table prices the same (layout_scale). A
+        pre-drafting forward's span mask and its blocks' positions cost more (on these CPUs ~1.05-1.1x, BENCHMARKS.md
+        8), and at 6-9 rows, where a row adds ~2% to a forward, that decides between the layouts."""
+        return self.layout_scale("predraft")
+
+    def layout_scale(self, layout: str) -> float:
+        """What a forward of `layout` ("predraft", "branch": a linear forward with branch rows) costs against a
+        linear forward the table prices the same: the median ratio (seen / table) of its last SCALE_FORWARDS forwards
+        over that of the last linear ones; 1 until each kind has been seen SCALE_MIN times. The table is measured in
+        the linear layout, where positions are contiguous and the mask is two numbers."""
+        linear, other = self.recent["linear"], self.recent[layout]
+        if min(len(linear), len(other)) < SCALE_MIN:
             return 1.0
-        return statistics.median(predraft) / statistics.median(linear)
+        return statistics.median(other) / statistics.median(linear)
 
     def add(self, context: int) -> None:
         """Measure the bucket at `context` now (and save)."""

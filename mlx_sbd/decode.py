@@ -24,7 +24,7 @@ its `pending` tail are in the cache; the next call runs the pending tokens first
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step, generation_stream
@@ -108,12 +108,13 @@ def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_
                  top_k: int = 0, ntp_first: bool = True, max_tokens: int, max_length: int, eos_ids: Sequence[int],
                  prefill_step_size: int = 512, draft: Optional[str] = None,
                  lookup: Optional[PromptLookup] = None, layout: str = "auto",
-                 branch: Optional[int] = None) -> Iterator[Step]:
+                 branch: Union[int, str, None] = None) -> Iterator[Step]:
     """Prefill the prompt `ids` now (the caller times it), then return the decoding's steps: plain next-token
     decoding (draft "none"), else verified decoding with drafts from `draft` (drafting.resolve_draft: sbd, lookup,
     both, auto) or (verify=False) the paper's lossy loop. draft=None: "none" for block_size 1, else "sbd". `layout`:
     one mask block after the drafts (linear), one after each (predraft), or auto's choice; `branch`: branch rows per
-    forward (drafting: the mask block's second guesses beside its drafts; None: auto's choice, none in fixed modes).
+    forward (drafting.py: the mask block's next-best guesses beside its drafts; a count, "auto", or None for the
+    default, drafting.resolve_branch).
     `sample` is
     the token sampler (samplers.make_token_sampler) of the plain and lossy paths; verified decoding needs the
     distribution itself, so it takes temp / top_p / top_k."""
@@ -172,32 +173,34 @@ def draft_length(logits: mx.array, gamma: float):
 
 
 def verify_step(model: SBDModel, cache: SBDCache, inputs: mx.array, m: int, k: int, q: Optional[mx.array], *,
-                gamma: float, temp: float, top_p: float, top_k: int, predraft: bool = False, alts: int = 0,
-                want_alts: bool = False):
-    """One verified forward over `inputs` = [tokens not in the cache (x last)] + m drafts + `alts` branch rows + mask
-    blocks of k: one after the drafts (the linear layout), or with `predraft` m + 1, block i after d_i
-    (masks.predraft_spans), so the next drafts exist whatever the verifier accepts. Branch row i (linear layout
-    only, masks.branch_spans) holds another candidate for d_(i+1)'s position: when the verifier rejects d_(i+1) and
-    its token is that candidate, the branch row's own causal token is the next forward's first draft.
+                gamma: float, temp: float, top_p: float, top_k: int, predraft: bool = False,
+                alts: Sequence[int] = (), want_alts: int = 0):
+    """One verified forward over `inputs` = [tokens not in the cache (x last)] + m drafts + branch rows + mask blocks
+    of k: one after the drafts (the linear layout), or with `predraft` m + 1, block i after d_i
+    (masks.predraft_spans), so the next drafts exist whatever the verifier accepts. Branch rows (linear layout only,
+    masks.branch_spans) hold other candidates for the drafts' positions, one row per entry of `alts` (the draft
+    index it stands beside): when the verifier rejects d_(i+1) and its token is a candidate there, that branch
+    row's own causal token is the next forward's first draft.
 
     Returns (a, n, t, e, q_next, branch), lazy: a the accepted drafts, t the token after them, e [k-1] the next
     drafts of which n are proposed (from the block after d_a; n a Python int when gamma is inf); q_next [k-1, V]
     the probabilities the e were drawn from (None when greedy); branch None without branch rows or `want_alts`,
-    else (y [alts], q_y [alts, V] or None, alt [k-1] or None): y the branch rows' tokens (drawn from their
-    distributions q_y when sampling) and alt the block's best guess other than e at each next position (with
-    `want_alts`). Greedy, a is None and t holds the m + 1 causal rows' argmaxes, then the branch rows': the caller
-    counts the drafts that agree with them (`agreed`) and takes the token after, which costs the host nothing and
-    the device five ops fewer (on small models every op of the step shows). q [m, V]: what the drafts were drawn
-    from (None when greedy: one-hot). The cache grows by every row; the caller trims what was not accepted."""
-    rows = inputs.shape[0]
+    else (y [len(alts)], q_y [len(alts), V] or None, others [k-1, want_alts] or None): y the branch rows' tokens
+    (drawn from their distributions q_y when sampling) and others the block's `want_alts` best guesses other than e
+    at each next position, best first. Greedy, a is None and t holds the m + 1 causal rows' argmaxes, then the
+    branch rows': the caller counts the drafts that agree with them (`agreed`) and takes the token after, which
+    costs the host nothing and the device five ops fewer (on small models every op of the step shows). q [m, V]:
+    what the drafts were drawn from (None when greedy: one-hot). The cache grows by every row; the caller trims
+    what was not accepted."""
+    rows, nb = inputs.shape[0], len(alts)
     blocks = (m + 1 if predraft else 1) if k else 0
     c = rows - blocks * k  # first mask row
-    d = c - alts  # the end of the causal rows (x, d1..dm); the branch rows sit between
+    d = c - nb  # the end of the causal rows (x, d1..dm); the branch rows sit between
     positions = None
     if blocks > 1:
         positions, visible, lo, hi = predraft_spans(cache.offset, d - m, m, k)
         mask = make_span_mask(visible, lo, hi, cache.offset + rows, mask_from=c, window=attention.DRAFT_WINDOW)
-    elif alts:
+    elif nb:
         positions, visible, lo, hi = branch_spans(cache.offset, d - m, m, alts, k)
         mask = make_span_mask(visible, lo, hi, cache.offset + rows, mask_from=c, window=attention.DRAFT_WINDOW)
     else:  # mask rows draft from the last DRAFT_WINDOW cached tokens; the causal rows see them all
@@ -209,15 +212,21 @@ def verify_step(model: SBDModel, cache: SBDCache, inputs: mx.array, m: int, k: i
     def after(a):  # logits of the next drafts' rows: M2..Mk of the block that assumed a accepted drafts
         return model.logits(mx.take(h[c:].reshape(blocks, k, -1), a, axis=0)[1:])
 
-    def others(logits, e):  # the block's best guess other than e, per row (another candidate for each position)
-        return mx.where(mx.arange(logits.shape[-1]) == e[:, None], -mx.inf, logits).argmax(-1) if want_alts else None
+    def others(logits, e):  # the block's best guesses other than e per row, best first: candidates for branch rows
+        if not want_alts:  # (successive argmaxes: an argpartition over the vocabulary cost ~3% of a SmolLM2 forward)
+            return None
+        vocab, picks = mx.arange(logits.shape[-1]), []
+        for _ in range(want_alts):
+            logits = mx.where(vocab == (picks[-1] if picks else e)[:, None], -mx.inf, logits)
+            picks.append(logits.argmax(-1))
+        return mx.stack(picks, axis=-1)
 
     if temp == 0 and blocks <= 1:  # greedy, linear: one lm-head call and one argmax for causal and mask rows
-        logits = model.logits(mx.concatenate([h[c - alts - m - 1 : c], h[c + 1 :]]))  # x, d1..dm, branches, M2..Mk
+        logits = model.logits(mx.concatenate([h[d - m - 1 : c], h[c + 1 :]]))  # x, d1..dm, branch rows, M2..Mk
         targets = logits.argmax(-1)
-        e = targets[m + 1 + alts :]
-        branch = (targets[m + 1 : m + 1 + alts], None, others(logits[m + 1 + alts :], e)) if alts or want_alts else None
-        return None, draft_length(logits[m + 1 + alts :], gamma), targets[: m + 1 + alts], e, None, branch
+        e = targets[m + 1 + nb :]
+        branch = (targets[m + 1 : m + 1 + nb], None, others(logits[m + 1 + nb :], e)) if nb or want_alts else None
+        return None, draft_length(logits[m + 1 + nb :], gamma), targets[: m + 1 + nb], e, None, branch
     causal = model.logits(h[d - m - 1 : d])
     masked = None if blocks > 1 else model.logits(h[c + 1 :])  # the rows after M1: what M1 predicts, x's row does
     if temp == 0:  # greedy, pre-drafting: the block after d_a, once a is known (on the device: no sync; the
@@ -235,7 +244,7 @@ def verify_step(model: SBDModel, cache: SBDCache, inputs: mx.array, m: int, k: i
         a, residual = mx.array(0), p
     t = mx.random.categorical(mx.log(residual[a]))  # categorical normalises norm(max(0, p - q)) itself
     branch = None
-    if alts:  # a branch row's token is a draft for the next forward: drawn from its own filtered distribution
+    if nb:  # a branch row's token is a draft for the next forward: drawn from its own filtered distribution
         q_y = filtered_probs(model.logits(h[d:c]), temp, top_p, top_k)
         branch = (mx.random.categorical(mx.log(q_y)), q_y, None)
     if not k:  # no mask block in this forward: no next drafts
@@ -267,11 +276,11 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
     produced = nfe = drafted = accepted = rows = rescues = 0
     vocab = model.args.vocab_size
 
-    def launch(masked: Optional[List[int]], q_masked: Optional[mx.array], alts: Optional[List[int]],
+    def launch(masked: Optional[List[int]], q_masked: Optional[mx.array], candidates: Optional[List[List[int]]],
                branch: Optional[List[int]], q_branch: Optional[mx.array]):
-        """Build and start the next forward -> (its lazy outputs, drafts, branch candidates, mask rows, rows, source,
-        predraft, (context, clock)), or None when nothing is left to do. `alts`: the block's other candidates for
-        the positions of `masked`; `branch`: the draft a branch row made (after a rejection it rescued)."""
+        """Build and start the next forward -> (its lazy outputs, drafts, branch rows, mask rows, rows, source,
+        predraft, (context, clock)), or None when nothing is left to do. `candidates`: the block's next-best guesses
+        for the positions of `masked`; `branch`: the draft a branch row made (after a rejection it rescued)."""
         left, room = max_tokens - produced, max_length - cache.offset - len(cache.pending)
         if left <= 0 or room <= 0:
             return None
@@ -282,22 +291,22 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
         k = min(k, room - m)  # block i's masks reach position m_i + k at most: room - m bounds every block
         k = k if k >= 2 and left - m > 1 else 0  # no mask block when its drafts could not be used
         predraft = predraft and k > 0 and m > 0
-        # branch rows: other candidates for the mask block's drafts (linear layout; never past what is left)
-        n_alts = 0 if predraft or source != "sbd" or not alts else \
-            drafter.alternatives(min(m, len(alts)), len(cache.pending) + m + k, cache.offset)
-        alts = alts[:n_alts] if n_alts else []
+        # branch rows (j, rank, token): other candidates beside the mask block's drafts (linear layout)
+        alts = [] if predraft or source != "sbd" or not candidates else \
+            drafter.alternatives(candidates[:m], len(cache.pending) + m + k, cache.offset)
         q = None
         if temp > 0 and m:  # what the drafts were drawn from: the masked marginals, a branch row's distribution, or
             # one-hot for a lookup token
             q = q_masked[:m] if source == "sbd" else q_branch[:m] if source == "branch" else \
                 (mx.arange(vocab)[None] == mx.array(drafts)[:, None]).astype(mx.float32)
         mask_rows = (m + 1 if predraft else 1) * k
-        inputs = mx.array(cache.pending + drafts + alts + [MASK_ID] * mask_rows, mx.int32)
+        inputs = mx.array(cache.pending + drafts + [tok for _, _, tok in alts] + [MASK_ID] * mask_rows, mx.int32)
         context, tic = cache.offset, time.perf_counter()  # before the graph is built: on the CPU much of the
         # forward runs while it is (a KV cache update evaluates), so a clock started after async_eval saw a fifth
         with mx.stream(generation_stream):
             out = verify_step(model, cache, inputs, m, k, q, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k,
-                              predraft=predraft, alts=len(alts), want_alts=drafter.branching and k > 0 and not predraft)
+                              predraft=predraft, alts=[j for j, _, _ in alts],
+                              want_alts=drafter.ranks if k and not predraft else 0)
         mx.async_eval(*(x for x in out[:5] if isinstance(x, mx.array)), *(x for x in out[5] or () if x is not None))
         drafter.think()  # auto's planning for later forwards, while this one computes
         return out, drafts, alts, mask_rows, inputs.shape[0], source, predraft, (context, tic)
@@ -317,15 +326,16 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
                 ys = branch[0].tolist() if alts else []
             n, e = n if isinstance(n, int) else n.item(), e.tolist()
             if drafter.cost is not None:  # what this forward took, from its launch: auto's prices follow the device
-                drafter.cost.observe(n_rows, context, time.perf_counter() - tic, predraft=predraft)
+                drafter.cost.observe(n_rows, context, time.perf_counter() - tic, predraft=predraft,
+                                    branch=bool(alts))
             nfe, drafted, accepted = nfe + 1, drafted + m, accepted + a
             drafter.record(source, m, a)
-            # a branch row rescues the rejected draft it stands beside: its token is the verifier's, so its own
-            # causal token (the one after it) is the next forward's first draft
-            rescued = a < len(alts) and t == alts[a]
+            # a branch row rescues the rejected draft it stands beside when its token is the verifier's: its own
+            # causal token (the one after it) is then the next forward's first draft
+            hit = next((i for i, (j, _, tok) in enumerate(alts) if j == a and tok == t), None)
             if alts:
-                drafter.record_alternatives(len(alts), a if rescued else None)
-                rescues += rescued
+                drafter.record_alternatives([(j, r) for j, r, _ in alts], hit)
+                rescues += hit is not None
             new = drafts[:a] + [t]  # the accepted drafts (their K/V are in the cache) and t (not yet)
             stop = next((i for i, tok in enumerate(new) if tok in eos_ids), None)
             # EOS ends the conversation: nothing after it is kept. (max_tokens needs no cut here: launch proposes at
@@ -346,11 +356,11 @@ def verified_steps(model: SBDModel, cache: SBDCache, drafter: Drafter, *, gamma:
             valid = mask_rows > 0 and (predraft or a == m)
             if valid:
                 drafter.record_kept(mask_rows // (m + 1 if predraft else 1), n)
-            alt_next = branch[2] if valid and branch is not None and branch[2] is not None else None
+            others = branch[2] if valid and branch is not None and branch[2] is not None else None
             flight = launch(e[:n] if valid else None, q_next if valid else None,
-                            alt_next.tolist()[:n] if alt_next is not None else None,
-                            [ys[a]] if rescued else None, branch[1][a : a + 1] if rescued and branch[1] is not None
-                            else None)
+                            others.tolist()[:n] if others is not None else None,
+                            None if hit is None else [ys[hit]],
+                            None if hit is None or branch[1] is None else branch[1][hit : hit + 1])
             yield Step(new, nfe, drafted, accepted, rows=rows, rescued=rescues)
         yield Step([], nfe, drafted, accepted, "length", rows, rescues)
     finally:

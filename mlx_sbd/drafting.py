@@ -14,17 +14,19 @@ the output stays the model's own. Two sources:
 lookup's otherwise, i.e. exactly after the rejections that leave the mask block with nothing to offer. `auto`
 (the default) chooses source, draft count and mask block per forward from measured costs (Drafter).
 
-Branch rows (the one tree decoding.verify_step builds): beside the mask block's drafts, a forward may carry the
-block's second guess for the first few draft positions, each a causal row that sees what the draft at its position
+Branch rows (the one tree decode.verify_step builds): beside the mask block's drafts, a forward may carry the
+block's next-best guesses for draft positions, each a causal row that sees what the draft at its position
 sees (masks.branch_spans). When the verifier rejects the draft at a position and its token is the branch row's
 candidate, the branch row has already run the model one token further: its causal token is the next forward's
 first draft (source `branch`), which passes unless rounding or sampling says otherwise. A branch row costs a row
-and never changes the output (its token is only a draft); auto adds one while the chance it rescues (measured per
-position, RESCUE_PRIOR to start) is worth its row at the generation's rate.
+and never changes the output (its token is only a draft). The block offers BRANCH_RANKS next-best guesses per
+position; auto sends the likeliest rows while the chance a row rescues (measured per position and rank,
+RESCUE_PRIOR to start) is worth its row at the generation's rate.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import mlx.core as mx
 import numpy as np
 
 from .costs import ContextCost
@@ -45,6 +47,29 @@ SOLVE_TOLERANCE = 0.05  # expected tokens: an outlook that moved more than this 
 OUTLOOK_WEIGHT = 0.125  # of the latest forward in lookup's outlook for later forwards (an average over ~8)
 PRICE_ROWS = 32  # auto reads time(rows) for row counts up to a multiple of this (_seconds)
 PRICE_TOKENS = 64  # of context: auto reads time(rows) again this often (it moves ~1% per 100 tokens on these CPUs)
+
+
+def resolve_branch(branch: Union[int, str, None], mode: str) -> Optional[int]:
+    """Branch rows per forward -> a count, or None for auto's choice per forward. "auto" is auto's choice with draft
+    auto (none in the fixed modes, which have no prices); None is the default: "auto" where the forward runs on a GPU
+    (Metal, CUDA), 0 on the CPU back-end, where a branch forward's per-row positions and span mask cost more than
+    its rescues gained (held-out chat, BENCHMARKS.md 12)."""
+    if branch is None:
+        branch = "auto" if mx.default_device() != mx.cpu else 0
+    if branch == "auto":
+        return None if mode == "auto" else 0
+    if isinstance(branch, bool) or not isinstance(branch, int) or branch < 0:
+        raise SBDError(f"branch must be an integer >= 0 or 'auto' (got {branch!r})")
+    return branch
+
+
+def parse_branch(value: Union[int, str, None]) -> Union[int, str, None]:
+    """A --branch flag or a request's `branch` field: None, "auto", or a count ("3" from a command line)."""
+    if value is None or value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise SBDError(f"branch must be an integer >= 0 or 'auto' (got {value!r})")
 
 
 def resolve_draft(draft: str, block_size: Optional[int], verify: bool) -> str:
@@ -120,33 +145,62 @@ MEMORY = 64.0  # observations per position an estimate keeps: older ones fade (h
 # estimate follows the text (code, chat) while carrying over between generations of one model (chat, server)
 
 
-# Branch rows (module docstring): how often the row beside draft position j rescued its forward's rejection, per row
-# sent, measured with the shipped SmolLM2 adapter on held-out chat and code (BENCHMARKS.md 12); a rescue is worth one
-# token (the next forward's first draft, which passes).
-RESCUE_PRIOR = (0.15, 0.08, 0.05, 0.03)
+# Branch rows (module docstring): the mask block's next-best guesses per draft position a forward may carry, and how
+# often the row of rank r (0: the block's second guess) beside draft position j rescued its forward's rejection, per
+# row sent, measured with the shipped SmolLM2 adapter on held-out chat and code, every row sent (`eval_drafts.py --n 8
+# --branch 21`, BENCHMARKS.md 12; positions past 4 rescued 0-0.5%): RESCUE_PRIOR[r][j], the last position's rate for
+# later ones. A rescue is worth about one token (the next forward's first draft, which passes).
+BRANCH_RANKS = 3
+RESCUE_PRIOR = ((0.12, 0.10, 0.056, 0.031, 0.005), (0.054, 0.055, 0.021, 0.022, 0.005), (0.029, 0.03, 0.009, 0.009, 0.005))
 RESCUE_VALUE = 1.0
+RESCUE_PRIOR_WEIGHT = 32.0  # rows: a rescue is a rarer event than a draft passing, so a few misses must not end
+# a row's chances (at PRIOR_WEIGHT, 4 misses halved the 12% prior and auto stopped sending it; sent throughout, it
+# rescued 18% on held-out chat)
+EXPLORE = 16  # forwards: one in this many that declined branch rows sends one of them, so its estimate can recover
+# (an unlucky run of misses would otherwise rule a row out for good: an estimate moves only when its row is sent)
 
 
 class Rescues:
-    """Per branch-row position j: how often a row there rescued, from RESCUE_PRIOR (weighing PRIOR_WEIGHT rows),
-    fading as Acceptance's estimates do."""
+    """Per branch row (draft position j, rank r): how often a row there rescued, from RESCUE_PRIOR (weighing
+    RESCUE_PRIOR_WEIGHT rows), fading as Acceptance's estimates do."""
 
-    def __init__(self, prior: Sequence[float] = RESCUE_PRIOR, size: int = 64):
-        rates = list(prior) + [prior[-1]] * (size - len(prior))
-        self.sent = [PRIOR_WEIGHT] * size
-        self.hits = [PRIOR_WEIGHT * p for p in rates[:size]]
+    def __init__(self, prior: Sequence[Sequence[float]] = RESCUE_PRIOR):
+        self.prior = [list(p) for p in prior]
+        self.counts: Dict[Tuple[int, int], List[float]] = {}  # (j, r) -> [rows sent, rescues]
+        self.passed_over: Dict[Tuple[int, int], int] = {}  # (j, r) -> offers auto declined since it was last sent
+        self.since_explore = 0  # forwards that declined rows since one was sent to explore
 
-    def record(self, rows: int, rescued_at: Optional[int]) -> None:
-        for j in range(min(rows, len(self.sent))):
-            self.sent[j] += 1
-            self.hits[j] += j == rescued_at
-            if self.sent[j] > 2 * MEMORY:
-                self.sent[j] *= 0.5
-                self.hits[j] *= 0.5
+    def _counts(self, j: int, r: int) -> List[float]:
+        if (j, r) not in self.counts:
+            rates = self.prior[min(r, len(self.prior) - 1)]
+            self.counts[j, r] = [RESCUE_PRIOR_WEIGHT, RESCUE_PRIOR_WEIGHT * rates[min(j, len(rates) - 1)]]
+        return self.counts[j, r]
 
-    def rate(self, j: int) -> float:
-        j = min(j, len(self.sent) - 1)
-        return self.hits[j] / self.sent[j]
+    def record(self, rows: Sequence[Tuple[int, int]], rescued: Optional[int]) -> None:
+        """A forward sent branch rows `rows` ((j, r) each); the one at index `rescued` (or none) rescued."""
+        for i, (j, r) in enumerate(rows):
+            self.passed_over[j, r] = 0
+            c = self._counts(j, r)
+            c[0] += 1
+            c[1] += i == rescued
+            if c[0] > 2 * MEMORY:
+                c[0] *= 0.5
+                c[1] *= 0.5
+
+    def rate(self, j: int, r: int) -> float:
+        sent, hits = self._counts(j, r)
+        return hits / sent
+
+    def explore(self, declined: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
+        """Every EXPLORE forwards that declined rows, one of them is sent: the one passed over longest (the likeliest
+        of those): exploring costs at most a row per EXPLORE forwards."""
+        for jr in declined:
+            self.passed_over[jr] = self.passed_over.get(jr, 0) + 1
+        self.since_explore += bool(declined)
+        if self.since_explore < EXPLORE:
+            return []
+        self.since_explore = 0
+        return [max(declined, key=lambda jr: self.passed_over[jr])]  # max keeps the first (likeliest) of ties
 
 
 class Acceptance:
@@ -209,7 +263,7 @@ class Drafter:
     def __init__(self, mode: str, lookup: Optional[PromptLookup] = None, has_adapter: bool = True, cost=None,
                  block_size: int = 0, layout: str = "linear", acceptance: Optional[dict] = None,
                  sbd_prior: Optional[Sequence[float]] = None, stop: Sequence[int] = (), gamma: float = float("inf"),
-                 branch: Optional[int] = None):
+                 branch: Union[int, str, None] = None):
         if layout not in LAYOUTS:
             raise SBDError(f"layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
         self.mode, self.layout = mode, layout
@@ -231,11 +285,11 @@ class Drafter:
         self.problem = None  # what the last plan would have solved with (_solve's arguments): think() uses it
         # how many of a block's guesses the EB rule proposes (all with gamma inf): estimated like acceptance
         self.kept_key = None if gamma == float("inf") else ("kept", gamma)
-        # branch rows: a fixed count per forward (0: none), or auto's choice (None; fixed modes have none)
-        if branch is not None and (isinstance(branch, bool) or not isinstance(branch, int) or branch < 0):
-            raise SBDError(f"branch must be an integer >= 0 (got {branch!r})")
-        self.branch = branch if branch is not None or mode == "auto" else 0
+        # branch rows: a fixed count per forward (0: none), or auto's choice; the default is auto's choice on a GPU and
+        # none on the CPU back-end, where they were measured to cost more than they gained (BENCHMARKS.md 12)
+        self.branch = resolve_branch(branch, mode)
         self.branching = bool(self.block_size) and self.branch != 0
+        self.ranks = BRANCH_RANKS if self.branching else 0  # next-best guesses per position a forward returns
         if self.branching and ("rescues", block_size) not in self.acceptance:
             self.acceptance["rescues", block_size] = Rescues()  # carried over with the acceptance (learned())
         self.rescues = self.acceptance.get(("rescues", block_size))
@@ -395,28 +449,38 @@ class Drafter:
             self.acceptance[key] = Acceptance(prior)
         return self.acceptance[key]
 
-    def alternatives(self, limit: int, rows: int, context: int = 0) -> int:
-        """How many branch rows (the mask block's second guesses for draft positions 1, 2, ...) a forward of `rows`
-        rows carries, at most `limit`: the fixed count, or auto's, rows while a row's chance to rescue is worth
-        more than its time at the generation's rate (planning.Planner.rho, tokens per second)."""
-        if not self.branching or limit <= 0:
-            return 0
+    def alternatives(self, candidates: Sequence[Sequence[int]], rows: int, context: int = 0) -> List[Tuple[int, int, int]]:
+        """The branch rows a forward of `rows` rows carries, as (draft index j, rank r, token) by position:
+        `candidates[j]` are the mask block's next-best guesses for the position of draft j, best first. The rows
+        most likely to rescue (Rescues) first: the fixed count of them, or auto's, rows while a row's chance to
+        rescue is worth more than its time at the generation's rate (planning.Planner.rho, tokens per second), and
+        now and then one it declined (Rescues.explore)."""
+        if not self.branching or not candidates:
+            return []
+        ranked = sorted(((self.rescues.rate(j, r), j, r) for j, c in enumerate(candidates) for r in range(len(c))),
+                        key=lambda x: -x[0])
         if self.branch is not None:
-            return min(self.branch, limit)
-        rho = self.planner.rho
-        if self.cost is None or not rho:
-            return 0
-        seconds = self.prices[1] if self.prices is not None and len(self.prices[1]) > rows + limit else \
-            self._seconds(rows + limit, context)
-        n = 0
-        while n < limit and self.rescues.rate(n) * RESCUE_VALUE > rho * (seconds[rows + n + 1] - seconds[rows + n]):
-            n += 1
-        return n
+            chosen = ranked[: self.branch]
+        else:
+            rho = self.planner.rho
+            if self.cost is None or not rho:
+                return []
+            most = rows + len(ranked)
+            seconds = self.prices[1] if self.prices is not None and len(self.prices[1]) > most else \
+                self._seconds(most, context)
+            # n rows: their chances to rescue, less the forward's added time at the generation's rate; a forward with
+            # branch rows costs layout_scale times the table (its per-row positions and span mask)
+            scale = self.cost.layout_scale("branch") if isinstance(self.cost, ContextCost) else 1.0
+            gain = np.cumsum([0.0] + [rate * RESCUE_VALUE for rate, _, _ in ranked])
+            extra = np.concatenate([[0.0], seconds[rows + 1 : most + 1] * scale - seconds[rows]])
+            n = int(np.argmax(gain - rho * extra))  # the first maximum: the fewest rows
+            chosen = ranked[:n] + [(0.0, j, r) for j, r in self.rescues.explore([(j, r) for _, j, r in ranked[n:]])]
+        return sorted((j, r, candidates[j][r]) for _, j, r in chosen)
 
-    def record_alternatives(self, rows: int, rescued_at: Optional[int]) -> None:
-        """A forward carried `rows` branch rows; the one at `rescued_at` (or none) rescued its rejection."""
+    def record_alternatives(self, rows: Sequence[Tuple[int, int]], rescued: Optional[int]) -> None:
+        """A forward carried branch rows `rows` ((j, r) each); the one at index `rescued` (or none) rescued."""
         if self.rescues is not None:
-            self.rescues.record(rows, rescued_at)
+            self.rescues.record(rows, rescued)
 
     def record_kept(self, block: int, proposed: int) -> None:
         """A valid mask block of `block` masks offered `proposed` drafts (the EB rule keeps the first always)."""

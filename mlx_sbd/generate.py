@@ -101,7 +101,7 @@ def stream_generate(
     draft: str = "auto",
     lookup: Optional[PromptLookup] = None,
     layout: str = "auto",
-    branch: Optional[int] = None,
+    branch: Union[int, str, None] = None,
 ) -> Iterator[GenerationResponse]:
     """Yield GenerationResponse chunks as tokens are finalised (several per forward with SBD).
 
@@ -117,9 +117,10 @@ def stream_generate(
     decoding) or "auto" (the default: source, number of drafts and mask block chosen per forward from time(rows)
     measured on this device and the acceptance seen so far; the mask block only with an SBD adapter; block_size=1
     is none). `layout`: "linear" (one mask block after the drafts), "predraft" (one after each draft, so the next
-    drafts exist whatever passes; more rows) or "auto" (auto chooses; fixed draft modes use linear). `branch`: how
-    many of the mask block's drafts get a branch row beside them, holding the block's second guess (drafting.py;
-    None: auto's choice per forward, none in the fixed modes)."""
+    drafts exist whatever passes; more rows) or "auto" (auto chooses; fixed draft modes use linear). `branch`: branch
+    rows per forward, the mask block's next-best guesses beside its drafts (drafting.py): a count (the likeliest),
+    "auto" (draft auto chooses per forward), or None: auto on a GPU, none on the CPU back-end
+    (drafting.resolve_branch)."""
     draft = resolve_draft(draft, block_size, verify)
     if layout not in LAYOUTS:
         raise SBDError(f"layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")

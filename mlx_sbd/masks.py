@@ -84,22 +84,25 @@ def predraft_spans(offset: int, pending: int, m: int, k: int):
     return tuple(a.astype(mx.int32) for a in (positions, visible, lo, hi))
 
 
-def branch_spans(offset: int, pending: int, m: int, alts: int, k: int):
-    """The linear layout with branch rows: rows = `pending` tokens (x last) + m drafts d1..dm + `alts` branch rows +
-    one block of k masks. Branch row i holds another candidate for the position of d_(i+1) (the mask block's second
-    guess there): it sees the cache, the pending tokens and d1..di, and itself, as d_(i+1) would, so its causal
-    output is the token after that candidate. No other row sees a branch row: the drafts are causal rows before
-    it, and the mask block sees the cache, the pending tokens and d1..dm (and its own k keys).
+def branch_spans(offset: int, pending: int, m: int, at, k: int):
+    """The linear layout with branch rows: rows = `pending` tokens (x last) + m drafts d1..dm + one branch row per
+    entry of `at` + one block of k masks. A branch row holds another candidate for the position of the draft
+    d_(i+1), i = its entry of `at` (the mask block's next-best guesses there; several rows may share a position):
+    it sees the cache, the pending tokens and d1..di, and itself, as d_(i+1) would, so its causal output is the
+    token after that candidate. No other row sees a branch row: the drafts are causal rows before it, and the mask
+    block sees the cache, the pending tokens and d1..dm (and its own k keys).
 
     Returns (positions [T], visible [T], lo [T], hi [T]) as int32 arrays over keys = the `offset` cached tokens
     followed by the T rows (span_mask's form)."""
+    at = list(at)
     c = pending + m  # causal rows
-    b = c + alts  # first mask row
+    b = c + len(at)  # first mask row
     T = b + k
     t = mx.arange(T)
     is_alt, is_mask = (t >= c) & (t < b), t >= b
-    positions = offset + mx.where(is_alt, pending + t - c, mx.where(is_mask, t - alts, t))
-    visible = offset + mx.where(is_alt, pending + t - c, mx.where(is_mask, c, t + 1))
+    beside = mx.array(at + [0], mx.int32)[mx.clip(t - c, 0, len(at))]  # the draft index a branch row stands beside
+    positions = offset + mx.where(is_alt, pending + beside, mx.where(is_mask, t - len(at), t))
+    visible = offset + mx.where(is_alt, pending + beside, mx.where(is_mask, c, t + 1))
     lo = mx.where(is_alt, offset + t, mx.where(is_mask, offset + b, 0))
     hi = mx.where(is_alt, offset + t + 1, mx.where(is_mask, offset + T, 0))
     return tuple(a.astype(mx.int32) for a in (positions, visible, lo, hi))

@@ -23,7 +23,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Union
 
 from .decode import SBDCache, make_prompt_cache
 from .errors import SBDError
@@ -380,7 +380,7 @@ class Defaults:
     verify: bool = True
     draft: str = "auto"
     layout: str = "auto"
-    branch: Optional[int] = None  # None: auto's choice (drafting.py)
+    branch: Union[int, str, None] = None  # None: the default (drafting.resolve_branch); "auto"; or a count
     temp: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -405,7 +405,7 @@ def parse_settings(body: dict, defaults: Defaults, vocab_size: int) -> dict:
         selector=body.get("selector", defaults.selector),
         draft=body.get("draft", defaults.draft),
         layout=body.get("layout", defaults.layout),
-        branch=_number(body, "branch", defaults.branch, lo=0, hi=MAX_BLOCK_SIZE, integer=True),
+        branch=body.get("branch", defaults.branch),
     )
     if settings["top_k"] >= vocab_size:
         settings["top_k"] = 0  # keeping the top V of V tokens is no filter, and mlx_lm's top-k refuses k >= V
@@ -418,6 +418,10 @@ def parse_settings(body: dict, defaults: Defaults, vocab_size: int) -> dict:
     for name, allowed in (("draft", DRAFTS), ("layout", LAYOUTS)):
         if not isinstance(settings[name], str) or settings[name] not in allowed:
             raise _bad(name, f"must be one of {', '.join(allowed)}, got {json.dumps(settings[name])}")
+    branch = settings["branch"]
+    if not (branch is None or branch == "auto" or (isinstance(branch, int) and not isinstance(branch, bool)
+                                                   and 0 <= branch <= MAX_BLOCK_SIZE)):
+        raise _bad("branch", f"must be an integer in 0..{MAX_BLOCK_SIZE} or \"auto\", got {json.dumps(branch)}")
     n = _number(body, "n", 1, integer=True)
     if n != 1:
         raise _bad("n", "must be 1: this server returns one choice per request")

@@ -121,11 +121,11 @@ def long_prompt(tokenizer, question: str, tokens: int) -> list:
               "disagree with it (the default measures a bucket again when they do; costs.ContextCost.observe).")
 @click.option("--auto-gamma", default=None, help="Run auto with this gamma, the EB rule's entropy budget for the mask "
               "block's drafts (auto's default is inf: every guess offered).")
-@click.option("--no-branch", is_flag=True, help="Also run auto without branch rows (branch=0), beside the default "
-              "that chooses them (drafting.py).")
+@click.option("--branch-auto", is_flag=True, help="Also run auto choosing branch rows per forward (branch='auto'; "
+              "drafting.py), beside the default (none on the CPU back-end).")
 @click.option("--out", default="results/bench_decode.json", show_default=True)
 def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, context, cold, draft_window, heldout,
-         no_cost_check, auto_gamma, no_branch, out):
+         no_cost_check, auto_gamma, branch_auto, out):
     if heldout and context:
         raise click.UsageError("--heldout decodes the held-out prompts as they are; leave out --context")
     if draft_window is not None:
@@ -146,8 +146,8 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
         settings["auto (default)"] = dict(draft="auto")
     else:  # not beside the default: the two would share (and mix) what auto learns of the drafts
         settings[f"auto gamma={auto_gamma}"] = dict(draft="auto", gamma=float(auto_gamma))
-    if no_branch:  # shares what auto learns of the mask block's drafts with the default; branch drafts are apart
-        settings["auto, no branch rows"] = dict(draft="auto", branch=0)
+    if branch_auto:  # shares what auto learns of the mask block's drafts with the default; branch drafts are apart
+        settings["auto, branch rows"] = dict(draft="auto", branch="auto")
     if cold and sbd_model.sbd is not None and sbd_model.sbd.draft_acceptance:
         settings["auto, no prior"] = dict(draft="auto", no_prior=True)
 

@@ -30,8 +30,8 @@ from mlx_sbd.heldout import KINDS, heldout_prompts, measure, pooled
 @click.option("--draft", default="sbd", show_default=True, type=click.Choice(["sbd", "both"]),
               help="both: prompt lookup's drafts where the mask block has none valid (e.g. after a rejection).")
 @click.option("--branch", default=None, type=click.IntRange(min=0), help="Branch rows per forward (the mask block's "
-              "second guesses beside its first N drafts); the table then shows how often each position's row "
-              "rescued a rejection (drafting.RESCUE_PRIOR's measurement).")
+              "next-best guesses beside its drafts, the likeliest N); the output then shows how often a row of each "
+              "rank and draft position rescued a rejection (drafting.RESCUE_PRIOR's measurement).")
 @click.option("--kinds", default=",".join(KINDS), show_default=True)
 @click.option("--out", default="results/eval_drafts.json", show_default=True)
 @click.option("--record", is_flag=True, help="Write each adapter's measured acceptance per draft position into its "
@@ -57,14 +57,15 @@ def main(adapters, model, n, max_tokens, block_size, layout, draft, branch, kind
             r = measure(m, tokenizer, ids, max_tokens=max_tokens, block_size=block_size, layout=layout, draft=draft,
                         branch=branch)
             if rescues is not None:
-                sent, hits = rescues.sent, rescues.hits
-                r.update(branch_rows_sent=sent, branch_rows_rescued=hits,
-                         rescue_rate=[round(h / s, 4) for s, h in zip(sent, hits) if s])
+                r.update(branch_rows_sent={f"{j},{rr}": v for (j, rr), v in rescues.sent.items()},
+                         branch_rows_rescued={f"{j},{rr}": v for (j, rr), v in rescues.hits.items()},
+                         rescue_rate=rescues.table())
             r.update(adapter=name, path=path, kind=kind, seconds=time.perf_counter() - tic)
             rows.append(r)
             print(f"{name:24s} {kind:5s} tokens/forward {r['tokens_per_forward']:.2f}  ({r['tokens']} tokens, "
                   f"{r['forwards']} forwards, {r['rows_per_forward']:.1f} rows/forward, {r['seconds']:.0f} s)"
-                  + (f"; rescued {r['rescued']}, per branch row by position {r['rescue_rate']}" if branch else ""),
+                  + (f"; rescued {r['rescued']}; rescues per branch row by rank, position: {r['rescue_rate']}" if branch
+                     else ""),
                   flush=True)
         both = pooled([r for r in rows if r["adapter"] == name])
         print(f"{name:24s} acceptance per draft position: {both['draft_acceptance']}")
@@ -78,26 +79,33 @@ def main(adapters, model, n, max_tokens, block_size, layout, draft, branch, kind
 
 
 class RescueCounts:
-    """Branch rows sent and rescues per position, as every Drafter of this process records them."""
+    """Branch rows sent and rescues per (draft position, rank), as every Drafter of this process records them."""
 
     def __init__(self):
         from mlx_sbd.drafting import Drafter
 
-        self.sent, self.hits = [], []
+        self.sent, self.hits = {}, {}
         real = Drafter.record_alternatives
 
-        def record(drafter, rows, rescued_at):
-            self.sent += [0] * (rows - len(self.sent))
-            self.hits += [0] * (rows - len(self.hits))
-            for j in range(rows):
-                self.sent[j] += 1
-                self.hits[j] += j == rescued_at
-            real(drafter, rows, rescued_at)
+        def record(drafter, rows, rescued):
+            for i, (j, r) in enumerate(rows):
+                self.sent[j, r] = self.sent.get((j, r), 0) + 1
+                self.hits[j, r] = self.hits.get((j, r), 0) + (i == rescued)
+            real(drafter, rows, rescued)
 
         Drafter.record_alternatives = record
 
     def reset(self):
-        self.sent, self.hits = [], []
+        self.sent, self.hits = {}, {}
+
+    def table(self) -> dict:
+        """{"rank r": [rescues / rows sent at draft position j, ...]} (positions with rows sent)."""
+        ranks = sorted({r for _, r in self.sent})
+        out = {}
+        for r in ranks:
+            js = sorted(j for j, rr in self.sent if rr == r)
+            out[f"rank {r}"] = [round(self.hits[j, r] / self.sent[j, r], 4) for j in js]
+        return out
 
 
 if __name__ == "__main__":

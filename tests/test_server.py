@@ -130,7 +130,8 @@ def test_draft_sources_over_http(served):
     want = mlx_sbd.generate(model, tokenizer, prompt, max_tokens=24, block_size=1, chat_template=False)
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=24)
     plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, extra_body={"draft": "none"})
-    assert r.choices[0].text == plain.choices[0].text == want
+    branched = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, extra_body={"branch": "auto"})
+    assert r.choices[0].text == plain.choices[0].text == branched.choices[0].text == want
     assert plain.usage.forwards == plain.usage.completion_tokens == 24
     assert r.usage.forwards < 24 and r.usage.accepted > 0
     error = assert_openai_error(post(server, "/v1/completions", dict(GOOD, draft="lookup", verify=False)), 400)
@@ -254,6 +255,9 @@ BAD_FIELDS = [
     ({"selector": ["entropy"]}, "selector"),
     ({"draft": "nope"}, "draft"),
     ({"layout": ["predraft"]}, "layout"),
+    ({"branch": -1}, "branch"),
+    ({"branch": "some"}, "branch"),
+    ({"branch": True}, "branch"),
     ({"temperature": float("nan")}, "temperature"),
     ({"model": 3}, "model"),
 ]

@@ -245,7 +245,7 @@ def test_auto_reports_each_forward_to_its_cost(gated, monkeypatch):
     seen = []
 
     class Spy(costs.ContextCost):
-        def observe(self, rows, context, seconds, predraft=False):
+        def observe(self, rows, context, seconds, predraft=False, branch=False):
             seen.append((rows, context, seconds))
 
     monkeypatch.setattr(decode, "cached_row_cost", lambda m: Spy({256: {1: 1.0, 32: 1.0}}))  # rows free: long drafts

@@ -2,7 +2,7 @@
 
 import click
 
-from ..drafting import DRAFTS, LAYOUTS
+from ..drafting import DRAFTS, LAYOUTS, parse_branch
 from ..samplers import SELECTORS
 
 HELP = """Commands: /reset (or r) starts a new conversation, /stats (or s) toggles statistics after each answer,
@@ -18,7 +18,7 @@ HELP = """Commands: /reset (or r) starts a new conversation, /stats (or s) toggl
 @click.option("--gamma", default=None, type=float, help="Entropy budget (nats): of the drafts proposed per forward (verified), or of what a forward reveals (--lossy; 0 = one token per forward). Default: inf with --draft auto (all of the mask block's guesses offered; auto sends the ones that pay), else the adapter's, else 0.1.")
 @click.option("--draft", default="auto", show_default=True, type=click.Choice(list(DRAFTS)), help="Where verified decoding's drafts come from: sbd (the adapter's mask block), lookup (n-grams of the prompt and answer: any model, no adapter), both, none (one token per forward), auto (chosen per forward from the measured cost of rows and the acceptance seen; the mask block only with an SBD adapter).")
 @click.option("--layout", default="auto", show_default=True, type=click.Choice(list(LAYOUTS)), help="Verified forwards with the mask block: linear (one block after the drafts), predraft (one after each draft: the next drafts exist whatever passes, more rows), auto (--draft auto chooses from measured costs; fixed --draft modes use linear).")
-@click.option("--branch", default=None, type=click.IntRange(min=0), help="Branch rows per verified forward: the mask block's second guess beside each of its first N drafts; when the verifier rejects a draft and its token is that guess, the branch row's next token is the next forward's first draft. Default: --draft auto chooses per forward from the measured cost of rows; none in the fixed --draft modes.")
+@click.option("--branch", default=None, callback=lambda ctx, param, v: parse_branch(v), help="Branch rows per verified forward: the mask block's next-best guesses beside its drafts, each a causal row; when the verifier rejects a draft and its token is that guess, the branch row's next token is the next forward's first draft. N (the likeliest N rows), or auto (--draft auto chooses per forward from the measured cost of rows). Default: auto on a GPU, none on the CPU back-end (measured to cost more than it gains there).")
 @click.option("--selector", "--sampler", "selector", default="entropy", show_default=True, type=click.Choice(sorted(SELECTORS)), help="--lossy: which masked positions to reveal each forward.")
 @click.option("--lossy", is_flag=True, help="The paper's loop: write the masked guesses straight into the answer (faster with a strong adapter, but the output is no longer the model's own). Default: verified decoding, lossless.")
 @click.option("--temp", default=0.0, show_default=True, type=float, help="Sampling temperature (0 = argmax).")
