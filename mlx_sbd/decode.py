@@ -15,6 +15,11 @@ al.): draft d ~ q (the masked marginal), accepted with probability min(1, p(d)/q
 norm(max(0, p - q)); p and q are filtered by the same temperature / top-p / top-k, so the output keeps the
 distribution of plain sampling from p.
 
+Branch rows (drafting.py, masks.branch_spans) are causal rows placed between the drafts and the mask block, each
+holding another candidate for a draft's position: when the verifier's token there is that candidate, the branch row's
+own token (drawn from its distribution when sampling, which is then its q) is the next forward's first draft. Like
+the mask rows they are trimmed from the cache after the forward.
+
 The lossy loop writes the mask block's reveals straight into the answer, on blocks aligned to multiples of k of
 the sequence as in the paper's training; its docstring has the details.
 
@@ -114,10 +119,8 @@ def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_
     both, auto) or (verify=False) the paper's lossy loop. draft=None: "none" for block_size 1, else "sbd". `layout`:
     one mask block after the drafts (linear), one after each (predraft), or auto's choice; `branch`: branch rows per
     forward (drafting.py: the mask block's next-best guesses beside its drafts; a count, "auto", or None for the
-    default, drafting.resolve_branch).
-    `sample` is
-    the token sampler (samplers.make_token_sampler) of the plain and lossy paths; verified decoding needs the
-    distribution itself, so it takes temp / top_p / top_k."""
+    default, drafting.resolve_branch). `sample` is the token sampler (samplers.make_token_sampler) of the plain and
+    lossy paths; verified decoding needs the distribution itself, so it takes temp / top_p / top_k."""
     common = dict(max_tokens=max_tokens, max_length=max_length, eos_ids=set(eos_ids))
     if draft is None:
         draft = "none" if block_size == 1 else "sbd"

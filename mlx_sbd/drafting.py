@@ -21,7 +21,8 @@ candidate, the branch row has already run the model one token further: its causa
 first draft (source `branch`), which passes unless rounding or sampling says otherwise. A branch row costs a row
 and never changes the output (its token is only a draft). The block offers BRANCH_RANKS next-best guesses per
 position; auto sends the likeliest rows while the chance a row rescues (measured per position and rank,
-RESCUE_PRIOR to start) is worth its row at the generation's rate.
+RESCUE_PRIOR to start) is worth its row at the generation's rate. By default only where forwards run on a GPU: on
+the CPU back-end they cost more than they gained (resolve_branch).
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -151,7 +152,9 @@ MEMORY = 64.0  # observations per position an estimate keeps: older ones fade (h
 # --branch 21`, BENCHMARKS.md 12; positions past 4 rescued 0-0.5%): RESCUE_PRIOR[r][j], the last position's rate for
 # later ones. A rescue is worth about one token (the next forward's first draft, which passes).
 BRANCH_RANKS = 3
-RESCUE_PRIOR = ((0.12, 0.10, 0.056, 0.031, 0.005), (0.054, 0.055, 0.021, 0.022, 0.005), (0.029, 0.03, 0.009, 0.009, 0.005))
+RESCUE_PRIOR = ((0.12, 0.10, 0.056, 0.031, 0.005),
+                (0.054, 0.055, 0.021, 0.022, 0.005),
+                (0.029, 0.03, 0.009, 0.009, 0.005))
 RESCUE_VALUE = 1.0
 RESCUE_PRIOR_WEIGHT = 32.0  # rows: a rescue is a rarer event than a draft passing, so a few misses must not end
 # a row's chances (at PRIOR_WEIGHT, 4 misses halved the 12% prior and auto stopped sending it; sent throughout, it
@@ -449,7 +452,8 @@ class Drafter:
             self.acceptance[key] = Acceptance(prior)
         return self.acceptance[key]
 
-    def alternatives(self, candidates: Sequence[Sequence[int]], rows: int, context: int = 0) -> List[Tuple[int, int, int]]:
+    def alternatives(self, candidates: Sequence[Sequence[int]], rows: int,
+                     context: int = 0) -> List[Tuple[int, int, int]]:
         """The branch rows a forward of `rows` rows carries, as (draft index j, rank r, token) by position:
         `candidates[j]` are the mask block's next-best guesses for the position of draft j, best first. The rows
         most likely to rescue (Rescues) first: the fixed count of them, or auto's, rows while a row's chance to
