@@ -59,14 +59,19 @@ def resolve_branch(branch: Union[int, str, None], mode: str) -> Optional[int]:
         branch = "auto" if mx.default_device() != mx.cpu else 0
     if branch == "auto":
         return None if mode == "auto" else 0
-    if isinstance(branch, bool) or not isinstance(branch, int) or branch < 0:
+    if not is_count(branch):
         raise SBDError(f"branch must be an integer >= 0 or 'auto' (got {branch!r})")
     return branch
 
 
+def is_count(value) -> bool:
+    """An integer >= 0 (not a bool): what a fixed `branch` must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def parse_branch(value: Union[int, str, None]) -> Union[int, str, None]:
     """A --branch flag or a request's `branch` field: None, "auto", or a count ("3" from a command line)."""
-    if value is None or value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+    if value is None or value == "auto" or is_count(value):
         return value
     if isinstance(value, str) and value.isdigit():
         return int(value)

@@ -413,14 +413,13 @@ def parse_settings(body: dict, defaults: Defaults, vocab_size: int) -> dict:
 
     if not isinstance(settings["selector"], str) or settings["selector"] not in SELECTORS:
         raise _bad("selector", f"must be one of {', '.join(SELECTORS)}, got {json.dumps(settings['selector'])}")
-    from .drafting import DRAFTS, LAYOUTS
+    from .drafting import DRAFTS, LAYOUTS, is_count
 
     for name, allowed in (("draft", DRAFTS), ("layout", LAYOUTS)):
         if not isinstance(settings[name], str) or settings[name] not in allowed:
             raise _bad(name, f"must be one of {', '.join(allowed)}, got {json.dumps(settings[name])}")
     branch = settings["branch"]
-    if not (branch is None or branch == "auto" or (isinstance(branch, int) and not isinstance(branch, bool)
-                                                   and 0 <= branch <= MAX_BLOCK_SIZE)):
+    if not (branch is None or branch == "auto" or (is_count(branch) and branch <= MAX_BLOCK_SIZE)):
         raise _bad("branch", f"must be an integer in 0..{MAX_BLOCK_SIZE} or \"auto\", got {json.dumps(branch)}")
     n = _number(body, "n", 1, integer=True)
     if n != 1:

@@ -11,8 +11,8 @@ for sampling; a fresh causal forward for the cache.
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_verified import (PROMPTS, chi_square_p, exact_first_tokens, gated, mlx_lm_greedy, ours,  # noqa: F401
-                           sampled_first_tokens)
+from test_verified import (PROMPTS, chi_square_p, gated, mlx_lm_greedy, ours, run_sampling_test,  # noqa: F401
+                           two_pending)
 
 import mlx_sbd
 from mlx_sbd import decode
@@ -57,12 +57,7 @@ def test_branch_rows_are_the_causal_rows_of_the_other_candidate(gated):
     alts = [(0, 8), (0, 22), (1, 21), (2, 5)]  # (draft index, candidate): two beside d1
     m = len(drafts)
 
-    def fresh():
-        cache = mlx_sbd.make_prompt_cache(model)
-        decode.prefill(model, cache, ids, keep=2)  # two pending tokens: x and the one before it
-        return cache
-
-    cache = fresh()
+    cache = two_pending(model, ids)
     pending = len(cache.pending)
     inputs = mx.array(cache.pending + drafts + [b for _, b in alts] + [MASK_ID] * k)
     positions, visible, lo, hi = branch_spans(cache.offset, pending, m, [i for i, _ in alts], k)
@@ -70,12 +65,12 @@ def test_branch_rows_are_the_causal_rows_of_the_other_candidate(gated):
     h = np.array(model.forward(inputs, positions=positions, mask=mask, cache=cache.layers, return_hidden=True,
                                mask_rows=k))
     for row, (i, b) in enumerate(alts):
-        cache = fresh()
+        cache = two_pending(model, ids)
         x = mx.array(cache.pending + drafts[:i] + [b])
         causal = np.array(model.forward(x, cache=cache.layers, return_hidden=True))[-1]
         assert np.abs(h[pending + m + row] - causal).max() < 1e-4, row
         assert np.abs(h[pending + m + row] - h[pending + i]).max() > 1e-2  # not the draft's own row: the test can tell
-    cache = fresh()
+    cache = two_pending(model, ids)
     x = mx.array(cache.pending + drafts + [MASK_ID] * k)
     linear = np.array(model.forward(x, mask=BlockMask(causal_point=pending + m), cache=cache.layers,
                                     return_hidden=True, mask_rows=k))
@@ -136,14 +131,6 @@ def rescuing(tmp_path_factory):
     return model, tokenizer
 
 
-def run_branch_sampling(rescuing, draws):
-    model, tokenizer = rescuing
-    ids = [4, 5, 6]
-    probs = exact_first_tokens(model, ids, 3, temp=1.0)
-    counts = sampled_first_tokens(model, tokenizer, ids, 3, draws, 1.0, block_size=4, gamma=float("inf"), branch=3)
-    return chi_square_p(counts, probs, draws)
-
-
 @pytest.mark.parametrize("draws", [pytest.param(20000, marks=pytest.mark.slow), 3000])
 def test_sampling_with_branch_rows_keeps_the_distribution(rescuing, draws, monkeypatch):
     """Draws of the first 3 tokens with branch rows on every forward against the exact distribution of the base;
@@ -160,7 +147,7 @@ def test_sampling_with_branch_rows_keeps_the_distribution(rescuing, draws, monke
             rescues.append(last.rescued if last is not None else 0)
 
     monkeypatch.setattr(decode, "verified_steps", counting)
-    p, chi2 = run_branch_sampling(rescuing, draws)
+    p, chi2 = run_sampling_test(rescuing, draws, branch=3)
     assert sum(rescues) > draws / 10
     assert p > 1e-3, f"chi2 {chi2:.1f}, p {p:.2g}"
 

@@ -411,11 +411,14 @@ def small_vocab(tmp_path_factory):
     return model, tokenizer
 
 
-def run_sampling_test(small_vocab, draws, layout="linear"):
+def run_sampling_test(small_vocab, draws, layout="linear", **kw):
+    """p-value (and chi2) of `draws` verified samples of the first 3 tokens (block 4, every guess a draft, `kw` more
+    decoding settings) against the base's exact distribution."""
     model, tokenizer = small_vocab
     ids = [4, 5, 6]
     probs = exact_first_tokens(model, ids, 3, temp=1.0)
-    counts = sampled_first_tokens(model, tokenizer, ids, 3, draws, 1.0, block_size=4, gamma=float("inf"), layout=layout)
+    counts = sampled_first_tokens(model, tokenizer, ids, 3, draws, 1.0, block_size=4, gamma=float("inf"), layout=layout,
+                                  **kw)
     return chi_square_p(counts, probs, draws)
 
 
@@ -458,6 +461,14 @@ def test_stopping_early_leaves_the_cache_exact(gated, stop_after):
     assert second == mlx_lm_greedy(base, history + [40, 41], 15, tokenizer.eos_token_ids)
 
 
+def two_pending(model, ids):
+    """A fresh cache holding `ids` with its last two tokens pending (x and the one before it), as a forward after a
+    prompt sees them: the layouts' tests build their forwards on it."""
+    cache = mlx_sbd.make_prompt_cache(model)
+    decode.prefill(model, cache, ids, keep=2)
+    return cache
+
+
 def test_predraft_blocks_are_the_linear_blocks_after_the_same_drafts(gated):
     """Pre-drafting's block i (after d_i) is, row for row, the linear layout's single block after exactly d1..di:
     same positions, same visible keys, the same gated rows (hidden states compared in float32)."""
@@ -469,12 +480,7 @@ def test_predraft_blocks_are_the_linear_blocks_after_the_same_drafts(gated):
     ids, drafts, k = PROMPTS[1], [3, 17, 40, 9], 4
     m = len(drafts)
 
-    def fresh():
-        cache = mlx_sbd.make_prompt_cache(model)
-        decode.prefill(model, cache, ids, keep=2)  # two pending tokens: x and the one before it
-        return cache
-
-    cache = fresh()
+    cache = two_pending(model, ids)
     pending = len(cache.pending)
     inputs = mx.array(cache.pending + drafts + [MASK_ID] * ((m + 1) * k))[None]
     positions, visible, lo, hi = predraft_spans(cache.offset, pending, m, k)
@@ -483,7 +489,7 @@ def test_predraft_blocks_are_the_linear_blocks_after_the_same_drafts(gated):
                       mask_rows=(m + 1) * k)[0]
     blocks = np.array(h[pending + m :]).reshape(m + 1, k, -1)
     for i in range(m + 1):
-        cache = fresh()
+        cache = two_pending(model, ids)
         x = mx.array(cache.pending + drafts[:i] + [MASK_ID] * k)[None]
         linear = model.forward(x, mask=decode.BlockMask(causal_point=pending + i), cache=cache.layers,
                                return_hidden=True, mask_rows=k)[0, -k:]
