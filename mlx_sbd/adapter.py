@@ -6,6 +6,8 @@ Folder layout (mlx_lm-compatible names and keys):
                            section: block_size_max, recommended block_size and gamma, mask="learned_embedding",
                            base fingerprint, training settings, and the save id of the two weight files
     sbd.safetensors        {"mask_embedding": [hidden]}
+    corpus.npz             optional: the base model's own answers that lookup drafts come from (corpus.Corpus; the
+                           self-distillation answers the adapter was trained on), loaded into `model.corpus`
 The "sbd" section is what model.SBDSettings reads; load_adapter sets `model.sbd` from it.
 
 Gated adapters (VERIFIED_SBD.md §1, the default for new LoRA/DoRA runs): y = W x + g(row) * s * B A x, with g = 1
@@ -20,6 +22,7 @@ LoRA layers come from mlx_lm's tuner (linear_to_lora_layers / load_adapters); ga
 
 import json
 import os
+import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +34,7 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
+from .corpus import CORPUS_FILE, Corpus
 from .errors import SBDError
 from .model import SBDSettings
 
@@ -159,7 +163,7 @@ def save_adapter(model, path, config: dict) -> None:
 
 
 def copy_adapter(src, dest, dtype=None, sbd: dict = None) -> None:
-    """Copy an adapter folder's three files to `dest` (as one new save), weights cast to `dtype` when given and the
+    """Copy an adapter folder's three files (and its corpus, if any) to `dest` (as one new save), weights cast to `dtype` when given and the
     "sbd" section updated with `sbd` (scripts/ship_adapter.py: the built-in adapter ships in float16)."""
     src, dest = Path(src), Path(dest)
     config = read_adapter_config(src)
@@ -172,6 +176,14 @@ def copy_adapter(src, dest, dtype=None, sbd: dict = None) -> None:
     _atomic(dest / ADAPTER_WEIGHTS, lambda p: mx.save_safetensors(p, weights, metadata=meta))
     _atomic(dest / SBD_WEIGHTS, lambda p: mx.save_safetensors(p, _read_weights(src / SBD_WEIGHTS)[0], metadata=meta))
     _atomic(dest / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    if (src / CORPUS_FILE).is_file():
+        _atomic(dest / CORPUS_FILE, lambda p: shutil.copyfile(src / CORPUS_FILE, p))
+
+
+def save_corpus(path, corpus: Corpus) -> None:
+    """Write a draft corpus (the model's own answers, corpus.Corpus) into an adapter folder, where load_adapter
+    finds it."""
+    _atomic(Path(path) / CORPUS_FILE, corpus.save)
 
 
 def record_draft_acceptance(path, rates) -> None:
@@ -228,6 +240,7 @@ def load_adapter(model, path) -> dict:
                            if k in stored and mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype], strict=False)
     model.mask_embedding = read_mask_embedding(path).astype(dtype)
     model.sbd = SBDSettings.from_dict(config.get("sbd", {}))
+    model.corpus = Corpus.load(path / CORPUS_FILE) if (path / CORPUS_FILE).is_file() else None
     return config
 
 

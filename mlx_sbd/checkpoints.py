@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
 from .adapter import ADAPTER_CONFIG, load_adapter_weights, save_adapter
+from .corpus import CORPUS_FILE
 from .errors import SBDError
 from .train_config import TrainConfig, setting_name
 
@@ -36,7 +37,7 @@ RESUME_MAY_CHANGE = ("adapter_path", "init_adapter", "iters", "steps_per_report"
 
 PATH_SETTINGS = ("model", "data")
 
-RUN_FILES = ("adapters.safetensors", "sbd.safetensors", "adapter_config.json", TRAIN_LOG)  # and CHECKPOINTS/
+RUN_FILES = ("adapters.safetensors", "sbd.safetensors", "adapter_config.json", TRAIN_LOG, CORPUS_FILE)  # and CHECKPOINTS/
 
 
 def log(adapter_path: Path, record: dict) -> None:

@@ -12,6 +12,7 @@ same way `mlx_sbd.generate` feeds a prompt when no chat template is applied. Eac
 The offset is the number of leading prompt tokens; with `mask_prompt` they get no loss (see batches.py).
 """
 
+import gzip
 import json
 import warnings
 from pathlib import Path
@@ -57,9 +58,10 @@ def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool = F
 
 
 def read_jsonl(path: Path) -> List[Tuple[int, dict]]:
-    """[(line number, object)], skipping blank lines; any malformed line is an SBDError naming it."""
+    """[(line number, object)], skipping blank lines; any malformed line is an SBDError naming it. A path ending in
+    .gz is read through gzip."""
     rows = []
-    with open(path, "rb") as f:
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")

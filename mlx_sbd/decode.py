@@ -39,6 +39,7 @@ from mlx_lm.sample_utils import apply_top_k, apply_top_p
 from . import attention
 from .attention import BlockMask, make_span_mask
 from .costs import cached_row_cost
+from .corpus import Corpus
 from .drafting import Drafter, PromptLookup, learned
 from .errors import SBDError
 from .masks import branch_spans, predraft_spans
@@ -113,13 +114,14 @@ def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_
                  top_k: int = 0, ntp_first: bool = True, max_tokens: int, max_length: int, eos_ids: Sequence[int],
                  prefill_step_size: int = 512, draft: Optional[str] = None,
                  lookup: Optional[PromptLookup] = None, layout: str = "auto",
-                 branch: Union[int, str, None] = None) -> Iterator[Step]:
+                 branch: Union[int, str, None] = None, corpus: Union[Corpus, bool, None] = None) -> Iterator[Step]:
     """Prefill the prompt `ids` now (the caller times it), then return the decoding's steps: plain next-token
     decoding (draft "none"), else verified decoding with drafts from `draft` (drafting.resolve_draft: sbd, lookup,
     both, auto) or (verify=False) the paper's lossy loop. draft=None: "none" for block_size 1, else "sbd". `layout`:
     one mask block after the drafts (linear), one after each (predraft), or auto's choice; `branch`: branch rows per
     forward (drafting.py: the mask block's next-best guesses beside its drafts; a count, "auto", or None for the
-    default, drafting.resolve_branch). `sample` is the token sampler (samplers.make_token_sampler) of the plain and
+    default, drafting.resolve_branch); `corpus`: the lookup drafts' corpus of earlier answers (corpus.py), None for
+    the model's (its adapter folder's, if any), False for none. `sample` is the token sampler (samplers.make_token_sampler) of the plain and
     lossy paths; verified decoding needs the distribution itself, so it takes temp / top_p / top_k."""
     common = dict(max_tokens=max_tokens, max_length=max_length, eos_ids=set(eos_ids))
     if draft is None:
@@ -137,6 +139,7 @@ def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_
                           block_size=block_size, layout=layout,
                           sbd_prior=model.sbd.draft_acceptance if model.sbd is not None else None,
                           stop=eos_ids, gamma=gamma, branch=branch,
+                          corpus=model.corpus if corpus is None else corpus or None,
                           # carried over only when greedy: a seed must give the same draws, so the same choices
                           acceptance=learned(model, block_size) if auto and temp == 0 else None)
         return verified_steps(model, cache, drafter, gamma=gamma, temp=temp, top_p=top_p, top_k=top_k, **common)

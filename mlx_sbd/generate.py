@@ -16,6 +16,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream, wired_limit
 
 from .decode import SBDCache, decode_steps, make_prompt_cache
+from .corpus import Corpus
 from .drafting import LAYOUTS, PromptLookup, resolve_draft
 from .errors import SBDError
 from .model import SBDModel
@@ -102,6 +103,7 @@ def stream_generate(
     lookup: Optional[PromptLookup] = None,
     layout: str = "auto",
     branch: Union[int, str, None] = None,
+    corpus: Union[Corpus, bool, None] = None,
 ) -> Iterator[GenerationResponse]:
     """Yield GenerationResponse chunks as tokens are finalised (several per forward with SBD).
 
@@ -120,7 +122,8 @@ def stream_generate(
     drafts exist whatever passes; more rows) or "auto" (auto chooses; fixed draft modes use linear). `branch`: branch
     rows per forward, the mask block's next-best guesses beside its drafts (drafting.py): a count (the likeliest),
     "auto" (draft auto chooses per forward), or None: auto on a GPU, none on the CPU back-end
-    (drafting.resolve_branch)."""
+    (drafting.resolve_branch). `corpus`: where lookup drafts come from when the conversation has no match, the
+    model's own earlier answers (corpus.Corpus): None for the adapter folder's (if it has one), False for none."""
     draft = resolve_draft(draft, block_size, verify)
     if layout not in LAYOUTS:
         raise SBDError(f"layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
@@ -149,7 +152,7 @@ def stream_generate(
                              sample=sample, temp=temp, top_p=top_p, top_k=top_k, ntp_first=ntp_first, max_tokens=max_tokens,
                              max_length=max_length, eos_ids=list(tokenizer.eos_token_ids),
                              prefill_step_size=prefill_step_size, draft=draft, lookup=lookup,
-                             layout=layout, branch=branch)
+                             layout=layout, branch=branch, corpus=corpus)
         prompt_tps = len(ids) / max(time.perf_counter() - tic, 1e-9)
 
         detokenizer = tokenizer.detokenizer

@@ -103,6 +103,7 @@ class SBDModel(nn.Module):
         super().__init__()
         self.lm = lm
         self.sbd = sbd  # None: not trained for SBD
+        self.corpus = None  # the model's earlier answers lookup drafts come from (corpus.Corpus; its adapter's)
         self.grad_checkpoint = False  # training: recompute each block's activations in the backward pass
         self.gate = Gate()  # gated LoRA layers read how many trailing rows are mask rows (adapter.py)
         args = lm.args

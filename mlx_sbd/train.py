@@ -31,9 +31,10 @@ from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
 from tqdm import tqdm
 
-from .adapter import load_adapter_weights, make_trainable, save_adapter
+from .adapter import load_adapter_weights, make_trainable, save_adapter, save_corpus
 from .batches import batch_numbers, batch_order, make_batch
 from .clean_cache import CleanCache
+from .corpus import CORPUS_FILE
 from .checkpoints import TRAIN_LOG, check_adapter_folder, log, prune_log, restore_checkpoint, save_checkpoint
 from .data import load_dataset
 from .errors import SBDError
@@ -117,6 +118,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         data = builtin_data(adapter_path, main)
     elif cfg.data == SELF_DATA:
         data = self_data(adapter_path, model, tokenizer, world)
+        if main:  # the base's own answers are a draft source too (corpus.py): they travel in the adapter folder
+            write_corpus(adapter_path, data / "train.jsonl", tokenizer)
     else:
         data = cfg.data
     train_set, valid_set, _ = load_dataset(data, tokenizer, cfg.max_seq_length, cfg.mask_prompt)
@@ -269,6 +272,15 @@ def self_data(adapter_path: Path, model, tokenizer, world) -> Path:
             raise SBDError(f"--data self: rank {world.rank()} cannot see {folder}, which rank 0 wrote; give every "
                            "machine the same folder (a shared path, or copy it there and pass it with --data)")
     return folder
+
+
+def write_corpus(adapter_path: Path, data: Path, tokenizer) -> None:
+    """The draft corpus of a self-distilled run: the base's answers in `data`, into the adapter folder."""
+    from .corpus import Corpus
+
+    corpus = Corpus.from_jsonl(data, tokenizer)
+    save_corpus(adapter_path, corpus)
+    tqdm.write(f"Draft corpus: {len(corpus)} tokens of the base's own answers ({adapter_path / CORPUS_FILE})")
 
 
 def noised_batch(seqs, k: int, rng, cfg: TrainConfig):

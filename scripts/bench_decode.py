@@ -4,7 +4,8 @@ loop, in one run, with the prediction from time(rows).
 Settings (all greedy): mlx_lm.generate; mlx-sbd one token per forward (draft none); the paper's lossy loop; verified
 decoding with the mask block's drafts in the linear layout (one block of k after the drafts; gamma inf proposes
 k - 1 drafts, so k sets the draft length) and with pre-drafting (a block of k after each draft); `--draft auto`,
-the default, which chooses source, drafts and layout per forward. Per setting: tokens per forward, rows per forward,
+the default, which chooses source, drafts and layout per forward (and, with an adapter that has a draft corpus, auto
+without it). Per setting: tokens per forward, rows per forward,
 tokens/s, the ratio to mlx_lm in the same round (median and range over interleaved rounds), and the tokens/s that
 time(rows) predicts for the forwards the setting actually ran (sum of time(rows) over its forwards: the model's
 cost alone, no host work), with the gap measured/predicted - 1. time(rows, context) is the one auto uses
@@ -148,6 +149,8 @@ def main(model, adapter_path, linear, predraft, max_tokens, n_prompts, rounds, c
         settings[f"auto gamma={auto_gamma}"] = dict(draft="auto", gamma=float(auto_gamma))
     if branch_auto:  # shares what auto learns of the mask block's drafts with the default; branch drafts are apart
         settings["auto, branch rows"] = dict(draft="auto", branch="auto")
+    if sbd_model.corpus is not None:  # the adapter's draft corpus (corpus.py), measured by leaving it out
+        settings["auto, no corpus"] = dict(draft="auto", corpus=False)
     if cold and sbd_model.sbd is not None and sbd_model.sbd.draft_acceptance:
         settings["auto, no prior"] = dict(draft="auto", no_prior=True)
 

@@ -558,7 +558,7 @@ def test_cli_train_data_self_trains_on_the_base_models_own_answers(tmp_path, mon
                                     distill.SELF_GENERAL)
     (folder / "answers_train.jsonl").write_text(json.dumps({"text": "kept from the killed run"}) + "\n")
     args = ["train", "--data", "self", "--adapter-path", str(adapters), "--iters", "1", "--batch-size", "2",
-            "--num-layers", "2", "--max-seq-length", "96", "--block-size-max", "4", "--no-compile", "--heldout", "0"]
+            "--num-layers", "2", "--max-seq-length", "96", "--block-size-max", "4", "--no-compile", "--heldout", "1"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     modules = stdlib_text.split_modules(0)
@@ -581,3 +581,10 @@ def test_cli_train_data_self_trains_on_the_base_models_own_answers(tmp_path, mon
     training = json.loads((adapters / "adapter_config.json").read_text())["sbd"]["training"]
     assert training["data"] == "self" and training["mask_prompt"] is True and training["targets"] == "soft"
     assert "Self-distilled data: 6 training rows, 1 validation rows" in result.output
+    # the answers are the adapter's draft corpus too (corpus.py), loaded with it
+    from mlx_sbd.corpus import CORPUS_FILE, Corpus
+
+    assert "Draft corpus:" in result.output and "with prompt lookup and the draft corpus" in result.output
+    want = Corpus.from_jsonl(folder / "train.jsonl", tokenizer).tokens
+    assert np.array_equal(load(adapter_path=adapters)[0].corpus.tokens, want)
+    assert np.array_equal(Corpus.load(adapters / CORPUS_FILE).tokens, want)

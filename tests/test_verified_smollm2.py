@@ -204,3 +204,27 @@ def test_branch_rows_rescue_and_stay_lossless_with_the_shipped_adapter(base, mon
     branch_drafts = [(m, a) for source, m, a in seen if source == "branch"]
     assert rescued >= 5 and len(branch_drafts) >= rescued - len(PROMPTS)  # a rescue in a last forward has no next
     assert all(m == a == 1 for m, a in branch_drafts)
+
+
+def test_the_shipped_corpus_drafts_the_base_and_stays_lossless(base):
+    """The built-in adapter's draft corpus (the base's own answers to training prompts): with its drafts alone (prompt
+    lookup of 8-grams only, which rarely matches) the output is mlx_lm's, and far more drafts pass than without it;
+    the defaults (auto, every source) give mlx_lm's output too."""
+    from mlx_sbd.drafting import PromptLookup
+    from mlx_sbd.heldout import heldout_prompts
+
+    _, lm, ref_tok = base
+    model, tokenizer = mlx_sbd.load()
+    assert model.corpus is not None and len(model.corpus) > 500_000
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS[:4]] + [
+        ids for kind in heldout_prompts(tokenizer, 2, kinds=("chat", "code")).values() for ids in kind]
+    accepted = {True: 0, False: 0}
+    for ids in prompts:
+        want = reference(lm, ref_tok, ids)
+        for use in (True, False):
+            got, steps = verified(model, tokenizer, ids, max_tokens=N, draft="lookup", lookup=PromptLookup(8, 8),
+                                  corpus=None if use else False)
+            assert got == want
+            accepted[use] += steps[-1].accepted
+        assert verified(model, tokenizer, ids, max_tokens=N)[0] == want
+    assert accepted[True] > 3 * accepted[False] + 30, accepted

@@ -17,12 +17,13 @@ def model_name(model, adapter_path, no_adapter) -> str:
 @click.option("--model", default=None, help="HF repo, model folder or .gguf file. Default: built-in SmolLM2-135M-Instruct.")
 @click.option("--adapter-path", default=None, help="SBD adapter folder made by `mlx-sbd train`. Default: the adapter shipped for the built-in model.")
 @click.option("--no-adapter", is_flag=True, help="Serve the model without any adapter (the plain base).")
+@click.option("--no-corpus", is_flag=True, help="Leave out the adapter's draft corpus (the model's own earlier answers that lookup drafts come from; the built-in adapter has one).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 exposes the server to the network).")
 @click.option("--port", default=8080, show_default=True, type=int, help="Port to listen on.")
 @click.option("--max-tokens", "-m", default=512, show_default=True, type=int, help="Most tokens per answer when a request does not say.")
 @click.option("--block-size", "-k", default=None, type=int, help="Default tokens per block (requests may send block_size). Default: the adapter's; 1 for models not trained for SBD.")
 @click.option("--gamma", default=None, type=float, help="Default entropy budget (requests may send gamma): of the drafts proposed per forward (verified), or of what a forward reveals (--lossy; 0 = one token per forward). Default: inf with --draft auto (all of the mask block's guesses offered; auto sends the ones that pay), else the adapter's, else 0.1.")
-@click.option("--draft", default="auto", show_default=True, type=click.Choice(list(DRAFTS)), help="Where verified decoding's drafts come from: sbd (the adapter's mask block), lookup (n-grams of the prompt and answer: any model, no adapter), both, none (one token per forward), auto (chosen per forward from the measured cost of rows and the acceptance seen; the mask block only with an SBD adapter).")
+@click.option("--draft", default="auto", show_default=True, type=click.Choice(list(DRAFTS)), help="Where verified decoding's drafts come from: sbd (the adapter's mask block), lookup (n-grams of the prompt and answer: any model, no adapter; where they have none, the adapter's corpus of the model's own answers, if it has one), both, none (one token per forward), auto (chosen per forward from the measured cost of rows and the acceptance seen; the mask block only with an SBD adapter).")
 @click.option("--layout", default="auto", show_default=True, type=click.Choice(list(LAYOUTS)), help="Verified forwards with the mask block: linear (one block after the drafts), predraft (one after each draft: the next drafts exist whatever passes, more rows), auto (--draft auto chooses from measured costs; fixed --draft modes use linear).")
 @click.option("--branch", default=None, callback=lambda ctx, param, v: parse_branch(v), help="Branch rows per verified forward: the mask block's next-best guesses beside its drafts, each a causal row; when the verifier rejects a draft and its token is that guess, the branch row's next token is the next forward's first draft. N (the likeliest N rows), or auto (--draft auto chooses per forward from the measured cost of rows). Default: auto on a GPU, none on the CPU back-end (measured to cost more than it gains there).")
 @click.option("--selector", "--sampler", "selector", default="entropy", show_default=True, type=click.Choice(sorted(SELECTORS)), help="--lossy: which masked positions to reveal each forward (requests may send selector).")
@@ -34,7 +35,7 @@ def model_name(model, adapter_path, no_adapter) -> str:
 @click.option("--max-request-bytes", default=1 << 20, show_default=True, type=int, help="Larger request bodies get 413.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute dtype. Default: float32 on CPU, the checkpoint's on Metal.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def command(model, adapter_path, no_adapter, host, port, max_tokens, block_size, gamma, draft, layout, branch, selector, lossy, temp, top_p,
+def command(model, adapter_path, no_adapter, no_corpus, host, port, max_tokens, block_size, gamma, draft, layout, branch, selector, lossy, temp, top_p,
             top_k, prompt_cache_size, max_request_bytes, dtype, log_level):
     """Serve a model over the OpenAI HTTP API, decoding with SBD.
 
@@ -60,6 +61,8 @@ def command(model, adapter_path, no_adapter, host, port, max_tokens, block_size,
         raise click.UsageError("--no-adapter and --adapter-path exclude each other")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
     sbd_model, tokenizer = load(model, adapter_path=False if no_adapter else adapter_path, dtype=dtype)
+    if no_corpus:
+        sbd_model.corpus = None
     source = resolve_draft(draft, block_size, not lossy)
     k, g = default_settings(sbd_model, block_size, gamma, source)
     check_settings(max_tokens, k, g)  # bad flags fail now, not on every request

@@ -98,8 +98,14 @@ def heldout_line(cfg, n: int) -> str:
         parts.append(f"{results[-1]['tokens_per_forward']:.2f} on {kind}")
     record_draft_acceptance(cfg.adapter_path, pooled(results)["draft_acceptance"])
     same = "the base model's output, token for token" if cfg.gated else "the adapter's own one-token output"
-    return (f"Held-out prompts ({', '.join(f'{n} {kind}' for kind in KINDS)}, 64 tokens each): tokens per forward "
+    line = (f"Held-out prompts ({', '.join(f'{n} {kind}' for kind in KINDS)}, 64 tokens each): tokens per forward "
             f"of verified decoding with the adapter's drafts: {', '.join(parts)} (greedy output: {same})")
+    if model.corpus is not None:  # --data self wrote the base's answers as a draft corpus: what it adds
+        both = [measure(model, tokenizer, prompts, max_tokens=64, draft="both")["tokens_per_forward"]
+                for prompts in heldout_prompts(tokenizer, n).values()]
+        line += ("; with prompt lookup and the draft corpus where the mask block has none valid: "
+                 + ", ".join(f"{x:.2f} on {kind}" for x, kind in zip(both, KINDS)))
+    return line
 
 
 def read_yaml(path) -> dict:
