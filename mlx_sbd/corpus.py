@@ -10,7 +10,7 @@ suffix tree). The drafts are only guesses: the causal rows check them, so the ou
 corpus holds.
 
 The index is built in memory from the corpus's tokens (about a second per 700k tokens on these CPUs); an adapter
-folder stores the tokens alone (CORPUS_FILE, uint32 with separators, ~3 bytes per token compressed). For each n it
+folder stores the tokens alone (CORPUS_FILE, int32 with separators, under a byte per token compressed). For each n it
 keeps the n-grams' hashes sorted, each with one following token and its count, so a lookup is a binary search.
 """
 
@@ -22,7 +22,8 @@ import numpy as np
 from .errors import SBDError
 
 CORPUS_FILE = "corpus.npz"  # in an adapter folder: the tokens of the answers its drafts come from
-MAX_NGRAM = 6  # longest context matched (4 and 10 drafted within 1% of 6 on the validation answers)
+MAX_NGRAM = 6  # longest context matched (4 and 10 drafted within 1% of 6 in an offline simulation, BENCHMARKS.md 13)
+SHARES = (0.4, 0.7)  # bounds of the first draft's share of its context's continuations: its strength bucket
 MAX_TOKENS = 12  # most drafts per proposal (as prompt lookup's)
 SEPARATOR = -1  # between documents: no n-gram spans two
 _MASK = (1 << 64) - 1
@@ -31,8 +32,10 @@ _P = 0x9E3779B97F4A7C15  # odd multiplier of the n-gram hash (64 bits: collision
 
 class Corpus:
     """The n-gram counts of a list of token sequences (documents). `propose(context, limit)` drafts the likeliest
-    continuation of `context`; `matched` is the n of the first draft's match (its acceptance key: a 6-gram match is
-    a stronger draft than a 1-gram one)."""
+    continuation of `context`; `matched` is the n of the first draft's match and `strength` the bucket (0-2, SHARES)
+    of its share of that context's continuations in the corpus: together the proposal's acceptance key (on the
+    validation answers a 6-gram match whose draft follows it in over 70% of its occurrences passed 75% of the time,
+    one under 40% 17%)."""
 
     def __init__(self, tokens: np.ndarray, max_ngram: int = MAX_NGRAM, max_tokens: int = MAX_TOKENS):
         """`tokens`: documents joined by SEPARATOR, each followed by one (from_docs makes it)."""
@@ -44,7 +47,7 @@ class Corpus:
             self.tokens = np.append(self.tokens, SEPARATOR)
         self.docs = int((self.tokens == SEPARATOR).sum())
         self.tables = self._build()
-        self.matched = 0
+        self.matched = self.strength = 0
 
     @classmethod
     def from_docs(cls, docs: Iterable[Sequence[int]], **kwargs) -> "Corpus":
@@ -69,7 +72,8 @@ class Corpus:
         t = self.tokens
         nxt = np.append(t[1:], SEPARATOR)
         key = np.zeros(len(t), dtype=np.uint64)
-        whole = np.ones(len(t), dtype=bool)  # the n-gram ending at i has no separator
+        whole = np.ones(len(t), dtype=bool)  # the n-gram ending at i has no separator (one that has could never
+        # match a context, whose tokens are >= 0: kept out to save memory)
         power = np.uint64(1)
         tables = []
         for n in range(1, self.max_ngram + 1):
@@ -117,13 +121,14 @@ class Corpus:
         limit = self.max_tokens if limit is None else min(limit, self.max_tokens)
         path = list(context[-self.max_ngram:])
         drafts: List[int] = []
-        self.matched = 0
+        self.matched = self.strength = 0
         while len(drafts) < limit:
             found = self.next_token(path)
             if found is None:
                 break
             if not drafts:
                 self.matched = found[3]
+                self.strength = sum(found[1] >= bound * found[2] for bound in SHARES)
             drafts.append(found[0])
             path = path[1:] + [found[0]] if len(path) >= self.max_ngram else path + [found[0]]
         return drafts

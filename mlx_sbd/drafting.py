@@ -149,13 +149,16 @@ class PromptLookup:
 # a 3-gram; once the first passed, the next ones pass ~80% of the time whatever the match. The mask block's come
 # from its adapter (SBDSettings.draft_acceptance, measured on held-out prompts when it was made), else are unknown
 # until seen (1/2). Each prior weighs as much as PRIOR_WEIGHT observed drafts.
-PRIORS = {("lookup", 1): (0.2, 0.8), ("lookup", 2): (0.45, 0.8), ("lookup", 3): (0.8, 0.8), "branch": (0.95, 0.5),
-          # the corpus's, per n of its first draft's match, measured with the shipped adapter's corpus on the base's
-          # answers to the validation prompts of its training data (stage_data/smollm2-distill3/valid.jsonl, 72
-          # answers; every answer position drafted): a 1-gram match's first draft passes 18% of the time, a 6-gram's
-          # 59%; the next ones 32-67%
-          ("corpus", 1): (0.18, 0.32), ("corpus", 2): (0.22, 0.39), ("corpus", 3): (0.32, 0.49),
-          ("corpus", 4): (0.45, 0.5), ("corpus", 5): (0.46, 0.56), ("corpus", 6): (0.59, 0.67)}
+PRIORS = {("lookup", 1): (0.2, 0.8), ("lookup", 2): (0.45, 0.8), ("lookup", 3): (0.8, 0.8), "branch": (0.95, 0.5)}
+# The corpus's, per (n of its first draft's match, strength: that draft's share of the context's continuations,
+# corpus.SHARES), measured with the built-in adapter's corpus on the base's answers to the validation prompts of its
+# data (stage_data/smollm2-distill3/valid.jsonl, 72 answers, every position drafted): (first draft, later ones).
+CORPUS_PRIOR = {(1, 0): (0.145, 0.33), (1, 1): (0.23, 0.28), (1, 2): (0.27, 0.32),
+                (2, 0): (0.135, 0.44), (2, 1): (0.21, 0.36), (2, 2): (0.36, 0.38),
+                (3, 0): (0.085, 0.44), (3, 1): (0.27, 0.45), (3, 2): (0.44, 0.51),
+                (4, 0): (0.13, 0.51), (4, 1): (0.38, 0.57), (4, 2): (0.54, 0.47),
+                (5, 0): (0.10, 0.46), (5, 1): (0.31, 0.40), (5, 2): (0.57, 0.59),
+                (6, 0): (0.17, 0.62), (6, 1): (0.35, 0.55), (6, 2): (0.75, 0.68)}
 DEFAULT_PRIOR = (0.5, 0.5)
 PRIOR_WEIGHT = 4.0
 MEMORY = 64.0  # observations per position an estimate keeps: older ones fade (halved past twice this), so the
@@ -360,7 +363,8 @@ class Drafter:
         if self.lookup is not None:
             sources.append((self._lookup(tokens, limit), "lookup", ("lookup", self.lookup.matched)))
         if self.corpus is not None:
-            sources.append((self._corpus(tokens, limit), "corpus", ("corpus", self.corpus.matched)))
+            sources.append((self._corpus(tokens, limit), "corpus", ("corpus", self.corpus.matched,
+                                                                     self.corpus.strength)))
         sources = sources or [([], "sbd", "sbd")]
         # A mask block of 2..block_size masks (training drew k ~ U{2..block_size_max}; fewer masks are fewer rows and
         # fewer drafts for the next forward) or none; a tie goes to the larger block (its drafts are news the
@@ -469,8 +473,10 @@ class Drafter:
         if key not in self.acceptance:
             if key == "sbd":
                 prior = self.sbd_prior
-            elif isinstance(key, tuple) and key[0] in ("lookup", "corpus") and key[1]:
-                prior = PRIORS.get((key[0], min(key[1], 3 if key[0] == "lookup" else 6)), DEFAULT_PRIOR)
+            elif isinstance(key, tuple) and key[0] == "lookup" and key[1]:
+                prior = PRIORS.get(("lookup", min(key[1], 3)), DEFAULT_PRIOR)
+            elif isinstance(key, tuple) and key[0] == "corpus" and key[1]:
+                prior = CORPUS_PRIOR.get((min(key[1], 6), key[2]), DEFAULT_PRIOR)
             elif key == "branch":
                 prior = PRIORS["branch"]
             else:  # lookup with no match, or the EB rule's kept drafts (key ("kept", gamma))

@@ -13,7 +13,8 @@ import mlx_sbd
 from mlx_sbd.adapter import copy_adapter, save_corpus
 from mlx_sbd.corpus import CORPUS_FILE, Corpus
 from mlx_sbd.data import load_split
-from mlx_sbd.drafting import PRIORS, Drafter, PromptLookup
+from mlx_sbd.corpus import SHARES
+from mlx_sbd.drafting import CORPUS_PRIOR, Drafter, PromptLookup
 from mlx_sbd.errors import SBDError
 from test_verified import (PROMPTS, gated, mlx_lm_greedy, ours, run_sampling_test, small_vocab)  # noqa: F401
 
@@ -66,8 +67,10 @@ def test_propose_follows_its_own_path():
             want.append(found[0])
             path.append(found[0])
         assert corpus.propose(context, limit) == want
-        if want:
-            assert corpus.matched == scanned_next(docs, context, 3)[3]
+        if want:  # the first draft's match: its n, and its share of the continuations there in buckets
+            _, count, total, n = scanned_next(docs, context, 3)
+            share = count / total
+            assert (corpus.matched, corpus.strength) == (n, (share >= SHARES[0]) + (share >= SHARES[1]))
 
 
 def test_no_ngram_spans_two_documents():
@@ -147,8 +150,8 @@ def test_auto_drafts_from_the_corpus_where_the_conversation_has_no_match():
     corpus = Corpus.from_docs([[1, 2, 3, 4, 5, 6, 7, 8]] * 3)
     auto = Drafter("auto", has_adapter=False, cost=lambda rows, context=0: 1.0, corpus=corpus)  # rows free
     drafts, source, _, _ = auto.plan([9, 1, 2, 3], None, 5, 1, 100)
-    assert (drafts, source) == ([4, 5, 6, 7, 8], "corpus") and auto.last_key == ("corpus", 3)
-    assert auto._rate(("corpus", 3)).expected(1)[1] == pytest.approx(PRIORS["corpus", 3][0])
+    assert (drafts, source) == ([4, 5, 6, 7, 8], "corpus") and auto.last_key == ("corpus", 3, 2)  # 4 always follows
+    assert auto._rate(auto.last_key).expected(1)[1] == pytest.approx(CORPUS_PRIOR[3, 2][0])
     # a prompt-lookup match with a better record wins
     auto = Drafter("auto", has_adapter=False, cost=lambda rows, context=0: 1.0, corpus=corpus)
     for _ in range(20):
