@@ -121,8 +121,9 @@ def decode_steps(model: SBDModel, cache: SBDCache, ids: Sequence[int], *, block_
     one mask block after the drafts (linear), one after each (predraft), or auto's choice; `branch`: branch rows per
     forward (drafting.py: the mask block's next-best guesses beside its drafts; a count, "auto", or None for the
     default, drafting.resolve_branch); `corpus`: the lookup drafts' corpus of earlier answers (corpus.py), None for
-    the model's (its adapter folder's, if any), False for none. `sample` is the token sampler (samplers.make_token_sampler) of the plain and
-    lossy paths; verified decoding needs the distribution itself, so it takes temp / top_p / top_k."""
+    the model's (its adapter folder's, if any), False for none. `sample` is the token sampler
+    (samplers.make_token_sampler) of the plain and lossy paths; verified decoding needs the distribution itself, so
+    it takes temp / top_p / top_k."""
     common = dict(max_tokens=max_tokens, max_length=max_length, eos_ids=set(eos_ids))
     if draft is None:
         draft = "none" if block_size == 1 else "sbd"

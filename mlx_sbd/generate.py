@@ -15,8 +15,8 @@ from typing import Iterator, List, Optional, Sequence, Union
 import mlx.core as mx
 from mlx_lm.generate import generation_stream, wired_limit
 
-from .decode import SBDCache, decode_steps, make_prompt_cache
 from .corpus import Corpus
+from .decode import SBDCache, decode_steps, make_prompt_cache
 from .drafting import LAYOUTS, PromptLookup, resolve_draft
 from .errors import SBDError
 from .model import SBDModel

@@ -33,9 +33,9 @@ from tqdm import tqdm
 
 from .adapter import load_adapter_weights, make_trainable, save_adapter, save_corpus
 from .batches import batch_numbers, batch_order, make_batch
+from .checkpoints import TRAIN_LOG, check_adapter_folder, log, prune_log, restore_checkpoint, save_checkpoint
 from .clean_cache import CleanCache
 from .corpus import CORPUS_FILE
-from .checkpoints import TRAIN_LOG, check_adapter_folder, log, prune_log, restore_checkpoint, save_checkpoint
 from .data import load_dataset
 from .errors import SBDError
 from .loss import loss_for
