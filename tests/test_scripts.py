@@ -181,9 +181,10 @@ def test_bench_decode_interleaves_rounds_and_takes_each_rounds_ratio(tmp_path):
                     "--prompts", "2", "--rounds", "3", "--cold", "--out", str(out)], check=True, capture_output=True)
     result = json.loads(out.read_text())
     rows = result["rows"]
-    # --cold: the default adapter records its drafts' acceptance, so auto also runs without that prior
+    # the default adapter has a draft corpus, so auto also runs without it; --cold: it records its drafts'
+    # acceptance, so auto also runs without that prior
     assert [r["setting"] for r in rows] == ["mlx_lm", "ntp", "lossy k=8", "linear k=4", "predraft k=2",
-                                            "auto (default)", "auto, no prior"]
+                                            "auto (default)", "auto, no corpus", "auto, no prior"]
     runs = result["runs"]
     starts = [[run["start"] for name in runs for run in runs[name][rnd]] for rnd in range(3)]
     assert all(max(starts[rnd]) < min(starts[rnd + 1]) for rnd in range(2))  # round by round, not setting by setting
