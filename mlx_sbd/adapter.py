@@ -163,8 +163,9 @@ def save_adapter(model, path, config: dict) -> None:
 
 
 def copy_adapter(src, dest, dtype=None, sbd: dict = None) -> None:
-    """Copy an adapter folder's three files (and its corpus, if any) to `dest` (as one new save), weights cast to `dtype` when given and the
-    "sbd" section updated with `sbd` (scripts/ship_adapter.py: the built-in adapter ships in float16)."""
+    """Copy an adapter folder's three files (and its corpus, if any) to `dest` (as one new save), weights cast to
+    `dtype` when given and the "sbd" section updated with `sbd` (scripts/ship_adapter.py: the built-in adapter ships in
+    float16)."""
     src, dest = Path(src), Path(dest)
     config = read_adapter_config(src)
     config["sbd"] = {**config.get("sbd", {}), **(sbd or {}), "save_id": uuid.uuid4().hex}

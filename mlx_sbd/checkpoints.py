@@ -37,7 +37,8 @@ RESUME_MAY_CHANGE = ("adapter_path", "init_adapter", "iters", "steps_per_report"
 
 PATH_SETTINGS = ("model", "data")
 
-RUN_FILES = ("adapters.safetensors", "sbd.safetensors", "adapter_config.json", TRAIN_LOG, CORPUS_FILE)  # and CHECKPOINTS/
+# what a run writes into its adapter folder (and CHECKPOINTS/)
+RUN_FILES = ("adapters.safetensors", "sbd.safetensors", "adapter_config.json", TRAIN_LOG, CORPUS_FILE)
 
 
 def log(adapter_path: Path, record: dict) -> None:

@@ -9,11 +9,12 @@ al. 2024, and REST, He et al. 2023, draft from such a datastore; this one is an 
 suffix tree). The drafts are only guesses: the causal rows check them, so the output stays the model's whatever the
 corpus holds.
 
-The index is built in memory from the corpus's tokens (about a second per 700k tokens on these CPUs); an adapter
-folder stores the tokens alone (CORPUS_FILE, int32 with separators, under a byte per token compressed). For each n it
+The index is built in memory from the corpus's tokens at the first lookup (about half a second per 700k tokens on these
+CPUs, so loading an adapter, or writing a corpus, does not pay it); an adapter folder stores the tokens alone (CORPUS_FILE, int32 with separators, under a byte per token compressed). For each n it
 keeps the n-grams' hashes sorted, each with one following token and its count, so a lookup is a binary search.
 """
 
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -46,7 +47,6 @@ class Corpus:
         if len(self.tokens) and self.tokens[-1] != SEPARATOR:
             self.tokens = np.append(self.tokens, SEPARATOR)
         self.docs = int((self.tokens == SEPARATOR).sum())
-        self.tables = self._build()
         self.matched = self.strength = 0
 
     @classmethod
@@ -66,7 +66,8 @@ class Corpus:
         """Tokens in the corpus (separators not counted)."""
         return len(self.tokens) - self.docs
 
-    def _build(self) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    @cached_property
+    def tables(self) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """tables[n - 1] = (hashes, next tokens, counts) of every distinct (n-gram, next token) pair, sorted by hash
         then token. The hash of t[i-n+1..i] is sum_j (t[i-j] + 1) * P^j mod 2^64, the sum _hashes computes."""
         t = self.tokens
@@ -130,7 +131,7 @@ class Corpus:
                 self.matched = found[3]
                 self.strength = sum(found[1] >= bound * found[2] for bound in SHARES)
             drafts.append(found[0])
-            path = path[1:] + [found[0]] if len(path) >= self.max_ngram else path + [found[0]]
+            path = (path + [found[0]])[-self.max_ngram:]
         return drafts
 
     def save(self, path: Union[str, Path]) -> None:

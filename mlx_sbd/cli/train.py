@@ -93,7 +93,8 @@ def heldout_line(cfg, n: int) -> str:
 
     model, tokenizer = load(cfg.model, adapter_path=cfg.adapter_path)
     parts, results = [], []
-    for kind, prompts in heldout_prompts(tokenizer, n).items():
+    heldout = heldout_prompts(tokenizer, n)
+    for kind, prompts in heldout.items():
         results.append(measure(model, tokenizer, prompts, max_tokens=64))
         parts.append(f"{results[-1]['tokens_per_forward']:.2f} on {kind}")
     record_draft_acceptance(cfg.adapter_path, pooled(results)["draft_acceptance"])
@@ -101,10 +102,10 @@ def heldout_line(cfg, n: int) -> str:
     line = (f"Held-out prompts ({', '.join(f'{n} {kind}' for kind in KINDS)}, 64 tokens each): tokens per forward "
             f"of verified decoding with the adapter's drafts: {', '.join(parts)} (greedy output: {same})")
     if model.corpus is not None:  # --data self wrote the base's answers as a draft corpus: what it adds
-        both = [measure(model, tokenizer, prompts, max_tokens=64, draft="both")["tokens_per_forward"]
-                for prompts in heldout_prompts(tokenizer, n).values()]
+        both = {kind: measure(model, tokenizer, prompts, max_tokens=64, draft="both")["tokens_per_forward"]
+                for kind, prompts in heldout.items()}
         line += ("; with prompt lookup and the draft corpus where the mask block has none valid: "
-                 + ", ".join(f"{x:.2f} on {kind}" for x, kind in zip(both, KINDS)))
+                 + ", ".join(f"{x:.2f} on {kind}" for kind, x in both.items()))
     return line
 
 
