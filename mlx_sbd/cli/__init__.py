@@ -29,6 +29,19 @@ class SBDGroup(click.Group):
             raise click.ClickException(str(e)) from None
 
 
+def load_for_decoding(model, adapter_path, no_adapter: bool, no_corpus: bool, dtype):
+    """The model of a decoding command (generate, chat, server) as its --model / --adapter-path / --no-adapter /
+    --no-corpus / --dtype flags ask."""
+    from ..loading import load
+
+    if no_adapter and adapter_path:
+        raise click.UsageError("--no-adapter and --adapter-path exclude each other")
+    sbd_model, tokenizer = load(model, adapter_path=False if no_adapter else adapter_path, dtype=dtype)
+    if no_corpus:
+        sbd_model.corpus = None
+    return sbd_model, tokenizer
+
+
 @click.group(cls=SBDGroup)
 @click.version_option(package_name="mlx-sbd")
 def cli():

@@ -39,13 +39,9 @@ def command(model, adapter_path, no_adapter, no_corpus, max_tokens, block_size, 
     from ..errors import SBDError
     from ..drafting import resolve_draft
     from ..generate import check_settings, default_settings, format_stats
-    from ..loading import load
+    from . import load_for_decoding
 
-    if no_adapter and adapter_path:
-        raise click.UsageError("--no-adapter and --adapter-path exclude each other")
-    sbd_model, tokenizer = load(model, adapter_path=False if no_adapter else adapter_path, dtype=dtype)
-    if no_corpus:
-        sbd_model.corpus = None
+    sbd_model, tokenizer = load_for_decoding(model, adapter_path, no_adapter, no_corpus, dtype)
     source = resolve_draft(draft, block_size, not lossy)
     k, g = default_settings(sbd_model, block_size, gamma, source)
     check_settings(max_tokens, k, g)

@@ -42,15 +42,11 @@ def command(model, adapter_path, no_adapter, no_corpus, prompt, max_tokens, bloc
 
     from ..drafting import resolve_draft
     from ..generate import default_settings, format_stats, stream_generate
-    from ..loading import load
+    from . import load_for_decoding
 
     prompt = read_prompt(prompt)
     make_token_sampler(temp, top_p, top_k)  # the sampling flags are checked before the model loads
-    if no_adapter and adapter_path:
-        raise click.UsageError("--no-adapter and --adapter-path exclude each other")
-    sbd_model, tokenizer = load(model, adapter_path=False if no_adapter else adapter_path, dtype=dtype)
-    if no_corpus:
-        sbd_model.corpus = None
+    sbd_model, tokenizer = load_for_decoding(model, adapter_path, no_adapter, no_corpus, dtype)
     source = resolve_draft(draft, block_size, not lossy)
     block_size, gamma = default_settings(sbd_model, block_size, gamma, source)
     if source == "auto":

@@ -54,15 +54,11 @@ def command(model, adapter_path, no_adapter, no_corpus, host, port, max_tokens, 
 
     from ..drafting import resolve_draft
     from ..generate import check_settings, default_settings
-    from ..loading import load
     from ..server import Defaults, create_app, make_server
+    from . import load_for_decoding
 
-    if no_adapter and adapter_path:
-        raise click.UsageError("--no-adapter and --adapter-path exclude each other")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
-    sbd_model, tokenizer = load(model, adapter_path=False if no_adapter else adapter_path, dtype=dtype)
-    if no_corpus:
-        sbd_model.corpus = None
+    sbd_model, tokenizer = load_for_decoding(model, adapter_path, no_adapter, no_corpus, dtype)
     source = resolve_draft(draft, block_size, not lossy)
     k, g = default_settings(sbd_model, block_size, gamma, source)
     check_settings(max_tokens, k, g)  # bad flags fail now, not on every request
