@@ -169,6 +169,9 @@ class GenerationWorker:
         # Loaded weights are lazy arrays bound to the loading thread's stream, and MLX streams are per thread: the
         # worker could not evaluate them ("There is no Stream(cpu, 0) in current thread"). Materialise them here.
         mx.eval(model.parameters())
+        corpus = getattr(model, "corpus", None)
+        if corpus is not None:  # the draft corpus's index (~0.5 s for the built-in's): built now, not in a request
+            corpus.tables
         self.model, self.tokenizer = model, tokenizer
         self.caches = PromptCaches(model, cache_size)
         self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()

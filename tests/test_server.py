@@ -17,6 +17,7 @@ import openai
 import pytest
 
 import mlx_sbd
+from mlx_sbd.corpus import Corpus
 from mlx_sbd.generate import encode_prompt
 from mlx_sbd.server import GenerationWorker, ServerThread, create_app, usable_prefix
 from mlx_sbd.tiny import make_tiny_model
@@ -409,6 +410,24 @@ def test_a_new_conversation_does_not_take_another_ones_cache(tiny):
         assert r2.usage.prompt_tokens_details.cached_tokens >= ra.usage.prompt_tokens
         assert r2.choices[0].message.content == mlx_sbd.generate(model, tokenizer, a2, max_tokens=8)
         assert len(worker_of(server).caches.entries) == 2  # A's turn 2 replaced its turn 1; B's stays
+
+
+def test_the_draft_corpus_is_indexed_before_the_first_request(tiny):
+    """The corpus's index (~0.5 s for the built-in adapter's) is built when the server starts, not in the first
+    request; answers drafted from it are still generate's."""
+    model, tokenizer = tiny
+    kept = model.corpus
+    model.corpus = corpus = Corpus.from_docs([tokenizer.encode("hello there, hello again")] * 3)
+    try:
+        app = create_app(model, tokenizer, "tiny", cache_size=0)
+        assert "tables" in vars(corpus)  # functools.cached_property keeps it in the instance's dict once built
+        with ServerThread(app) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+            r = client.completions.create(model="tiny", prompt="hello", max_tokens=12, extra_body={"draft": "lookup"})
+        assert r.choices[0].text == mlx_sbd.generate(model, tokenizer, "hello", max_tokens=12, chat_template=False,
+                                                     draft="none")
+    finally:
+        model.corpus = kept
 
 
 def test_usable_prefix_keeps_the_first_block_tail_new():
