@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from test_verified import (PROMPTS, chi_square_p, gated, mlx_lm_greedy, ours, run_sampling_test,  # noqa: F401
-                           two_pending)
+                           sampling_setup, two_pending)
 
 import mlx_sbd
 from mlx_sbd import decode
@@ -117,38 +117,21 @@ def test_branch_rows_leave_the_cache_exact_and_cut_exactly(gated, branch):
 def rescuing(tmp_path_factory):
     """A 1-layer model over 3 letters with a weak random gated adapter whose second guesses are often the sampled
     token (~0.3 rescues per draw of 4 tokens, where test_verified's small_vocab has ~0.01)."""
-    from mlx_sbd.adapter import make_trainable
     from mlx_sbd.tiny import make_tiny_model
-    from test_verified import LORA, randomize_lora
 
     base = make_tiny_model(tmp_path_factory.mktemp("rescuing") / "base", hidden_size=32, num_hidden_layers=1,
                            intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, alphabet="abc", seed=0)
-    model = load_model(base)
-    make_trainable(model, "lora", -1, LORA, gated=True)
-    randomize_lora(model, seed=1, std=0.05, mask=False)
-    _, tokenizer = mlx_sbd.load(base)
-    tokenizer.eos_token_ids = set()
-    return model, tokenizer
+    return sampling_setup(base, 0.05)
 
 
 @pytest.mark.parametrize("draws", [pytest.param(20000, marks=pytest.mark.slow), 3000])
-def test_sampling_with_branch_rows_keeps_the_distribution(rescuing, draws, monkeypatch):
+def test_sampling_with_branch_rows_keeps_the_distribution(rescuing, draws):
     """Draws of the first 3 tokens with branch rows on every forward against the exact distribution of the base;
-    rescues happen (a branch row's draft is drawn from its own distribution, which is its q)."""
-    rescues = []
-    real = decode.verified_steps
-
-    def counting(*a, **kw):
-        last = None
-        try:
-            for last in real(*a, **kw):
-                yield last
-        finally:  # the caller closes the generator once it has its tokens
-            rescues.append(last.rescued if last is not None else 0)
-
-    monkeypatch.setattr(decode, "verified_steps", counting)
-    p, chi2 = run_sampling_test(rescuing, draws, branch=3)
-    assert sum(rescues) > draws / 10
+    rescues happen (a branch row's draft is drawn from its own distribution, which is its q). The 20k draws are
+    shared between two processes."""
+    rescued = []
+    p, chi2 = run_sampling_test(rescuing, draws, branch=3, workers=2 if draws > 3000 else 1, rescued=rescued)
+    assert sum(rescued) > draws / 10
     assert p > 1e-3, f"chi2 {chi2:.1f}, p {p:.2g}"
 
 
@@ -206,7 +189,7 @@ def test_a_branch_rows_sampled_draft_is_drawn_from_the_base_at_that_position(res
     fresh causal forward over the prompt and the candidate, filtered the same way): q matches it numerically, and
     2000 draws of y (one forward each, a new seed each) pass a chi-square test against it. With y ~ q and q passed
     as the draft's distribution, the next forward's rule keeps the output's distribution (Leviathan et al.)."""
-    model, _ = rescuing
+    model = rescuing.model
     ids, drafts, alts, k, draws = [4, 5, 6], [3, 4], [(0, 5), (0, 6), (1, 6)], 3, 2000
     lm = model.lm
     expected = [np.array(decode.filtered_probs(lm(mx.array([ids + drafts[:i] + [b]]))[0, -1:], 1.0, 0.9, 0))[0]

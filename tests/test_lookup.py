@@ -189,7 +189,7 @@ def test_drafts_end_at_the_first_end_of_sequence_token():
 def test_lookup_sampling_keeps_the_distribution(small_vocab, draft, layout):
     """One-hot lookup drafts (q = 1 at the draft): 3000 draws of the first 3 tokens against the exact distribution.
     The prompt repeats, so lookup proposes from the first forward on."""
-    model, tokenizer = small_vocab
+    model, tokenizer = small_vocab.model, small_vocab.tokenizer
     ids = [4, 5, 6, 4, 5, 6, 4, 5]
     probs = exact_first_tokens(model, ids, 3, temp=1.0)
     counts = sampled_first_tokens(model, tokenizer, ids, 3, 3000, 1.0, block_size=4, gamma=float("inf"), draft=draft,
