@@ -54,6 +54,47 @@ TOPICS = [
     "an astronaut who misses the ocean", "a baker who bakes bread that grants wishes", "a snowman in summer",
 ]
 
+# Topics added after the split above was fixed (session 25, for the built-in adapter's draft corpus): training only,
+# so the valid and test topics (the held-out kind "general"), and every measurement made on them, stay what they were.
+# None is one of the split's topics or a near copy of a valid or test one.
+MORE_TOPICS = [
+    # home and everyday life
+    "fixing a leaky faucet", "painless ways to fold laundry", "organizing a kitchen pantry", "choosing a good mattress",
+    "baking chocolate chip cookies", "making pancakes from scratch", "growing herbs on a windowsill",
+    "keeping a goldfish healthy", "teaching a child to ride a scooter", "planning a picnic", "packing school lunches",
+    "choosing running shoes", "keeping a journal", "sewing on a button", "washing a wool sweater",
+    "sharpening kitchen knives", "making soup from leftovers", "hanging a picture frame", "cleaning windows without streaks",
+    "planning a road trip", "visiting a museum with kids", "caring for a pet rabbit", "feeding birds in winter",
+    # science and nature
+    "how clouds form", "why leaves change color in autumn", "how fish breathe underwater", "the life of a butterfly",
+    "how snowflakes form", "the northern lights", "how magnets work", "why ice floats", "the solar system's planets",
+    "how thunderstorms start", "the deep ocean", "desert animals", "rainforests", "how seeds sprout",
+    "the human brain", "how sound travels", "comets and asteroids", "how wind turbines make electricity",
+    "the food chain", "glaciers", "how owls hunt at night", "the moon's craters", "how the lungs work",
+    # history and culture
+    "the invention of the light bulb", "the history of the calendar", "ancient Egyptian writing",
+    "the first trains", "the history of maps", "how castles were built", "the Wright brothers",
+    "the history of tea", "medieval knights", "the history of the piano",
+    "the Great Wall of China", "the first cars", "how postal services began",
+    # work, learning and creativity
+    "learning to cook for beginners", "keeping a clean desk", "planning a study schedule", "writing a good story opening",
+    "making friends at a new school", "learning to type faster", "setting goals for the year",
+    "working in a team", "writing a book review", "learning to knit", "sketching landscapes", "keeping a sketchbook",
+    "memorizing a poem", "managing time in college",
+    # technology (not the standard library)
+    "how email travels", "what cloud storage is", "how GPS finds your location", "how touch screens work",
+    "keeping a phone battery healthy", "what an operating system does", "how video games are made",
+    "staying safe on social media", "how QR codes work", "what artificial intelligence is",
+    # health and mind
+    "staying calm during exams", "drinking less coffee", "keeping a gratitude list", "taking breaks from screens",
+    "cooking healthy breakfasts", "getting back into exercise", "caring for your teeth", "spending time in nature",
+    # stories and imagination
+    "a village of clockmakers", "a cat who becomes the mayor of a small town", "a pirate who is afraid of water",
+    "a girl who can talk to the wind", "a library that opens only at midnight", "a giant who loves gardening",
+    "a mouse who wants to fly", "a train that travels to the stars", "an old map that leads to a forgotten island",
+    "a penguin who moves to the desert",
+]
+
 FORMS = [
     "What should I know about {t}?",
     "Explain {t} in simple terms.",
@@ -71,12 +112,13 @@ SPLIT_SHARES = {"train": 0.8, "valid": 0.1}  # the rest: test (held out of every
 
 
 def split_topics(seed: int = 0) -> Dict[str, List[str]]:
-    """{"train", "valid", "test": [topic]}, a seeded split of TOPICS (at least one topic in each)."""
+    """{"train", "valid", "test": [topic]}, a seeded split of TOPICS (at least one topic in each); MORE_TOPICS join
+    train."""
     topics = list(TOPICS)
     random.Random(seed).shuffle(topics)
     n_train = int(len(topics) * SPLIT_SHARES["train"])
     n_valid = max(1, int(len(topics) * SPLIT_SHARES["valid"]))
-    return {"train": topics[:n_train], "valid": topics[n_train : n_train + n_valid],
+    return {"train": topics[:n_train] + MORE_TOPICS, "valid": topics[n_train : n_train + n_valid],
             "test": topics[n_train + n_valid :]}
 
 

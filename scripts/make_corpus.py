@@ -2,10 +2,11 @@
 conversation has nothing to copy) into an adapter folder, from training data files of the model's answers.
 
 `mlx-sbd train --data self` writes one by itself; this is for answers made elsewhere, such as the built-in adapter's
-(stage_data/smollm2-distill3: the base's greedy answers to 4265 prompts of the train split, made on these CPUs):
+(stage_data/smollm2-distill3 and smollm2-general4: the base's greedy answers to 5275 prompts of the train split, made
+on these CPUs):
 
     python scripts/make_corpus.py --data stage_data/smollm2-distill3/train.jsonl.gz \
-        --adapter mlx_sbd/adapters/smollm2-135m-instruct-sbd-gated
+        --data stage_data/smollm2-general4/train.jsonl.gz --adapter mlx_sbd/adapters/smollm2-135m-instruct-sbd-gated
 
 Use the answers of the model the adapter is for (the base's own greedy answers are what verified decoding outputs):
 another model's text drafts worse, never wrongly (the causal rows check every draft).

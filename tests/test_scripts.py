@@ -60,20 +60,25 @@ def test_distill_prompts_stay_in_their_split_and_are_read_back(tmp_path):
     assert again["train"][0]["prompt"] == "written before" and len(again["train"]) == 70
 
 
-def test_general_prompts_keep_their_topics_in_one_split_and_leave_bench_decode_held_out(tmp_path):
+def test_general_prompts_keep_their_topics_in_one_split_and_leave_bench_decode_held_out(tmp_path, monkeypatch):
     """Each general topic's questions sit in one split (the held-out kind "general" is the test split), the seeded
     split is the same every call, split_prompts adds n_general of them (a tenth outside train), and no topic is
     one of bench_decode's four general prompts."""
     from mlx_sbd import general_prompts as g
 
     topics = g.split_topics(0)
-    assert sorted(sum(topics.values(), [])) == sorted(g.TOPICS) and all(topics.values())
+    every = g.TOPICS + g.MORE_TOPICS
+    assert sorted(sum(topics.values(), [])) == sorted(every) and len(set(every)) == len(every) and all(topics.values())
     assert topics == g.split_topics(0) and topics != g.split_topics(1)
     owner = {t: s for s, ts in topics.items() for t in ts}
     for split in topics:
         questions = g.general_prompts(split, 0)
         assert len(questions) == len(topics[split]) * len(g.FORMS)
-        assert {owner[t] for q in questions for t in g.TOPICS if t in q} == {split}
+        assert {owner[t] for q in questions for t in every if t in q} == {split}
+    # the topics added later join train only: valid and test are the split of TOPICS alone, as before them
+    monkeypatch.setattr(g, "MORE_TOPICS", [])
+    assert {s: topics[s] for s in ("valid", "test")} == {s: g.split_topics(0)[s] for s in ("valid", "test")}
+    monkeypatch.undo()
     made = make_distill_data.split_prompts(tmp_path / "p.jsonl", {"test": 2, "valid": 5, "train": 40}, 30, 0, 50)
     general = {split: [r["prompt"] for r in rows if r["prompt"] in set(g.general_prompts(split, 0))]
                for split, rows in made.items()}
@@ -87,7 +92,7 @@ def test_general_prompts_keep_their_topics_in_one_split_and_leave_bench_decode_h
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "d" / "prompts.jsonl").read_text().splitlines()]
     assert len(rows) == 3 + 20 + 1 + 1 and not (tmp_path / "d" / "train.jsonl").exists()
-    bench = " ".join(t.lower() for t in g.TOPICS)
+    bench = " ".join(t.lower() for t in g.TOPICS + g.MORE_TOPICS)
     for word in ("robot", "paint", "hash table", "from home", "productiv", "france", "paris"):  # bench_decode's
         assert word not in bench, word
 
