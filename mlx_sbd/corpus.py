@@ -10,8 +10,9 @@ suffix tree). The drafts are only guesses: the causal rows check them, so the ou
 corpus holds.
 
 The index is built in memory from the corpus's tokens at the first lookup (about half a second per 700k tokens on these
-CPUs, so loading an adapter, or writing a corpus, does not pay it); an adapter folder stores the tokens alone (CORPUS_FILE, int32 with separators, under a byte per token compressed). For each n it
-keeps the n-grams' hashes sorted, each with one following token and its count, so a lookup is a binary search.
+CPUs, so loading an adapter, or writing a corpus, does not pay it); an adapter folder stores the tokens alone
+(CORPUS_FILE, int32 with separators, under a byte per token compressed). For each n it keeps the n-grams' hashes
+sorted, each with one following token and its count, so a lookup is a binary search.
 """
 
 from functools import cached_property

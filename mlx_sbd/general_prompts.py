@@ -63,8 +63,9 @@ MORE_TOPICS = [
     "baking chocolate chip cookies", "making pancakes from scratch", "growing herbs on a windowsill",
     "keeping a goldfish healthy", "teaching a child to ride a scooter", "planning a picnic", "packing school lunches",
     "choosing running shoes", "keeping a journal", "sewing on a button", "washing a wool sweater",
-    "sharpening kitchen knives", "making soup from leftovers", "hanging a picture frame", "cleaning windows without streaks",
-    "planning a road trip", "visiting a museum with kids", "caring for a pet rabbit", "feeding birds in winter",
+    "sharpening kitchen knives", "making soup from leftovers", "hanging a picture frame",
+    "cleaning windows without streaks", "planning a road trip", "visiting a museum with kids",
+    "caring for a pet rabbit", "feeding birds in winter",
     # science and nature
     "how clouds form", "why leaves change color in autumn", "how fish breathe underwater", "the life of a butterfly",
     "how snowflakes form", "the northern lights", "how magnets work", "why ice floats", "the solar system's planets",
@@ -77,10 +78,10 @@ MORE_TOPICS = [
     "the history of tea", "medieval knights", "the history of the piano",
     "the Great Wall of China", "the first cars", "how postal services began",
     # work, learning and creativity
-    "learning to cook for beginners", "keeping a clean desk", "planning a study schedule", "writing a good story opening",
-    "making friends at a new school", "learning to type faster", "setting goals for the year",
-    "working in a team", "writing a book review", "learning to knit", "sketching landscapes", "keeping a sketchbook",
-    "memorizing a poem", "managing time in college",
+    "learning to cook for beginners", "keeping a clean desk", "planning a study schedule",
+    "writing a good story opening", "making friends at a new school", "learning to type faster",
+    "setting goals for the year", "working in a team", "writing a book review", "learning to knit",
+    "sketching landscapes", "keeping a sketchbook", "memorizing a poem", "managing time in college",
     # technology (not the standard library)
     "how email travels", "what cloud storage is", "how GPS finds your location", "how touch screens work",
     "keeping a phone battery healthy", "what an operating system does", "how video games are made",

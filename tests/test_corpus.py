@@ -11,9 +11,8 @@ import pytest
 
 import mlx_sbd
 from mlx_sbd.adapter import copy_adapter, save_corpus
-from mlx_sbd.corpus import CORPUS_FILE, Corpus
+from mlx_sbd.corpus import CORPUS_FILE, SHARES, Corpus
 from mlx_sbd.data import load_split
-from mlx_sbd.corpus import SHARES
 from mlx_sbd.drafting import CORPUS_PRIOR, Drafter, PromptLookup
 from mlx_sbd.errors import SBDError
 from test_verified import (PROMPTS, gated, mlx_lm_greedy, ours, run_sampling_test, small_vocab)  # noqa: F401
